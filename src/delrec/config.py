@@ -1,0 +1,71 @@
+"""Typed stage configs and YAML presets.
+
+Each stage owns one pydantic config class (``PreprocessConfig`` in ``delrec.data``,
+``TeacherConfig`` in ``delrec.teachers``, ...). A preset in ``configs/NAME.yaml`` has one section
+per stage; unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from delrec.artifacts import config_hash
+from delrec.errors import DelrecError
+
+STAGES = ("preprocess", "teacher", "distill", "finetune", "evaluate")
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: strict keys, a stable hash, loading from a dict with clear errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> Self:
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise DelrecError(f"invalid {cls.__name__}: {problems}", path=source) from None
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+def preset_path(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a preset name (``demo``, ``ml-100k`` ...) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise DelrecError("preset file not found", path=path)
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise DelrecError(f"unknown preset {str(name_or_path)!r}; known presets: {', '.join(known)}")
+    return candidate
+
+
+def load_preset(name_or_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Load a preset as raw per-stage sections (each stage validates its own section)."""
+    path = preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DelrecError(f"not valid YAML ({exc})", path=path) from exc
+    if not isinstance(data, dict):
+        raise DelrecError("expected a mapping of stage sections", path=path)
+    unknown = set(data) - set(STAGES) - {"pipeline"}
+    if unknown:
+        raise DelrecError(
+            f"unknown section(s) {sorted(unknown)}; expected {list(STAGES)} and 'pipeline'", path=path
+        )
+    return {key: dict(value or {}) for key, value in data.items()}

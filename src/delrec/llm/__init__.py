@@ -1,0 +1,1 @@
+"""LLM side: backbones, soft prompt, prompt templates, candidate scoring."""

@@ -1,0 +1,1 @@
+"""Conventional sequential recommenders (teachers): SASRec, GRU4Rec, Caser."""
