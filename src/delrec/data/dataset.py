@@ -81,11 +81,20 @@ class Dataset:
         return DOMAIN_VERBS.get(self.domain, "consumed")
 
 
+def _list_array(arrays: list[np.ndarray]) -> pa.Array:
+    """A list<int32> array built from offsets and one flat buffer (no Python loop over the values)."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+
+
 def _examples_table(examples: Examples) -> pa.Table:
     return pa.table(
         {
             "user": pa.array(examples.users, pa.int32()),
-            "history": pa.array([h.tolist() for h in examples.histories], pa.list_(pa.int32())),
+            "history": _list_array(examples.histories),
             "target": pa.array(examples.targets, pa.int32()),
         }
     )
@@ -135,7 +144,7 @@ def write_dataset_files(
         pa.table(
             {
                 "user": pa.array(np.arange(len(train_sequences)), pa.int32()),
-                "items": pa.array([s.tolist() for s in train_sequences], pa.list_(pa.int32())),
+                "items": _list_array(train_sequences),
             }
         ),
         folder / "train_sequences.parquet",
@@ -151,7 +160,7 @@ def write_dataset_files(
                     "split": pa.array([split] * len(cands), pa.string()),
                     "row": pa.array(np.arange(len(cands)), pa.int32()),
                     "user": pa.array(examples[split].users, pa.int32()),
-                    "candidates": pa.array(cands.tolist(), pa.list_(pa.int32())),
+                    "candidates": _list_array(list(cands)),
                 }
             )
         )

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from delrec.artifacts import atomic_dir, write_json_atomic, write_manifest
 from delrec.config import StageConfig
 from delrec.data.dataset import PRODUCER, Examples, write_dataset_files
+from delrec.data.formats import dataset_info, read_raw
 from delrec.data.raw import RawData
 from delrec.data.titles import clean_title
 from delrec.errors import DelrecError
@@ -26,21 +28,23 @@ class PreprocessConfig(StageConfig):
     dataset: str = "synthetic"
     """ml-100k | ml-1m | beauty | home-kitchen | steam | generic | synthetic"""
     source: str | None = None
-    """local path, URL or s3:// URI; None: the dataset's default download (cached)"""
+    """local path, http(s)/file URL or s3:// URI; None: the dataset's default download (cached)"""
     format: str | None = None
-    """movielens | recbole | amazon-json | steam | generic | synthetic; None: inferred from dataset"""
+    """movielens | recbole | amazon-json | steam | sequences | generic | synthetic; None: the dataset's"""
+    domain: Literal["movies", "games", "products"] | None = None
+    """what the items are (sets the prompt verb); None: the dataset's (generic: products)"""
     split: Literal["loo", "user"] = "loo"
     seed: int = 42
-    num_candidates: int = 20
-    max_history: int = 50
+    num_candidates: int = Field(20, ge=2)
+    max_history: int = Field(50, ge=1)
     """examples keep this many most recent history items"""
-    kcore: int | None = None
-    """k-core filter on users and items; None: 5 for Amazon datasets, off otherwise"""
-    min_user_interactions: int = 3
+    kcore: int | None = Field(None, ge=0)
+    """k-core filter on users and items; None: the dataset's default (5 for Amazon and Steam, else off)"""
+    min_user_interactions: int = Field(3, ge=3)
     """users with fewer interactions (after filtering) are dropped: they give no test example"""
-    synthetic_users: int = 200
-    synthetic_items: int = 120
-    synthetic_themes: int = 6
+    synthetic_users: int = Field(200, ge=1)
+    synthetic_items: int = Field(120, ge=2)
+    synthetic_themes: int = Field(6, ge=1, le=8)
 
 
 def _kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
@@ -63,8 +67,9 @@ def _sample_candidates(
     available = num_items - len(exclude | {target})
     if available < count - 1:
         raise DelrecError(
-            f"only {available} items are left to sample {count - 1} negatives from; "
-            "lower num_candidates or use a larger dataset"
+            f"a user leaves only {available} items to sample {count - 1} negatives from; "
+            "lower num_candidates or use a larger dataset",
+            field="num_candidates",
         )
     chosen: list[int] = []
     taken = set(exclude) | {target}
@@ -80,6 +85,15 @@ def _sample_candidates(
     return out
 
 
+def _id_order(raw_ids: np.ndarray) -> np.ndarray:
+    """Permutation ordering raw ids numerically when all are integers (ML item 1 first), else as text."""
+    try:
+        numbers = raw_ids.astype(np.int64)
+    except (ValueError, OverflowError):
+        return np.argsort(raw_ids, kind="stable")
+    return np.lexsort((raw_ids, numbers))
+
+
 def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike) -> dict:
     """Clean, filter, remap, split and sample candidates; write the Dataset folder atomically.
 
@@ -88,51 +102,64 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
     started = time.perf_counter()
     stats: dict = {"dataset": config.dataset, "source": raw.source, "raw_interactions": int(len(raw.users))}
     dropped = dict(raw.dropped)
-    titles = {key: clean_title(value) for key, value in raw.titles.items() if value and value.strip()}
-    has_title = np.fromiter((item in titles for item in raw.items), dtype=bool, count=len(raw.items))
+    titles = {str(key): clean_title(value) for key, value in raw.titles.items() if value and value.strip()}
+    titles = {key: value for key, value in titles.items() if value}
+    # Work on integer codes of the distinct raw ids: the per-id work is then per item, not per interaction.
+    item_raw, item_codes = np.unique(raw.items.astype(str), return_inverse=True)
+    user_raw, user_codes = np.unique(raw.users.astype(str), return_inverse=True)
+    item_has_title = np.array([key in titles for key in item_raw.tolist()], dtype=bool)
+    has_title = item_has_title[item_codes] if len(item_codes) else np.zeros(0, dtype=bool)
     dropped["no_title"] = dropped.get("no_title", 0) + int((~has_title).sum())
-    users, items, times = raw.users[has_title], raw.items[has_title], raw.timestamps[has_title]
-    kcore = config.kcore if config.kcore is not None else (5 if raw.domain == "products" else 0)
-    if kcore > 1:
+    dropped["no_title_items"] = int((~item_has_title).sum())
+    if dropped["no_title"]:
+        log.info(
+            "dropped %d interactions with %d items that have no title",
+            dropped["no_title"],
+            dropped["no_title_items"],
+        )
+    users, items, times = user_codes[has_title], item_codes[has_title], raw.timestamps[has_title]
+    kcore = config.kcore if config.kcore is not None else dataset_info(config.dataset).kcore
+    if kcore > 1 and len(users):
         keep = _kcore(users, items, kcore)
         dropped["kcore"] = int((~keep).sum())
         users, items, times = users[keep], items[keep], times[keep]
     if len(users) == 0:
-        raise DelrecError(
-            f"no interactions left after filtering (dropped: {dropped})", path=raw.source
-        )
+        raise DelrecError(f"no interactions left after filtering (dropped: {dropped})", path=raw.source)
 
-    # Contiguous ids: items 1..N in order of first appearance in the sorted catalogue, users 0..U-1.
-    item_raw, item_idx = np.unique(items.astype(str), return_inverse=True)
-    user_raw, user_idx = np.unique(users.astype(str), return_inverse=True)
-    order = np.lexsort((np.arange(len(times)), times, user_idx))  # by user, then time, stable on ties
-    user_idx, item_idx = user_idx[order], item_idx[order] + 1
-    bounds = np.flatnonzero(np.diff(user_idx)) + 1
-    sequences = np.split(item_idx, bounds)
-    seq_users = user_idx[np.r_[0, bounds]]
-    # Repeated interactions with the same item keep the first (the datasets here have none, but the
-    # candidate sampler relies on "items the user interacted with" being a set).
-    sequences = [seq[np.sort(np.unique(seq, return_index=True)[1])] for seq in sequences]
-    long_enough = [len(s) >= config.min_user_interactions for s in sequences]
-    dropped["short_users"] = int(len(sequences) - sum(long_enough))
-    sequences = [s for s, ok in zip(sequences, long_enough, strict=True) if ok]
-    seq_users = seq_users[np.array(long_enough, dtype=bool)]
-    if not sequences:
+    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, stable on ties
+    users, items = users[order], items[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    sequences = np.split(items, bounds)
+    seq_users = users[np.r_[0, bounds]]
+    # A repeated interaction with an item keeps the first: the candidate sampler relies on "items the
+    # user interacted with" being a set, and re-consuming is not what the next-item task predicts.
+    deduped = [seq[np.sort(np.unique(seq, return_index=True)[1])] for seq in sequences]
+    dropped["repeats"] = int(sum(len(a) - len(b) for a, b in zip(sequences, deduped, strict=True)))
+    long_enough = np.array([len(s) >= config.min_user_interactions for s in deduped], dtype=bool)
+    dropped["short_users"] = int((~long_enough).sum())
+    if not long_enough.any():
         raise DelrecError(
-            f"no user has {config.min_user_interactions}+ interactions after filtering", path=raw.source
+            f"no user has {config.min_user_interactions}+ interactions after filtering (dropped: {dropped})",
+            path=raw.source,
         )
-    # Re-index users and items that survived so both stay contiguous.
+    # Users in raw-id order; items re-indexed 1..N (0 pads) in raw-id order, both contiguous.
+    kept_users = seq_users[long_enough]
+    user_perm = _id_order(user_raw[kept_users])
+    sequences = [deduped[i] for i in np.flatnonzero(long_enough)[user_perm]]
+    user_raw = user_raw[kept_users[user_perm]]
     used_items = np.unique(np.concatenate(sequences))
-    remap = np.zeros(len(item_raw) + 1, dtype=np.int64)
+    used_items = used_items[_id_order(item_raw[used_items])]
+    remap = np.zeros(len(item_raw), dtype=np.int64)
     remap[used_items] = np.arange(1, len(used_items) + 1)
     sequences = [remap[s] for s in sequences]
-    item_raw = item_raw[used_items - 1]
-    user_raw = user_raw[seq_users]
+    item_raw = item_raw[used_items]
     num_items, num_users = len(item_raw), len(sequences)
 
     rng = np.random.default_rng(config.seed)
     h = config.max_history
-    examples: dict[str, dict[str, list]] = {s: {"users": [], "histories": [], "targets": []} for s in ("train", "valid", "test")}
+    examples: dict[str, dict[str, list]] = {
+        s: {"users": [], "histories": [], "targets": []} for s in ("train", "valid", "test")
+    }
 
     def add(split: str, user: int, seq: np.ndarray, pos: int) -> None:
         examples[split]["users"].append(user)
@@ -150,8 +177,14 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
             add("valid", user, seq, len(seq) - 2)
             add("test", user, seq, len(seq) - 1)
     else:
+        if num_users < 3:
+            raise DelrecError(
+                f"the user split needs 3+ users, {num_users} left after filtering", path=raw.source
+            )
         perm = rng.permutation(num_users)
-        n_train, n_valid = int(round(0.8 * num_users)), int(round(0.1 * num_users))
+        # 80/10/10 (the paper's code); at least one validation and one test user on tiny data.
+        n_valid = max(1, int(round(0.1 * num_users)))
+        n_train = min(int(round(0.8 * num_users)), num_users - n_valid - 1)
         groups = [""] * num_users
         for rank, user in enumerate(perm):
             groups[user] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
@@ -175,12 +208,18 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
     candidates = {}
     for split in ("valid", "test"):
         ex = final[split]
-        candidates[split] = np.stack(
-            [
-                _sample_candidates(rng, int(t), set(sequences[u].tolist()), num_items, config.num_candidates)
-                for u, t in zip(ex.users, ex.targets, strict=True)
-            ]
-        ) if len(ex) else np.zeros((0, config.num_candidates), dtype=np.int64)
+        candidates[split] = (
+            np.stack(
+                [
+                    _sample_candidates(
+                        rng, int(t), set(sequences[u].tolist()), num_items, config.num_candidates
+                    )
+                    for u, t in zip(ex.users, ex.targets, strict=True)
+                ]
+            )
+            if len(ex)
+            else np.zeros((0, config.num_candidates), dtype=np.int64)
+        )
 
     lengths = np.array([len(s) for s in sequences])
     stats.update(
@@ -193,14 +232,15 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
         users_per_group={g: groups.count(g) for g in sorted(set(groups))},
         sequence_length={f"p{q}": float(np.percentile(lengths, q)) for q in (0, 25, 50, 75, 90, 99, 100)},
         domain=raw.domain,
+        kcore=kcore,
         num_candidates=config.num_candidates,
     )
     with atomic_dir(out) as tmp:
         write_dataset_files(
             tmp,
-            titles=[titles[str(r)] for r in item_raw],
-            raw_item_ids=[str(r) for r in item_raw],
-            raw_user_ids=[str(r) for r in user_raw],
+            titles=[titles[r] for r in item_raw.tolist()],
+            raw_item_ids=item_raw.tolist(),
+            raw_user_ids=user_raw.tolist(),
             user_groups=groups,
             train_sequences=train_sequences,
             examples=final,
@@ -213,15 +253,27 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
             producer=PRODUCER,
             config=config.model_dump(mode="json"),
             rows={"items": num_items, "users": num_users, **{s: len(e) for s, e in final.items()}},
-            extra={"dataset": config.dataset, "domain": raw.domain},
+            extra={"dataset": config.dataset, "domain": raw.domain, "source": raw.source},
         )
-    log.info("wrote %s: %d users, %d items, %d interactions", out, num_users, num_items, stats["interactions"])
+    log.info(
+        "wrote %s: %d users, %d items, %d interactions", out, num_users, num_items, stats["interactions"]
+    )
     return stats
 
 
-def preprocess(config: PreprocessConfig, out: str | os.PathLike) -> dict:
-    """Read the configured dataset (downloading it if needed) and write the Dataset folder at ``out``."""
-    from delrec.data.formats import read_raw
+def preprocess(
+    config: PreprocessConfig, out: str | os.PathLike, *, cache: str | os.PathLike | None = None
+) -> dict:
+    """Read the configured dataset (downloading it if needed) and write the Dataset folder at ``out``.
 
-    raw = read_raw(config)
-    return build_dataset(raw, config, Path(out))
+    ``cache`` is the download cache (default ``$DELREC_CACHE`` or ``~/.cache/delrec``). On any error
+    nothing is written at ``out``.
+    """
+    started = time.perf_counter()
+    raw = read_raw(config, cache=Path(cache) if cache is not None else None)
+    log.info(
+        "read %d interactions from %s in %.2f s", len(raw.users), raw.source, time.perf_counter() - started
+    )
+    stats = build_dataset(raw, config, Path(out))
+    stats["seconds_total"] = round(time.perf_counter() - started, 3)
+    return stats

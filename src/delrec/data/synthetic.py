@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from delrec.data.raw import RawData
+from delrec.errors import DelrecError
 
 THEMES = {
     "space": ("Star", "Orbit", "Galaxy", "Comet", "Nebula", "Rocket", "Moon", "Planet"),
@@ -37,9 +38,12 @@ def synthetic_raw(
 ) -> RawData:
     """Generate users' time-ordered interactions with a strong next-item pattern."""
     if not 1 <= num_themes <= len(THEMES):
-        raise ValueError(f"num_themes must be between 1 and {len(THEMES)}")
+        raise DelrecError(f"must be between 1 and {len(THEMES)}, got {num_themes}", field="synthetic_themes")
     if num_items < num_themes * 2:
-        raise ValueError("num_items must be at least twice num_themes")
+        raise DelrecError(
+            f"must be at least twice synthetic_themes ({2 * num_themes}), got {num_items}",
+            field="synthetic_items",
+        )
     rng = np.random.default_rng(seed)
     themes = list(THEMES)[:num_themes]
     theme_of = np.arange(num_items) % num_themes
@@ -48,7 +52,9 @@ def synthetic_raw(
     for item in range(num_items):
         nouns = THEMES[themes[theme_of[item]]]
         k = item // num_themes
-        titles.append(f"{ADJECTIVES[k % len(ADJECTIVES)]} {nouns[(k // len(ADJECTIVES)) % len(nouns)]} {k + 1}")
+        titles.append(
+            f"{ADJECTIVES[k % len(ADJECTIVES)]} {nouns[(k // len(ADJECTIVES)) % len(nouns)]} {k + 1}"
+        )
     users, items, times = [], [], []
     for user in range(num_users):
         length = int(rng.integers(min_len, max_len + 1))
