@@ -45,3 +45,47 @@ compile: $(VENV)/.installed  ## regenerate the committed pipeline YAML
 
 clean:  ## remove the venv, caches and local run outputs
 	rm -rf $(VENV) .pytest_cache .ruff_cache local_outputs build src/*.egg-info
+
+# ---- Container images and the local kind cluster (docs/cluster.md) ----
+# docker where its daemon answers, else podman.
+ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; else echo docker; fi)
+# Image names come from src/delrec/images.py, as in the compiled pipeline (DELREC_IMAGE_REGISTRY overrides).
+IMAGES = $(shell PYTHONPATH=src $(PYTHON) -m delrec.images)
+CPU_IMAGE = $(word 1,$(IMAGES))
+GPU_IMAGE = $(word 2,$(IMAGES))
+# A second tag per image names the commit (with -dirty when the working tree has uncommitted changes).
+GIT_REV = $(shell git rev-parse --short HEAD 2>/dev/null || echo nogit)$(shell git status --porcelain 2>/dev/null | grep -q . && echo -dirty)
+BUILD_ARGS ?=
+KIND ?= kind
+KIND_CLUSTER ?= delrec
+KIND_CONFIG ?= manifests/kind/cluster.yaml
+OVERLAY ?= kind
+KFP_VERSION ?= 2.17.1
+KFP_HOST ?= http://localhost:8080
+EXPERIMENT ?=
+PIPELINE_ROOT ?=
+PARAMS ?=
+
+.PHONY: images image-cpu image-gpu kind-up kind-down kind-load submit
+
+images: image-cpu image-gpu  ## build both container images (ENGINE=docker|podman, BUILD_ARGS=...)
+
+image-cpu:  ## build the CPU image, tagged with the version and the commit
+	$(ENGINE) build -f docker/Dockerfile $(BUILD_ARGS) -t $(CPU_IMAGE) -t $(CPU_IMAGE)-$(GIT_REV) .
+
+image-gpu:  ## build the CUDA image, tagged with the version and the commit
+	$(ENGINE) build -f docker/Dockerfile.gpu $(BUILD_ARGS) -t $(GPU_IMAGE) -t $(GPU_IMAGE)-$(GIT_REV) .
+
+kind-up:  ## kind cluster + KFP (KFP_VERSION) + our manifests (OVERLAY=kind|gpu); prints the UI address
+	KIND="$(KIND)" KIND_CLUSTER=$(KIND_CLUSTER) KIND_CONFIG=$(KIND_CONFIG) OVERLAY=$(OVERLAY) \
+	  KFP_VERSION=$(KFP_VERSION) scripts/kind-up.sh
+
+kind-down:  ## delete the kind cluster
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+kind-load:  ## copy the built images into the kind cluster's nodes
+	ENGINE=$(ENGINE) KIND="$(KIND)" KIND_CLUSTER=$(KIND_CLUSTER) scripts/kind-load.sh $(CPU_IMAGE) $(GPU_IMAGE)
+
+submit: compile  ## compile, then submit a run to KFP_HOST (PRESET, DATA=s3://..., EXPERIMENT, PIPELINE_ROOT, PARAMS="k=v ...")
+	$(PY) pipeline.py submit --host $(KFP_HOST) --preset $(PRESET) $(if $(DATA),--data $(DATA)) \
+	  $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(PIPELINE_ROOT),--pipeline-root $(PIPELINE_ROOT)) $(PARAMS)

