@@ -1,1 +1,5 @@
 """Conventional sequential recommenders (teachers): SASRec, GRU4Rec, Caser."""
+
+from delrec.teachers.train import TeacherConfig, load_teacher, load_topk, train_teacher
+
+__all__ = ["TeacherConfig", "load_teacher", "load_topk", "train_teacher"]
