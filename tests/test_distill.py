@@ -1,0 +1,117 @@
+"""Stage 1: only the soft prompt trains; resumable; GradNorm-like weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import delrec.distill as distill_module
+from delrec.distill import DistillConfig, distill, gradnorm_weights
+from delrec.errors import DelrecError
+from delrec.llm.backbone import build_tiny, load_backbone
+from delrec.llm.soft_prompt import SoftPrompt
+from delrec.teachers import TeacherConfig, train_teacher
+
+TINY_TEACHER = TeacherConfig(
+    model="gru4rec", hidden=16, rnn_hidden=16, max_epochs=2, max_len=20, device="cpu"
+)
+
+
+def tiny_distill_config(**overrides) -> DistillConfig:
+    base = dict(
+        backbone="tiny-llama",
+        device="cpu",
+        bf16=False,
+        soft_tokens=8,
+        history_items=6,
+        steps=4,
+        batch_size=3,
+        warmup_steps=1,
+        eval_every=2,
+        eval_examples=8,
+        checkpoint_every=2,
+    )
+    return DistillConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "gru4rec"
+    train_teacher(synthetic_dir, TINY_TEACHER, out)
+    return out
+
+
+def test_gradnorm_weights():
+    weights = gradnorm_weights([torch.full((4,), 1.0), torch.full((4,), 4.0)], alpha=0.5)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[0] / weights[1] == pytest.approx(2.0)  # (4 / 1) ** 0.5
+    assert gradnorm_weights([torch.ones(2), torch.full((2,), 9.0)], alpha=0.0) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-t5"])
+def test_only_the_soft_prompt_changes(synthetic_dir, synthetic, teacher_dir, tmp_path, backbone):
+    out = tmp_path / "distill"
+    metrics = distill(synthetic_dir, teacher_dir, tiny_distill_config(backbone=backbone, eval_every=1), out)
+    assert {"valid_ta_acc", "valid_rps_acc", "best_valid_acc"} <= set(metrics)
+    # The saved backbone is bit-identical to a freshly built one: the LLM did not train.
+    fresh, _ = build_tiny(backbone, synthetic.titles)
+    saved = load_backbone(str(out / "backbone"), device="cpu", autocast=False)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, saved.base_model().state_dict()[name]), name
+    # The soft prompt did train (the best one is kept; eval every step, so it is a trained one unless step 0 won).
+    initial = SoftPrompt.initialised(8, fresh.get_input_embeddings(), "normal", seed=42).weight
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 5 and all("loss_ta" in h and "loss_rps" in h for h in history[1:])
+    final_best = load_file(out / "soft_prompt.safetensors")["weight"]
+    assert final_best.shape == (8, saved.hidden_size)
+    if metrics["best_step"] > 0:
+        assert not torch.equal(final_best, initial)
+    prompt = json.loads((out / "prompt.json").read_text())
+    assert prompt["teacher"] == "GRU4Rec" and prompt["backbone_fingerprint"] == saved.fingerprint()
+
+
+def test_resumes_after_a_crash(synthetic_dir, teacher_dir, tmp_path, monkeypatch):
+    config = tiny_distill_config(steps=4, eval_every=4)
+    straight = tmp_path / "straight"
+    distill(synthetic_dir, teacher_dir, config, straight)
+
+    calls = {"n": 0}
+    real = distill_module.gradnorm_weights
+
+    def crash_on_third_step(grads, alpha):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return real(grads, alpha)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(distill_module, "gradnorm_weights", crash_on_third_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        distill(synthetic_dir, teacher_dir, config, resumed)
+    assert not resumed.exists() and (tmp_path / "resumed.partial" / "state.pt").is_file()
+    monkeypatch.setattr(distill_module, "gradnorm_weights", real)
+    distill(synthetic_dir, teacher_dir, config, resumed)
+    assert not (tmp_path / "resumed.partial").exists()
+    # Same losses at every step (steps 3-4 depend on the restored soft prompt and Lion state).
+    losses = [
+        [(h["loss_ta"], h["loss_rps"]) for h in json.loads((d / "history.json").read_text())[1:]]
+        for d in (straight, resumed)
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    a = load_file(straight / "soft_prompt.safetensors")["weight"]
+    b = load_file(resumed / "soft_prompt.safetensors")["weight"]
+    assert torch.equal(a, b)
+
+
+def test_refuses_a_teacher_of_another_dataset(synthetic_dir, tmp_path, tmp_path_factory):
+    from delrec.data import PreprocessConfig, preprocess
+
+    other = tmp_path / "other"
+    preprocess(PreprocessConfig(dataset="synthetic", synthetic_users=80, synthetic_items=50, seed=1), other)
+    teacher = tmp_path / "teacher"
+    train_teacher(other, TINY_TEACHER, teacher)
+    with pytest.raises(DelrecError, match="dataset"):
+        distill(synthetic_dir, teacher, tiny_distill_config(), tmp_path / "out")

@@ -1,0 +1,195 @@
+"""Stage 2: only adapter weights change, the soft prompt stays identical; AdaLoRA and LoRA; resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import delrec.finetune as finetune_module
+from delrec.distill import DistillConfig, distill
+from delrec.errors import DelrecError
+from delrec.finetune import FinetuneConfig, finetune, orthogonal_regulariser
+from delrec.llm.backbone import build_tiny, load_backbone
+from delrec.teachers import TeacherConfig, train_teacher
+
+
+def tiny_finetune_config(**overrides) -> FinetuneConfig:
+    base = dict(
+        backbone="tiny-llama",
+        device="cpu",
+        bf16=False,
+        history_items=6,
+        init_r=12,
+        target_r=4,
+        steps=6,
+        batch_size=3,
+        warmup_steps=1,
+        lr=1e-2,
+        eval_every=3,
+        eval_examples=8,
+        checkpoint_every=2,
+    )
+    return FinetuneConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-t5"])
+def distill_dir(request, synthetic_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"distill-{request.param}")
+    teacher = root / "teacher"
+    train_teacher(
+        synthetic_dir,
+        TeacherConfig(model="sasrec", hidden=16, inner=32, layers=1, max_epochs=1, device="cpu"),
+        teacher,
+    )
+    out = root / "distill"
+    config = DistillConfig(
+        backbone=request.param,
+        device="cpu",
+        bf16=False,
+        soft_tokens=8,
+        history_items=6,
+        steps=2,
+        batch_size=2,
+        eval_examples=4,
+    )
+    distill(synthetic_dir, teacher, config, out)
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["adalora", "lora"])
+def test_only_adapter_weights_change(synthetic_dir, synthetic, distill_dir, tmp_path, adapter):
+    name = json.loads((distill_dir / "prompt.json").read_text())["backbone"]
+    out = tmp_path / "delrec"
+    metrics = finetune(
+        synthetic_dir, tiny_finetune_config(backbone=name, adapter=adapter), out, distill_dir=distill_dir
+    )
+    assert "valid_hr1" in metrics
+    # Base weights bit-identical to the distilled-on backbone; soft prompt copied unchanged.
+    saved = load_backbone(str(out / "backbone"), device="cpu", autocast=False)
+    fresh, _ = build_tiny(name, synthetic.titles)
+    for key, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, saved.base_model().state_dict()[key]), key
+    assert torch.equal(
+        load_file(out / "soft_prompt.safetensors")["weight"],
+        load_file(distill_dir / "soft_prompt.safetensors")["weight"],
+    )
+    # The adapter trained: AdaLoRA's singular values (initialised to 0) or LoRA's B (initialised to 0) moved.
+    adapter_weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    moved = [k for k, v in adapter_weights.items() if ("lora_E" in k or "lora_B" in k) and v.abs().sum() > 0]
+    assert moved, sorted(adapter_weights)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("ADALORA" if adapter == "adalora" else "LORA")
+    assert set(config["target_modules"]) == ({"q", "v"} if name == "tiny-t5" else {"q_proj", "v_proj"})
+    prompt = json.loads((out / "prompt.json").read_text())
+    assert prompt["soft_tokens"] == 8 and prompt["backbone_fingerprint"] == saved.fingerprint()
+
+
+def test_adalora_reallocates_ranks(synthetic_dir, tmp_path, monkeypatch):
+    calls = []
+    from peft.tuners.adalora.model import AdaLoraModel
+
+    original = AdaLoraModel.update_and_allocate
+
+    def spy(self, step):
+        calls.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    finetune(synthetic_dir, tiny_finetune_config(steps=10, tinit=2, tfinal=3), tmp_path / "ablation")
+    assert calls == list(range(10))
+    config = json.loads((tmp_path / "ablation" / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"]  # budget allocated after tfinal: some ranks masked
+
+
+def test_ablation_has_no_soft_prompt_and_same_base(synthetic_dir, tmp_path):
+    out = tmp_path / "ablation"
+    finetune(synthetic_dir, tiny_finetune_config(steps=2, objective="likelihood"), out)
+    assert not (out / "soft_prompt.safetensors").exists()
+    prompt = json.loads((out / "prompt.json").read_text())
+    assert prompt["soft_tokens"] == 0 and prompt["teacher"] == ""
+
+
+def test_orthogonal_regulariser_is_zero_for_orthonormal_factors():
+    module = torch.nn.Module()
+    module.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.eye(3, 5))})
+    module.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.eye(4, 3))})
+    assert float(orthogonal_regulariser(module).detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        module.lora_A["default"].mul_(2)
+    assert float(orthogonal_regulariser(module).detach()) == pytest.approx(
+        3 * 3**0.5 / 2, rel=1e-5
+    )  # ||4I - I||_F / 2
+
+
+def test_adalora_needs_room_for_its_schedule(synthetic_dir, tmp_path):
+    with pytest.raises(DelrecError, match="tinit"):
+        finetune(synthetic_dir, tiny_finetune_config(steps=4, tinit=3, tfinal=2), tmp_path / "x")
+
+
+def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch):
+    config = tiny_finetune_config(steps=4, adapter="lora", eval_every=10)
+    straight = tmp_path / "straight"
+    finetune(synthetic_dir, config, straight)
+    calls = {"n": 0}
+    real = finetune_module.task_loss
+
+    def crash_on_fourth_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "task_loss", crash_on_fourth_step)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune(synthetic_dir, config, resumed)
+    assert (tmp_path / "resumed.partial" / "state.pt").is_file()
+    monkeypatch.setattr(finetune_module, "task_loss", real)
+    finetune(synthetic_dir, config, resumed)
+    losses = [
+        [h["loss"] for h in json.loads((d / "history.json").read_text())[1:]] for d in (straight, resumed)
+    ]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and len(losses[0]) == 4
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
+    """After rank pruning the saved adapter is resized; evaluate's reload must score exactly the same."""
+    from peft import get_peft_model
+
+    from delrec.evaluate import _load_adapter
+    from delrec.finetune import adapter_config
+    from delrec.llm.scoring import score_all
+    from delrec.llm.templates import PromptBuilder
+
+    backbone = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=False)
+    model = get_peft_model(
+        backbone.model, adapter_config(tiny_finetune_config(steps=10, tinit=2, tfinal=3), backbone)
+    )
+    backbone.model = model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(5, 500, (2, 30), generator=torch.Generator().manual_seed(0))
+    for step in range(10):
+        (model(input_ids=ids).logits.logsumexp(-1).mean() + orthogonal_regulariser(model)).backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    assert min(sum(r) for r in model.peft_config["default"].rank_pattern.values()) < 12  # ranks were pruned
+    model.eval()
+    builder = PromptBuilder(
+        backbone, synthetic.titles, domain="movies", teacher="", n_soft=0, history_items=5
+    )
+    test, cands = synthetic.examples["test"], synthetic.candidates["test"]
+    prompts = [builder.stage2(test.histories[i], cands[i], soft=False) for i in range(3)]
+    answers = [[builder.answer(int(c)) for c in cands[i]] for i in range(3)]
+    before = score_all(backbone, None, prompts, answers)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=False)
+    _load_adapter(reloaded, tmp_path)
+    assert abs(score_all(reloaded, None, prompts, answers) - before).max() < 1e-5
