@@ -1,0 +1,16 @@
+"""KFP lightweight components, one module per pipeline stage.
+
+Each body imports and calls the delrec library and nothing else: the container image (or, locally,
+the current virtual environment) has delrec installed, so ``packages_to_install`` is empty. Inputs
+and outputs are typed KFP artifacts; every stage logs its metrics (and its wall time) with
+``log_metric`` so they show in the KFP UI.
+"""
+
+from components.distill import distill
+from components.evaluate import evaluate
+from components.finetune import finetune
+from components.preprocess import preprocess
+from components.publish import publish
+from components.train_teacher import train_teacher
+
+__all__ = ["distill", "evaluate", "finetune", "preprocess", "publish", "train_teacher"]

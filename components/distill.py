@@ -1,0 +1,31 @@
+"""Pattern distillation (DELRec stage 1): Dataset + teacher -> soft prompt Model. Runs on a GPU."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from delrec.images import gpu_image
+
+
+@dsl.component(base_image=gpu_image(), packages_to_install=[])
+def distill(
+    config: dict,
+    dataset: Input[Dataset],
+    teacher: Input[Model],
+    soft_prompt: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Run ``delrec.distill.distill`` (TA + RPS soft-prompt training) and log its metrics."""
+    import time
+
+    from delrec.distill import DistillConfig
+    from delrec.distill import distill as run
+
+    started = time.perf_counter()
+    config = DistillConfig.from_dict(config, source="distill config")
+    result = run(dataset.path, teacher.path, config, soft_prompt.path)
+    result = {
+        k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for name, value in {**result, "wall_seconds": time.perf_counter() - started}.items():
+        metrics.log_metric(name, value)
+    soft_prompt.metadata.update(result)

@@ -1,0 +1,34 @@
+"""LLM fine-tuning (DELRec stage 2): Dataset + frozen soft prompt -> AdaLoRA Model. Runs on a GPU.
+
+Without ``soft_prompt`` it trains the ablation: the same LLM and config, no soft prompt.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from delrec.images import gpu_image
+
+
+@dsl.component(base_image=gpu_image(), packages_to_install=[])
+def finetune(
+    config: dict,
+    dataset: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    soft_prompt: Input[Model] | None = None,
+):
+    """Run ``delrec.finetune.finetune`` and log its metrics."""
+    import time
+
+    from delrec.finetune import FinetuneConfig
+    from delrec.finetune import finetune as run
+
+    started = time.perf_counter()
+    config = FinetuneConfig.from_dict(config, source="finetune config")
+    result = run(dataset.path, config, model.path, distill_dir=soft_prompt.path if soft_prompt else None)
+    result = {
+        k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for name, value in {**result, "wall_seconds": time.perf_counter() - started}.items():
+        metrics.log_metric(name, value)
+    model.metadata.update(result, soft_prompt=soft_prompt is not None)

@@ -1,0 +1,45 @@
+"""Preprocess: raw dataset (URL, local path or s3:// URI) -> Dataset artifact."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+from delrec.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image(), packages_to_install=[])
+def preprocess(
+    config: dict,
+    dataset: Output[Dataset],
+    metrics: Output[Metrics],
+    source: str = "",
+    source_fingerprint: str = "",
+    s3_endpoint: str = "",
+    s3_secure: bool = True,
+):
+    """Run ``delrec.data.preprocess``; ``source`` (if set: a path, URL or ``s3://`` URI) overrides the config's.
+
+    ``source_fingerprint`` (a hash of a local source's contents) is only there to change the cache key
+    when the files behind an unchanged path change.
+    """
+    import os
+    import time
+
+    from delrec.data import PreprocessConfig
+    from delrec.data import preprocess as run
+
+    started = time.perf_counter()
+    # delrec.store reads its endpoint from the environment (the credentials come from a secret).
+    if s3_endpoint:
+        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
+    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
+    settings = dict(config)
+    if source:
+        settings["source"] = source
+    stats = run(PreprocessConfig.from_dict(settings, source="preprocess config"), dataset.path)
+    seconds = time.perf_counter() - started
+    flat = {"users": stats["users"], "items": stats["items"], "interactions": stats["interactions"]}
+    flat.update({f"examples/{split}": n for split, n in stats["examples"].items()})
+    for name, value in {**flat, "wall_seconds": seconds}.items():
+        metrics.log_metric(name, float(value))
+    dataset.metadata.update(flat)
+    dataset.metadata.update(source=str(settings.get("source") or ""), fingerprint=source_fingerprint)

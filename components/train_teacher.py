@@ -1,0 +1,24 @@
+"""Teacher training: Dataset -> teacher Model (weights, config, top-k export)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from delrec.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image(), packages_to_install=[])
+def train_teacher(config: dict, dataset: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]):
+    """Run ``delrec.teachers.train_teacher`` and log its metrics."""
+    import time
+
+    from delrec.teachers import TeacherConfig
+    from delrec.teachers import train_teacher as run
+
+    started = time.perf_counter()
+    result = run(dataset.path, TeacherConfig.from_dict(config, source="teacher config"), teacher.path)
+    result = {
+        k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for name, value in {**result, "wall_seconds": time.perf_counter() - started}.items():
+        metrics.log_metric(name, value)
+    teacher.metadata.update(result)

@@ -1,0 +1,573 @@
+"""The DELRec Kubeflow pipeline: graph and command line.
+
+    preprocess -> train_teacher -> distill -> finetune (with the soft prompt) --+
+              \\-> finetune (ablation: no soft prompt) ----------------------+--> evaluate -> [publish]
+
+Commands:
+    python pipeline.py compile [--out FILE] [--preset NAME]
+    python pipeline.py run [--preset NAME] [--data PATH] [param=value ...]      (kfp.local, this machine)
+    python pipeline.py submit --host URL [--experiment NAME] [--pipeline-root s3://...] [param=value ...]
+    python pipeline.py schedule --host URL --cron "0 0 3 * * *" [param=value ...]
+
+Each stage's config travels as a dict parameter (the preset's section plus overrides), so KFP's cache
+key changes whenever a config or an input changes. ``param=value`` overrides take ``section.field=value``
+(``teacher.max_epochs=5``), a pipeline parameter (``publish_to=s3://models``), ``teacher=gru4rec``, or a
+field name shared by stage configs (``seed=7``, ``backbone=...`` set it in every stage that has it).
+Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
+(images, GPU scheduling, resources, retries, timeouts, secrets, publishing).
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
+
+import argparse
+import importlib
+import json
+import logging
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import HTML, Artifact, Markdown
+from pydantic import Field
+
+from components import distill, evaluate, finetune, preprocess, publish, train_teacher
+from delrec import images
+from delrec.config import STAGES, StageConfig, load_preset
+from delrec.errors import DelrecError
+from delrec.store import QualityGate, is_s3_uri
+
+REPO = Path(__file__).resolve().parent
+PIPELINE_NAME = "delrec"
+COMPILED = REPO / "pipeline.yaml"
+DEFAULT_PRESET = "ml-100k"
+# Where each stage's config class lives (validated before anything runs).
+CONFIG_CLASSES = {
+    "preprocess": ("delrec.data", "PreprocessConfig"),
+    "teacher": ("delrec.teachers", "TeacherConfig"),
+    "distill": ("delrec.distill", "DistillConfig"),
+    "finetune": ("delrec.finetune", "FinetuneConfig"),
+    "evaluate": ("delrec.evaluate", "EvaluateConfig"),
+}
+
+log = logging.getLogger("pipeline")
+
+
+class Resources(StageConfig):
+    """Kubernetes requests (and optional limits) of one task."""
+
+    cpu: str = "1"
+    memory: str = "4Gi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+
+def _default_resources() -> dict[str, Resources]:
+    return {
+        "preprocess": Resources(cpu="1", memory="4Gi"),
+        "teacher": Resources(cpu="4", memory="8Gi"),
+        "distill": Resources(cpu="4", memory="32Gi"),
+        "finetune": Resources(cpu="4", memory="32Gi"),
+        "evaluate": Resources(cpu="4", memory="16Gi"),
+        "publish": Resources(cpu="500m", memory="1Gi"),
+    }
+
+
+class PipelineOptions(StageConfig):
+    """The preset's ``pipeline:`` section: how the graph is scheduled and where things go."""
+
+    cpu_image: str = Field(default_factory=images.cpu_image)
+    """image of preprocess, teacher, evaluate and publish (a run parameter too)"""
+    gpu_image: str = Field(default_factory=images.gpu_image)
+    """image of distill and finetune (a run parameter too)"""
+    accelerator: str = "nvidia.com/gpu"
+    gpus: int = Field(1, ge=0)
+    """GPUs per GPU task (a run parameter too)"""
+    gpu_toleration: str = "nvidia.com/gpu"
+    """taint key the GPU tasks tolerate (operator Exists, effect NoSchedule)"""
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    """e.g. {"nvidia.com/gpu.present": "true"}; empty: none"""
+    shm_size: str = "16Gi"
+    """memory-backed /dev/shm of the GPU tasks (PyTorch data loaders and NCCL need more than 64M)"""
+    gpu_timeout_s: int = Field(6 * 3600, ge=0)
+    cpu_timeout_s: int = Field(2 * 3600, ge=0)
+    retries: int = Field(2, ge=0)
+    retry_backoff: str = "60s"
+    retry_backoff_factor: float = 2.0
+    retry_backoff_max: str = "1800s"
+    resources: dict[str, Resources] = Field(default_factory=_default_resources)
+    caching: bool = True
+    s3_secret: str = "delrec-s3"
+    """Kubernetes secret with the object-store credentials (a run parameter too)"""
+    s3_secret_keys: dict[str, str] = Field(
+        default_factory=lambda: {"accesskey": "DELREC_S3_ACCESS_KEY", "secretkey": "DELREC_S3_SECRET_KEY"}
+    )
+    """secret key -> environment variable (KFP's own mlpipeline-minio-artifact secret uses these keys)"""
+    hf_secret: str = "delrec-hf"
+    """optional secret whose ``token`` becomes HF_TOKEN on the tasks that load the LLM (gated models)"""
+    s3_endpoint: str = ""
+    """host:port of the object store (empty: $DELREC_S3_ENDPOINT in the task)"""
+    s3_secure: bool = True
+    publish_to: str = ""
+    """s3://bucket[/prefix] of the model registry; empty: no publish step"""
+    gate: dict[str, Any] = Field(default_factory=dict)
+    """quality gate (delrec.store.QualityGate fields): candidate, baseline, margin"""
+    local_root: str = "local_outputs/pipeline_root"
+    """pipeline root of ``run`` (kfp.local)"""
+
+
+class Outputs(NamedTuple):
+    metrics: dict
+    evaluation: Artifact
+    report: Markdown
+    report_html: HTML
+
+
+def _config_class(stage: str) -> type[StageConfig]:
+    module, name = CONFIG_CLASSES[stage]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise DelrecError(
+            f"stage {stage!r} is not available in this delrec ({module}.{name}: {exc})"
+        ) from None
+
+
+def _resources(task: dsl.PipelineTask, res: Resources) -> None:
+    task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+    if res.cpu_limit:
+        task.set_cpu_limit(res.cpu_limit)
+    if res.memory_limit:
+        task.set_memory_limit(res.memory_limit)
+
+
+def build_pipeline(options: PipelineOptions | None = None):
+    """The pipeline function, with the Kubernetes settings of ``options`` baked in."""
+    o = options or PipelineOptions()
+
+    def cpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
+        task.set_container_image(image).set_caching_options(o.caching)
+        _resources(task, o.resources.get(stage) or _default_resources()[stage])
+        task.set_retry(o.retries, o.retry_backoff, o.retry_backoff_factor, o.retry_backoff_max)
+        kubernetes.set_timeout(task, o.cpu_timeout_s)
+        return task.set_display_name(stage)
+
+    def gpu_task(task: dsl.PipelineTask, stage: str, image, gpus) -> dsl.PipelineTask:
+        cpu_task(task, stage, image)
+        task.set_accelerator_type(o.accelerator).set_accelerator_limit(gpus)
+        kubernetes.add_toleration(task, key=o.gpu_toleration, operator="Exists", effect="NoSchedule")
+        for key, value in o.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, key, value)
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=o.shm_size)
+        kubernetes.set_timeout(task, o.gpu_timeout_s)
+        return task
+
+    def hf_token(task: dsl.PipelineTask) -> None:
+        kubernetes.use_secret_as_env(task, o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DELRec: distil a sequential recommender's pattern into an LLM's soft prompt, "
+        "fine-tune the LLM with AdaLoRA, evaluate against the teacher and the no-soft-prompt ablation.",
+    )
+    def delrec_pipeline(
+        preprocess_config: dict,
+        teacher_config: dict,
+        distill_config: dict,
+        finetune_config: dict,
+        evaluate_config: dict,
+        source: str = "",
+        source_fingerprint: str = "",
+        cpu_image: str = o.cpu_image,
+        gpu_image: str = o.gpu_image,
+        gpus: int = o.gpus,
+        s3_secret: str = o.s3_secret,
+        s3_endpoint: str = o.s3_endpoint,
+        s3_secure: bool = o.s3_secure,
+        publish_to: str = o.publish_to,
+        gate: dict = o.gate,
+    ) -> Outputs:
+        prep = preprocess(
+            config=preprocess_config,
+            source=source,
+            source_fingerprint=source_fingerprint,
+            s3_endpoint=s3_endpoint,
+            s3_secure=s3_secure,
+        )
+        cpu_task(prep, "preprocess", cpu_image)
+        # Optional: only an s3:// source needs the credentials.
+        kubernetes.use_secret_as_env(prep, s3_secret, o.s3_secret_keys, optional=True)
+        data = prep.outputs["dataset"]
+
+        teacher = train_teacher(config=teacher_config, dataset=data)
+        cpu_task(teacher, "teacher", cpu_image)
+
+        soft = distill(config=distill_config, dataset=data, teacher=teacher.outputs["teacher"])
+        gpu_task(soft, "distill", gpu_image, gpus)
+        hf_token(soft)
+
+        tuned = finetune(config=finetune_config, dataset=data, soft_prompt=soft.outputs["soft_prompt"])
+        gpu_task(tuned, "finetune", gpu_image, gpus).set_display_name("finetune")
+        hf_token(tuned)
+        # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
+        ablation = finetune(config=finetune_config, dataset=data)
+        gpu_task(ablation, "finetune", gpu_image, gpus).set_display_name("finetune-ablation")
+        hf_token(ablation)
+
+        ev = evaluate(
+            config=evaluate_config,
+            dataset=data,
+            teacher=teacher.outputs["teacher"],
+            delrec=tuned.outputs["model"],
+            ablation=ablation.outputs["model"],
+        )
+        cpu_task(ev, "evaluate", cpu_image)
+        hf_token(ev)
+
+        with dsl.If(publish_to != "", name="publish-configured"):
+            pub = publish(
+                metrics=ev.outputs["Output"],
+                preprocess_config=preprocess_config,
+                teacher_config=teacher_config,
+                distill_config=distill_config,
+                finetune_config=finetune_config,
+                evaluate_config=evaluate_config,
+                model=tuned.outputs["model"],
+                soft_prompt=soft.outputs["soft_prompt"],
+                evaluation=ev.outputs["evaluation"],
+                destination=publish_to,
+                pipeline_name=PIPELINE_NAME,
+                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                gate=gate,
+                s3_endpoint=s3_endpoint,
+                s3_secure=s3_secure,
+            )
+            # Never served from cache: a re-run must really push (and re-check the gate).
+            cpu_task(pub, "publish", cpu_image).set_caching_options(False)
+            kubernetes.use_secret_as_env(pub, s3_secret, o.s3_secret_keys)
+
+        return Outputs(
+            metrics=ev.outputs["Output"],
+            evaluation=ev.outputs["evaluation"],
+            report=ev.outputs["report"],
+            report_html=ev.outputs["report_html"],
+        )
+
+    return delrec_pipeline
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _fingerprint(source: str, s3_endpoint: str) -> str:
+    """A hash of the source's contents so the preprocess cache key sees new data behind the same name."""
+    from delrec.store import S3Store, local_fingerprint
+
+    try:
+        if is_s3_uri(source):
+            return S3Store.from_env(s3_endpoint or None, attempts=1).fingerprint(source)
+        if Path(source).exists():
+            return local_fingerprint(source)
+    except Exception as exc:  # best effort: the store may be reachable only inside the cluster
+        log.warning(
+            "no fingerprint of %s (%s): a cached preprocess may be reused if its data changed", source, exc
+        )
+    return ""
+
+
+def pipeline_arguments(
+    preset: str, data: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[PipelineOptions, dict[str, Any]]:
+    """Options and run arguments from a preset, ``--data`` and ``param=value`` overrides (validated)."""
+    sections = load_preset(preset)
+    pipeline_section = dict(sections.get("pipeline", {}))
+    configs = {stage: dict(sections.get(stage, {})) for stage in STAGES}
+    run_params: dict[str, Any] = {}
+    option_fields = set(PipelineOptions.model_fields)
+    run_param_names = {
+        "source",
+        "source_fingerprint",
+        "cpu_image",
+        "gpu_image",
+        "gpus",
+        "s3_secret",
+        "s3_endpoint",
+        "s3_secure",
+        "publish_to",
+        "gate",
+    }
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DelrecError(f"expected param=value, got {item!r}")
+        value = yaml.safe_load(raw) if raw else ""
+        if "." in key:
+            section, _, field = key.partition(".")
+            if section == "pipeline":
+                pipeline_section[field] = value
+            elif section in configs:
+                configs[section][field] = value
+            else:
+                raise DelrecError(f"{item!r}: unknown section {section!r}; expected one of {list(STAGES)}")
+        elif key in run_param_names:
+            run_params[key] = raw if key.startswith("source") else value
+            if key in option_fields:
+                pipeline_section[key] = value
+        elif key == "teacher":
+            configs["teacher"]["model"] = value
+        else:
+            hit = [s for s in STAGES if key in _config_class(s).model_fields]
+            if not hit:
+                raise DelrecError(f"{item!r}: no stage config has a field {key!r}")
+            for stage in hit:
+                configs[stage][key] = value
+    options = PipelineOptions.from_dict(pipeline_section, source=f"preset {preset}: pipeline")
+    QualityGate.from_dict(run_params.get("gate", options.gate))
+    publish_to = run_params.get("publish_to", options.publish_to)
+    if publish_to and not is_s3_uri(publish_to):
+        raise DelrecError(f"publish_to must be an s3://bucket[/prefix] URI, got {publish_to!r}")
+    for stage in STAGES:  # fail now, not an hour into the run
+        _config_class(stage).from_dict(configs[stage], source=f"preset {preset}: {stage}")
+    arguments: dict[str, Any] = {f"{stage}_config": configs[stage] for stage in STAGES}
+    if data:
+        run_params["source"] = str(Path(data).resolve()) if not data.startswith("s3://") else data
+    source = run_params.get("source", "")
+    if source and "source_fingerprint" not in run_params:
+        run_params["source_fingerprint"] = _fingerprint(
+            source, run_params.get("s3_endpoint", options.s3_endpoint)
+        )
+    for name in (
+        "cpu_image",
+        "gpu_image",
+        "gpus",
+        "s3_secret",
+        "s3_endpoint",
+        "s3_secure",
+        "publish_to",
+        "gate",
+    ):
+        run_params.setdefault(name, getattr(options, name))
+    arguments.update(run_params)
+    return options, arguments
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def compile_pipeline(out: str | Path = COMPILED, options: PipelineOptions | None = None) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(options), str(out))
+    return out
+
+
+TASK_LABELS = {"train-teacher": "train_teacher", "finetune-2": "finetune (ablation)"}
+
+
+class TaskClock(logging.Filter):
+    """Times each kfp.local task from its "Executing task" and "finished" log records (the whole
+    subprocess: interpreter start, imports and the stage itself)."""
+
+    START = re.compile(r"Executing task '([^']+)'")
+    END = re.compile(r"Task '([^']+)' (?:finished with status|cache hit)")
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = self.ANSI.sub("", str(record.msg))
+        if match := self.START.search(message):
+            self.started[match[1]] = record.created
+        elif (match := self.END.search(message)) and match[1] not in self.seconds:
+            self.seconds[match[1]] = record.created - self.started.get(match[1], record.created)
+        return True
+
+
+def _stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds spent inside each stage function (the ``wall_seconds`` the components log)."""
+    seconds = {}
+    for task_dir in run_dir.iterdir():
+        output_file = task_dir / "executor_output.json"
+        if output_file.is_file():
+            for artifact in json.loads(output_file.read_text()).get("artifacts", {}).values():
+                for item in artifact.get("artifacts", []):
+                    if "wall_seconds" in item.get("metadata", {}):
+                        seconds[task_dir.name] = float(item["metadata"]["wall_seconds"])
+    return seconds
+
+
+LABELS = {
+    "delrec": "DELRec",
+    "teacher": "teacher",
+    "ablation": "LLM, no soft prompt",
+    "zero_shot": "LLM, untuned",
+}
+
+
+def format_metrics_table(models: dict[str, dict[str, float]]) -> str:
+    """``{model: {metric: value}}`` (evaluate's metrics.json ``models``) as a models x metrics table."""
+    columns = list(dict.fromkeys(m for row in models.values() for m in row))
+    width = max(len(LABELS.get(m, m)) for m in models)
+    lines = [" | ".join([f"{'model':<{width}}", *(f"{c:>8}" for c in columns)])]
+    lines.append("-" * len(lines[0]))
+    for model, row in models.items():
+        cells = [f"{row[c]:>8.4f}" if c in row else f"{'':>8}" for c in columns]
+        lines.append(" | ".join([f"{LABELS.get(model, model):<{width}}", *cells]))
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kfp import local
+
+    options, arguments = pipeline_arguments(args.preset, args.data, args.params)
+    # Locally a failure is a bug or bad input, not a preempted node: fail at once, no backoff.
+    options = options.model_copy(update={"retries": 0})
+    root = (REPO / (args.pipeline_root or options.local_root)).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    # Locally the Kubernetes settings and images mean nothing; kfp warns about each, twice per task.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
+    print(
+        f"kfp.local run of preset {args.preset} under {root} (Kubernetes settings and images are not used here)"
+    )
+    clock = TaskClock()
+    logging.getLogger().addFilter(clock)
+    started = time.perf_counter()
+    try:
+        result = build_pipeline(options)(**arguments)
+    finally:
+        logging.getLogger().removeFilter(clock)
+    total = time.perf_counter() - started
+    evaluation = Path(result.outputs["evaluation"].path)
+    run_dir = evaluation.parents[1]
+    report = json.loads((evaluation / "metrics.json").read_text())
+    meta = report.get("meta", {})
+    print(
+        f"\n== DELRec metrics: {meta.get('dataset', '?')} {meta.get('split', '?')} split, "
+        f"{meta.get('examples', '?')} examples, ranked within {meta.get('universe', '?')} =="
+    )
+    print(format_metrics_table({m: r["metrics"] for m, r in report["models"].items()}))
+    inside = _stage_seconds(run_dir)
+    print(f"\n== wall time: {total:.0f} s in all; per task (its process, of which in the stage function) ==")
+    for task, seconds in clock.seconds.items():
+        label = TASK_LABELS.get(task, task)
+        body = f"{inside[task]:7.1f} s" if task in inside else ""
+        print(f"{label:<20} {seconds:7.1f} s {100 * seconds / total:5.1f}%   {body}")
+    print("\n== artifacts ==")
+    print(f"run folder:  {run_dir}")
+    print(f"evaluation:  {evaluation}")
+    print(f"report:      {result.outputs['report'].path}")
+    print(f"report html: {result.outputs['report_html'].path}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    options = pipeline_arguments(args.preset)[0] if args.preset else None
+    print(compile_pipeline(args.out, options))
+    return 0
+
+
+def _client(host: str):
+    import kfp
+
+    return kfp.Client(host=host)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    options, arguments = pipeline_arguments(args.preset, args.data, args.params)
+    client = _client(args.host)
+    result = client.create_run_from_pipeline_func(
+        build_pipeline(options),
+        arguments=arguments,
+        run_name=args.run_name,
+        experiment_name=args.experiment,
+        pipeline_root=args.pipeline_root,
+    )
+    print(f"submitted run {result.run_id}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    fields = args.cron.split()
+    if len(fields) != 6:
+        raise DelrecError(
+            f"--cron {args.cron!r} has {len(fields)} fields; KFP takes 6, seconds first "
+            "(e.g. '0 0 3 * * *' for 03:00 every day)"
+        )
+    options, arguments = pipeline_arguments(args.preset, args.data, args.params)
+    client = _client(args.host)
+    experiment = client.create_experiment(args.experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", options)
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=args.job_name,
+            cron_expression=args.cron,
+            params=arguments,
+            pipeline_package_path=str(package),
+            pipeline_root=args.pipeline_root,
+            max_concurrency=1,
+            no_catchup=True,
+        )
+    print(f"scheduled recurring run {job.recurring_run_id} ({args.cron})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="write the compiled pipeline YAML (committed)")
+    p.add_argument("--out", default=str(COMPILED))
+    p.add_argument("--preset", help="take the pipeline: section (Kubernetes settings) from this preset")
+    p.set_defaults(handler=cmd_compile)
+
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--preset", default=DEFAULT_PRESET, help=f"configs/NAME.yaml (default {DEFAULT_PRESET})"
+        )
+        p.add_argument("--data", help="dataset source: a local copy (path) or s3:// URI")
+        p.add_argument("params", nargs="*", metavar="param=value", help="overrides (see the module doc)")
+
+    p = sub.add_parser("run", help="run the whole pipeline here with kfp.local")
+    run_args(p)
+    p.add_argument("--pipeline-root", help="local pipeline root (default: the preset's local_root)")
+    p.set_defaults(handler=cmd_run)
+
+    for name, handler in (("submit", cmd_submit), ("schedule", cmd_schedule)):
+        p = sub.add_parser(name, help=f"{name} on a Kubeflow Pipelines server")
+        p.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
+        p.add_argument("--experiment", default="delrec")
+        p.add_argument("--pipeline-root", help="e.g. s3://mlpipeline/delrec (default: the server's)")
+        run_args(p)
+        p.set_defaults(handler=handler)
+    sub.choices["submit"].add_argument("--run-name")
+    sub.choices["schedule"].add_argument("--cron", required=True, help="6 fields, seconds first")
+    sub.choices["schedule"].add_argument("--job-name", default="delrec-retrain")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except DelrecError as exc:
+        print(f"pipeline.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""Object storage: S3 / MinIO / SeaweedFS through the ``minio`` client.
+
+Used to ingest raw datasets (``delrec data upload``, preprocess reading an ``s3://`` source) and to
+publish a trained model bundle behind a quality gate.
+
+Writes are atomic: an object is first uploaded under a temporary key outside the destination prefix
+(``.delrec-tmp/<uuid>/...``), its ETag is checked against the locally computed MD5 (or the multipart
+ETag), then it is copied server-side to the final key with its SHA-256 in the object's metadata, and
+the temporary key is removed. A failure at any point leaves nothing new under the final key. Each
+object write and read is retried with exponential backoff on transient errors; downloads verify the
+SHA-256 (or the MD5 ETag for objects written by other tools) before the file appears at its path.
+
+Credentials come only from the environment (``DELREC_S3_ACCESS_KEY`` / ``DELREC_S3_SECRET_KEY``, or
+the ``AWS_*`` names), which the pipeline fills from a Kubernetes secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlparse
+
+from delrec.artifacts import atomic_dir, config_hash, file_sha256
+from delrec.errors import DelrecError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TMP_PREFIX = ".delrec-tmp"
+SHA_META = "sha256"
+DEFAULT_PART_SIZE = 64 << 20
+LATEST = "latest.json"
+BUNDLE_INDEX = "bundle.json"
+# S3 error codes worth retrying: the server is busy or the request timed out.
+TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"}
+
+
+class ChecksumError(DelrecError):
+    """Data arrived corrupted (checksum mismatch); retried like a network error."""
+
+
+# --------------------------------------------------------------------------- settings and URIs
+
+
+def _env_flag(value: str) -> bool:
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the object store is and how to talk to it (credentials excepted: those stay in the env)."""
+
+    endpoint: str
+    """``host:port``, or a URL whose scheme (http/https) decides TLS"""
+    secure: bool = True
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None, secure: bool | None = None) -> S3Settings:
+        """Arguments win over ``DELREC_S3_ENDPOINT`` / ``DELREC_S3_SECURE`` / ``DELREC_S3_REGION``; an
+        ``http://`` or ``https://`` endpoint decides TLS whatever ``secure`` says."""
+        endpoint = endpoint or os.environ.get("DELREC_S3_ENDPOINT", "")
+        if not endpoint:
+            raise DelrecError(
+                "no object-store endpoint: pass --endpoint (or the pipeline's s3_endpoint) "
+                "or set DELREC_S3_ENDPOINT=host:port"
+            )
+        parsed = urlparse(endpoint if "://" in endpoint else f"//{endpoint}")
+        if parsed.scheme in ("http", "https"):  # an explicit scheme says it all
+            secure = parsed.scheme == "https"
+        elif secure is None:
+            secure = _env_flag(os.environ.get("DELREC_S3_SECURE", "1"))
+        return cls(endpoint=parsed.netloc, secure=secure, region=os.environ.get("DELREC_S3_REGION") or None)
+
+
+def _credentials() -> tuple[str, str]:
+    access = os.environ.get("DELREC_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("DELREC_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise DelrecError(
+            "no object-store credentials: set DELREC_S3_ACCESS_KEY and DELREC_S3_SECRET_KEY "
+            "(in a cluster the pipeline sets them from a Kubernetes secret)"
+        )
+    return access, secret
+
+
+def is_s3_uri(value: str | os.PathLike | None) -> bool:
+    return isinstance(value, str) and value.startswith("s3://")
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")`` (the key may be empty)."""
+    if not is_s3_uri(uri):
+        raise DelrecError(f"expected an s3://bucket/key URI, got {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise DelrecError(f"no bucket in {uri!r}")
+    return bucket, key.strip("/")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from minio.error import S3Error, ServerError
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(exc, S3Error):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False  # a local file problem: retrying will not fix it
+    # ChecksumError: corrupted in transit; OSError covers ConnectionError, timeouts and broken streams.
+    return isinstance(exc, ServerError | HTTPError | ChecksumError | OSError)
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 20.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn`` until it succeeds; on a transient error wait ``base_delay * 2**i`` (capped) and retry."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not _is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt,
+                attempts - 1,
+                delay,
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+@dataclass(frozen=True)
+class Digest:
+    size: int
+    sha256: str
+    etag: str
+    """the ETag S3 gives this content when uploaded with the store's part size"""
+
+
+def digest_stream(stream: BinaryIO, part_size: int) -> Digest:
+    """SHA-256 of the content and its expected S3 ETag (MD5, or MD5 of part MD5s + "-N" if multipart)."""
+    sha = hashlib.sha256()
+    part_md5s: list[bytes] = []
+    size = 0
+    while block := stream.read(part_size):
+        sha.update(block)
+        part_md5s.append(hashlib.md5(block).digest())
+        size += len(block)
+    if len(part_md5s) <= 1:
+        etag = (part_md5s[0] if part_md5s else hashlib.md5(b"").digest()).hex()
+    else:
+        etag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+    return Digest(size=size, sha256=sha.hexdigest(), etag=etag)
+
+
+def _meta(stat: Any, name: str) -> str | None:
+    metadata = stat.metadata or {}
+    for key in (f"x-amz-meta-{name}", name):
+        for candidate in (key, key.lower(), key.title()):
+            if candidate in metadata:
+                return metadata[candidate]
+    return None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class S3Store:
+    """Atomic, verified, retried object operations on one S3-compatible endpoint."""
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        *,
+        client: Any | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        attempts: int = 5,
+        base_delay: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if client is None:
+            from minio import Minio
+
+            access, secret = _credentials()
+            client = Minio(
+                settings.endpoint,
+                access_key=access,
+                secret_key=secret,
+                secure=settings.secure,
+                region=settings.region,
+            )
+        self.settings = settings
+        self.client = client
+        self.part_size = part_size
+        self._retry_args = {"attempts": attempts, "base_delay": base_delay, "sleep": sleep}
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None, secure: bool | None = None, **kwargs: Any) -> S3Store:
+        return cls(S3Settings.from_env(endpoint, secure), **kwargs)
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return retry(fn, what=what, **self._retry_args)
+
+    # ---- writes
+
+    def ensure_bucket(self, bucket: str) -> None:
+        if not self._retry(lambda: self.client.bucket_exists(bucket), f"check bucket {bucket}"):
+            self._retry(lambda: self.client.make_bucket(bucket), f"create bucket {bucket}")
+
+    def _put(self, open_stream: Callable[[], BinaryIO], uri: str, content_type: str) -> Digest:
+        from minio.commonconfig import REPLACE, CopySource
+
+        bucket, key = parse_uri(uri)
+        if not key:
+            raise DelrecError(f"{uri!r} names a bucket, not an object")
+        with open_stream() as stream:
+            digest = digest_stream(stream, self.part_size)
+
+        def attempt() -> None:
+            tmp = f"{TMP_PREFIX}/{uuid.uuid4().hex}/{key}"
+            try:
+                with open_stream() as stream:
+                    result = self.client.put_object(
+                        bucket,
+                        tmp,
+                        stream,
+                        digest.size,
+                        content_type=content_type,
+                        part_size=self.part_size,
+                        num_parallel_uploads=1,
+                    )
+                got = (result.etag or "").strip('"')
+                if got != digest.etag:
+                    raise ChecksumError(f"uploaded ETag {got} != local {digest.etag}", path=uri)
+                self.client.copy_object(
+                    bucket,
+                    key,
+                    CopySource(bucket, tmp),
+                    metadata={SHA_META: digest.sha256},
+                    metadata_directive=REPLACE,
+                )
+                stat = self.client.stat_object(bucket, key)
+                if stat.size != digest.size or _meta(stat, SHA_META) != digest.sha256:
+                    with contextlib.suppress(Exception):
+                        self.client.remove_object(bucket, key)
+                    raise ChecksumError("final object does not match the upload", path=uri)
+            finally:
+                with contextlib.suppress(Exception):
+                    self.client.remove_object(bucket, tmp)
+
+        self._retry(attempt, f"upload {uri}")
+        log.info("uploaded %s (%d bytes, sha256 %s)", uri, digest.size, digest.sha256[:12])
+        return digest
+
+    def put_file(self, path: str | os.PathLike, uri: str) -> Digest:
+        """Upload one file atomically to ``uri``; returns its size and checksums."""
+        path = Path(path)
+        if not path.is_file():
+            raise DelrecError("not a file", path=path)
+        return self._put(lambda: open(path, "rb"), uri, "application/octet-stream")
+
+    def put_bytes(self, data: bytes, uri: str, content_type: str = "application/octet-stream") -> Digest:
+        return self._put(lambda: io.BytesIO(data), uri, content_type)
+
+    def put_json(self, obj: Any, uri: str) -> Digest:
+        blob = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+        return self.put_bytes(blob, uri, "application/json")
+
+    def put_dir(self, folder: str | os.PathLike, uri: str) -> dict[str, str]:
+        """Upload every file under ``folder`` to ``uri/<relative path>``; returns {relative path: sha256}."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DelrecError("not a folder", path=folder)
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if not files:
+            raise DelrecError("folder is empty: nothing to upload", path=folder)
+        return {
+            p.relative_to(folder).as_posix(): self.put_file(
+                p, join_uri(uri, p.relative_to(folder).as_posix())
+            ).sha256
+            for p in files
+        }
+
+    # ---- reads
+
+    def exists(self, uri: str) -> bool:
+        from minio.error import S3Error
+
+        bucket, key = parse_uri(uri)
+        try:
+            self._retry(lambda: self.client.stat_object(bucket, key), f"stat {uri}")
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return False
+            raise
+        return True
+
+    def list(self, uri: str) -> list[str]:
+        """Keys under the prefix ``uri`` (recursive), relative to it; temporary keys are never listed."""
+        bucket, prefix = parse_uri(uri)
+        prefix = f"{prefix}/" if prefix else ""
+
+        def listing() -> list[str]:
+            objects = self.client.list_objects(bucket, prefix=prefix, recursive=True)
+            return sorted(o.object_name[len(prefix) :] for o in objects if not o.is_dir)
+
+        return [k for k in self._retry(listing, f"list {uri}") if not k.startswith(f"{TMP_PREFIX}/")]
+
+    def fingerprint(self, uri: str) -> str:
+        """A short hash of the keys and ETags under ``uri``: changes when any object there changes."""
+        bucket, prefix = parse_uri(uri)
+
+        def listing() -> dict[str, str]:
+            objects = self.client.list_objects(bucket, prefix=prefix, recursive=True)
+            return {o.object_name: (o.etag or "").strip('"') for o in objects if not o.is_dir}
+
+        found = self._retry(listing, f"list {uri}")
+        if not found:
+            raise DelrecError("no objects under this prefix", path=uri)
+        return config_hash(found)
+
+    def get_file(self, uri: str, dest: str | os.PathLike) -> Path:
+        """Download ``uri`` to ``dest`` and verify it; ``dest`` appears only once verified."""
+        bucket, key = parse_uri(uri)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def attempt() -> None:
+            stat = self.client.stat_object(bucket, key)
+            expected_sha = _meta(stat, SHA_META)
+            etag = (stat.etag or "").strip('"')
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            try:
+                sha, md5 = hashlib.sha256(), hashlib.md5()
+                response = self.client.get_object(bucket, key)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        for block in response.stream(1 << 20):
+                            sha.update(block)
+                            md5.update(block)
+                            out.write(block)
+                finally:
+                    response.close()
+                    response.release_conn()
+                if expected_sha is not None:
+                    if sha.hexdigest() != expected_sha:
+                        raise ChecksumError(f"sha256 {sha.hexdigest()} != stored {expected_sha}", path=uri)
+                elif "-" not in etag:
+                    if md5.hexdigest() != etag:
+                        raise ChecksumError(f"md5 {md5.hexdigest()} != ETag {etag}", path=uri)
+                else:
+                    log.warning("%s: no sha256 metadata and a multipart ETag: not verified", uri)
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+
+        self._retry(attempt, f"download {uri}")
+        return dest
+
+    def get_bytes(self, uri: str) -> bytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.get_file(uri, Path(tmp) / "object").read_bytes()
+
+    def get_json(self, uri: str) -> Any:
+        return json.loads(self.get_bytes(uri))
+
+    def get_dir(self, uri: str, dest: str | os.PathLike) -> Path:
+        """Download every object under the prefix ``uri`` into ``dest`` (written atomically)."""
+        keys = self.list(uri)
+        if not keys:
+            raise DelrecError("no objects under this prefix", path=uri)
+        with atomic_dir(dest) as tmp:
+            for key in keys:
+                self.get_file(join_uri(uri, key), tmp / key)
+        return Path(dest)
+
+    def fetch(self, uri: str, dest: str | os.PathLike) -> Path:
+        """Download ``uri`` (one object, or a prefix as a folder) to ``dest``."""
+        if parse_uri(uri)[1] and self.exists(uri):
+            return self.get_file(uri, Path(dest) / Path(parse_uri(uri)[1]).name)
+        return self.get_dir(uri, dest)
+
+
+def download_prefix(uri: str, dest: str | os.PathLike, store: S3Store | None = None) -> Path:
+    """Download ``uri`` (one object, or every object under a prefix) into the existing folder ``dest``.
+
+    The store comes from the environment (``DELREC_S3_*``) unless given. Each file appears only once
+    verified; this is how preprocess reads an ``s3://`` source.
+    """
+    store = store or S3Store.from_env()
+    dest = Path(dest)
+    if parse_uri(uri)[1] and store.exists(uri):
+        store.get_file(uri, dest / Path(parse_uri(uri)[1]).name)
+        return dest
+    keys = store.list(uri)
+    if not keys:
+        raise DelrecError("no objects under this prefix", path=uri)
+    for key in keys:
+        store.get_file(join_uri(uri, key), dest / key)
+    log.info("fetched %d object(s) from %s", len(keys), uri)
+    return dest
+
+
+# --------------------------------------------------------------------------- ingest and publish
+
+
+def upload_dataset(store: S3Store, dataset: str, source: str | os.PathLike, to: str) -> str:
+    """Upload a raw dataset (file or folder) to ``<to>/<dataset>/``; returns that URI (a preprocess source)."""
+    source = Path(source)
+    dest = join_uri(to, dataset)
+    store.ensure_bucket(parse_uri(to)[0])
+    if source.is_dir():
+        store.put_dir(source, dest)
+    elif source.is_file():
+        store.put_file(source, join_uri(dest, source.name))
+    else:
+        raise DelrecError("no such file or folder", path=source)
+    return dest
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Publish only if ``metrics[candidate] >= metrics[baseline] + margin`` (flat evaluate metrics)."""
+
+    candidate: str = "delrec_HR@1"
+    baseline: str = "teacher_HR@1"
+    margin: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> QualityGate:
+        unknown = set(data or {}) - {"candidate", "baseline", "margin"}
+        if unknown:
+            raise DelrecError(f"unknown quality-gate key(s) {sorted(unknown)}", field="gate")
+        return cls(**(data or {}))
+
+    def check(self, metrics: Mapping[str, float]) -> tuple[bool, str]:
+        missing = [k for k in (self.candidate, self.baseline) if k not in metrics]
+        if missing:
+            raise DelrecError(
+                f"quality gate needs metric(s) {missing}; evaluate gave {sorted(metrics)}", field="gate"
+            )
+        got, base = float(metrics[self.candidate]), float(metrics[self.baseline])
+        passed = got >= base + self.margin
+        verdict = "passed" if passed else "failed"
+        return passed, f"{verdict}: {self.candidate}={got:.4f} vs {self.baseline}={base:.4f} + {self.margin}"
+
+
+def publish_bundle(
+    store: S3Store,
+    parts: Mapping[str, str | os.PathLike],
+    *,
+    base: str,
+    pipeline: str,
+    run: str,
+    metrics: Mapping[str, float],
+    gate: QualityGate,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Upload each folder in ``parts`` to ``<base>/<pipeline>/<run>/<part>/``, then the bundle index, and
+    move ``<base>/<pipeline>/latest.json`` to this run only if the quality gate passes.
+
+    The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so a bundle
+    with an index is complete; the ``latest`` pointer only ever names complete bundles that passed.
+    """
+    passed, verdict = gate.check(metrics)
+    run_uri = join_uri(base, pipeline, run)
+    store.ensure_bucket(parse_uri(base)[0])
+    files = {name: store.put_dir(folder, join_uri(run_uri, name)) for name, folder in parts.items()}
+    index = {
+        "pipeline": pipeline,
+        "run": run,
+        "uri": run_uri,
+        "files": files,
+        "metrics": dict(metrics),
+        "gate": {"passed": passed, "verdict": verdict, **gate.__dict__},
+        "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **dict(extra or {}),
+    }
+    store.put_json(index, join_uri(run_uri, BUNDLE_INDEX))
+    if passed:
+        store.put_json(
+            {"run": run, "uri": run_uri, "metrics": dict(metrics), "published": index["published"]},
+            join_uri(base, pipeline, LATEST),
+        )
+        log.info("published %s; gate %s; moved %s", run_uri, verdict, join_uri(base, pipeline, LATEST))
+    else:
+        log.warning("published %s but the gate %s: %s left as it was", run_uri, verdict, LATEST)
+    return index
+
+
+def local_fingerprint(path: str | os.PathLike) -> str:
+    """A short hash of a local file's or folder's contents (names and sha256): a cache key for a source."""
+    path = Path(path)
+    if path.is_file():
+        return config_hash({path.name: file_sha256(path)})
+    if not path.is_dir():
+        raise DelrecError("no such file or folder", path=path)
+    return config_hash(
+        {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    )

@@ -1,0 +1,248 @@
+"""pipeline.py: the committed compiled YAML, its Kubernetes settings, overrides, submit and schedule."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from test_store import BUCKET, moto_endpoint, store  # noqa: E402, F401 (fixtures)
+
+import pipeline  # noqa: E402
+
+GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2")
+
+
+def load_compiled(path: Path) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_committed_yaml_is_current(tmp_path):
+    fresh = pipeline.compile_pipeline(tmp_path / "pipeline.yaml")
+    assert pipeline.COMPILED.is_file(), "run `make compile` and commit pipeline.yaml"
+    assert fresh.read_text() == pipeline.COMPILED.read_text(), "pipeline.yaml is stale: run `make compile`"
+
+
+def test_compiled_yaml_gpu_scheduling_secrets_and_resources():
+    spec, k8s = load_compiled(pipeline.COMPILED)
+    executors = spec["deploymentSpec"]["executors"]
+    assert set(executors) == {
+        "exec-preprocess",
+        "exec-train-teacher",
+        *GPU_EXECUTORS,
+        "exec-evaluate",
+        "exec-publish",
+    }
+    for name, executor in executors.items():
+        resources = executor["container"]["resources"]
+        assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"], name
+        assert k8s[name]["activeDeadlineSeconds"], name
+        gpu = name in GPU_EXECUTORS
+        assert ("accelerator" in resources) == gpu, name
+        assert ("tolerations" in k8s[name]) == gpu, name
+        assert executor["container"]["image"].startswith("{{$.inputs.parameters"), name  # an image parameter
+    for name in GPU_EXECUTORS:
+        accelerator = executors[name]["container"]["resources"]["accelerator"]
+        assert accelerator["resourceType"] == "nvidia.com/gpu"
+        assert "gpus" in accelerator["resourceCount"]  # the run parameter
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[name][
+            "tolerations"
+        ]
+        shm = k8s[name]["emptyDirMounts"]
+        assert shm == [
+            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+        ]
+        assert k8s[name]["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
+        assert int(k8s[name]["activeDeadlineSeconds"]) == pipeline.PipelineOptions().gpu_timeout_s
+    s3_env = [{"envVar": "DELREC_S3_ACCESS_KEY", "secretKey": "accesskey"},
+              {"envVar": "DELREC_S3_SECRET_KEY", "secretKey": "secretkey"}]  # fmt: skip
+    for name in ("exec-preprocess", "exec-publish"):
+        (secret,) = k8s[name]["secretAsEnv"]
+        assert secret["keyToEnv"] == s3_env
+        assert "s3_secret" in str(secret["secretNameParameter"])  # the secret's name is a run parameter
+
+
+def test_compiled_yaml_caching_retries_and_publish_condition():
+    spec, _ = load_compiled(pipeline.COMPILED)
+    tasks = spec["root"]["dag"]["tasks"]
+    for name, task in tasks.items():
+        if name.startswith("condition"):
+            continue
+        assert task["cachingOptions"] == {"enableCache": True}, name
+        assert task["retryPolicy"]["maxRetryCount"] == 2, name
+    # KFP's cache key hashes a task's inputs: each stage's config dict and the data fingerprint are inputs,
+    # so a changed config or changed data is a cache miss.
+    stage_config = {"preprocess": "preprocess", "train-teacher": "teacher", "distill": "distill",
+                    "finetune": "finetune", "finetune-2": "finetune", "evaluate": "evaluate"}  # fmt: skip
+    for task, stage in stage_config.items():
+        assert tasks[task]["inputs"]["parameters"]["config"] == {"componentInputParameter": f"{stage}_config"}
+    fingerprint = tasks["preprocess"]["inputs"]["parameters"]["source_fingerprint"]
+    assert fingerprint == {"componentInputParameter": "source_fingerprint"}
+    (condition,) = [t for n, t in tasks.items() if n.startswith("condition")]
+    assert "publish_to" in condition["triggerPolicy"]["condition"]
+    publish = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]["publish"]
+    assert publish["cachingOptions"] == {}  # never from cache: a re-run must push again
+
+
+def test_options_change_the_kubernetes_settings(tmp_path):
+    options = pipeline.PipelineOptions(
+        gpu_node_selector={"nvidia.com/gpu.present": "true"},
+        shm_size="2Gi",
+        gpu_timeout_s=60,
+        resources={"distill": {"cpu": "7", "memory": "3Gi"}},
+    )
+    _, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    spec, _ = load_compiled(tmp_path / "p.yaml")
+    for name in GPU_EXECUTORS:
+        assert k8s[name]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+        assert k8s[name]["emptyDirMounts"][0]["sizeLimit"] == "2Gi"
+        assert k8s[name]["activeDeadlineSeconds"] == "60"
+    assert "nodeSelector" not in k8s["exec-evaluate"]
+    resources = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
+    assert resources["resourceCpuRequest"] == "7" and resources["resourceMemoryRequest"] == "3Gi"
+    # Stages not named keep a request (the defaults of Resources).
+    assert spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"][
+        "resourceCpuRequest"
+    ]
+
+
+def test_arguments_from_preset_overrides_and_data(tmp_path):
+    data = tmp_path / "raw"
+    data.mkdir()
+    (data / "u.data").write_text("1\t1\t5\t1\n")
+    options, args = pipeline.pipeline_arguments(
+        "demo",
+        str(data),
+        ["seed=7", "teacher=gru4rec", "finetune.steps=3", "publish_to=s3://models", "pipeline.gpus=2"],
+    )
+    assert args["source"] == str(data.resolve()) and len(args["source_fingerprint"]) == 16
+    for stage in ("preprocess", "teacher", "distill", "finetune", "evaluate"):
+        assert args[f"{stage}_config"]["seed"] == 7
+    assert args["teacher_config"]["model"] == "gru4rec"
+    assert args["finetune_config"]["steps"] == 3
+    assert args["publish_to"] == "s3://models" and options.publish_to == "s3://models"
+    assert options.gpus == 2 and args["gpus"] == 2
+    (data / "u.data").write_text("1\t1\t5\t2\n")  # new content, same path: a new cache key
+    assert (
+        pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"] != args["source_fingerprint"]
+    )
+
+
+def test_s3_source_fingerprint_follows_the_objects(store, moto_endpoint):  # noqa: F811
+    uri = f"s3://{BUCKET}/raw/tiny"
+    store.put_bytes(b"1\t1\t5\t1\n", f"{uri}/u.data")
+    params = [f"source={uri}", f"s3_endpoint=http://{moto_endpoint}"]
+    first = pipeline.pipeline_arguments("demo", None, params)[1]["source_fingerprint"]
+    store.put_bytes(b"1\t1\t5\t2\n", f"{uri}/u.data")
+    second = pipeline.pipeline_arguments("demo", None, params)[1]["source_fingerprint"]
+    assert len(first) == 16 and first != second
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("nosuchfield=1", "no stage config has a field"),
+        ("bogus.steps=1", "unknown section"),
+        ("teacher.max_epochs=-1", "teacher"),
+        ("novalue", "param=value"),
+        ("publish_to=/tmp/models", "s3://"),
+        ("gate={metric: x}", "quality-gate"),
+    ],
+)
+def test_bad_overrides_fail_before_running(override, message, capsys):
+    assert pipeline.main(["run", "--preset", "demo", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def client():
+    with mock.patch("kfp.Client") as cls:
+        yield cls
+
+
+def test_submit_calls_kfp_client(client):
+    code = pipeline.main(
+        [
+            "submit",
+            "--host",
+            "http://kfp.example:8080",
+            "--experiment",
+            "nightly",
+            "--pipeline-root",
+            "s3://mlpipeline/delrec",
+            "--preset",
+            "demo",
+            "--run-name",
+            "try-1",
+            "distill.steps=5",
+            "source=s3://raw/ml-100k",
+            "gpu_image=registry.local/delrec-gpu:dev",
+        ]
+    )
+    assert code == 0
+    client.assert_called_once_with(host="http://kfp.example:8080")
+    call = client.return_value.create_run_from_pipeline_func.call_args
+    assert call.kwargs["experiment_name"] == "nightly"
+    assert call.kwargs["pipeline_root"] == "s3://mlpipeline/delrec"
+    assert call.kwargs["run_name"] == "try-1"
+    arguments = call.kwargs["arguments"]
+    assert arguments["distill_config"]["steps"] == 5
+    # No object store reachable from here: no fingerprint, the run still goes out.
+    assert arguments["source"] == "s3://raw/ml-100k" and arguments["source_fingerprint"] == ""
+    assert arguments["gpu_image"] == "registry.local/delrec-gpu:dev"
+    assert call.args[0].name == "delrec"
+
+
+def test_schedule_creates_a_recurring_run(client):
+    seen = {}
+
+    def recurring(**kwargs):
+        seen["package"] = yaml.safe_load_all(Path(kwargs["pipeline_package_path"]).read_text())
+        seen["package"] = next(seen["package"])["pipelineInfo"]["name"]
+        return mock.Mock(recurring_run_id="rr-1")
+
+    client.return_value.create_experiment.return_value = mock.Mock(experiment_id="exp-1")
+    client.return_value.create_recurring_run.side_effect = recurring
+    code = pipeline.main(
+        [
+            "schedule",
+            "--host",
+            "http://kfp:8080",
+            "--cron",
+            "0 0 3 * * *",
+            "--preset",
+            "demo",
+            "teacher.seed=3",
+        ]
+    )
+    assert code == 0
+    client.return_value.create_experiment.assert_called_once_with("delrec")
+    kwargs = client.return_value.create_recurring_run.call_args.kwargs
+    assert kwargs["experiment_id"] == "exp-1"
+    assert kwargs["cron_expression"] == "0 0 3 * * *"
+    assert kwargs["params"]["teacher_config"]["seed"] == 3
+    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
+    assert seen["package"] == "delrec"
+
+
+def test_schedule_rejects_a_five_field_cron(client, capsys):
+    assert pipeline.main(["schedule", "--host", "http://kfp:8080", "--cron", "0 3 * * *"]) == 2
+    assert "6, seconds first" in capsys.readouterr().err
+    client.assert_not_called()
+
+
+def test_metrics_table():
+    table = pipeline.format_metrics_table(
+        {"delrec": {"HR@1": 0.5, "NDCG@5": 0.6}, "teacher": {"HR@1": 0.25}, "zero_shot": {"HR@1": 0.05}}
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "|", "HR@1", "|", "NDCG@5"]
+    assert "DELRec" in lines[2] and "0.5000" in lines[2] and "0.6000" in lines[2]
+    assert lines[4].startswith("LLM, untuned")

@@ -1,0 +1,257 @@
+"""delrec.store against a real S3 endpoint on 127.0.0.1 (moto's ThreadedMotoServer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from minio.error import S3Error
+from moto.server import ThreadedMotoServer
+
+from delrec import store as st
+from delrec.cli import main as delrec_main
+from delrec.errors import DelrecError
+
+BUCKET = "delrec-test"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """host:port of a moto S3 server (plain HTTP), with credentials in the environment."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    old = {k: os.environ.get(k) for k in ("DELREC_S3_ACCESS_KEY", "DELREC_S3_SECRET_KEY")}
+    os.environ["DELREC_S3_ACCESS_KEY"] = "testing"
+    os.environ["DELREC_S3_SECRET_KEY"] = "testing"
+    yield f"{host}:{port}"
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def store(moto_endpoint):
+    sleeps: list[float] = []
+    s = st.S3Store.from_env(moto_endpoint, False, part_size=5 << 20, attempts=3, sleep=sleeps.append)
+    s.sleeps = sleeps
+    s.ensure_bucket(BUCKET)
+    yield s
+    # Leave the bucket empty for the next test.
+    for obj in s.client.list_objects(BUCKET, recursive=True):
+        s.client.remove_object(BUCKET, obj.object_name)
+
+
+def all_keys(store) -> list[str]:
+    return sorted(o.object_name for o in store.client.list_objects(BUCKET, recursive=True))
+
+
+def test_settings_tls_on_by_default_and_scheme_decides(monkeypatch):
+    monkeypatch.delenv("DELREC_S3_SECURE", raising=False)
+    assert st.S3Settings.from_env("minio.local:9000") == st.S3Settings("minio.local:9000", True)
+    assert st.S3Settings.from_env("http://minio.local:9000").secure is False
+    assert st.S3Settings.from_env("https://minio.local").secure is True
+    monkeypatch.setenv("DELREC_S3_SECURE", "0")
+    assert st.S3Settings.from_env("minio.local:9000").secure is False
+    assert st.S3Settings.from_env("http://minio.local:9000", secure=True).secure is False  # scheme wins
+    monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)
+    with pytest.raises(DelrecError, match="DELREC_S3_ENDPOINT"):
+        st.S3Settings.from_env()
+
+
+def test_credentials_only_from_environment(monkeypatch):
+    for key in ("DELREC_S3_ACCESS_KEY", "DELREC_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(DelrecError, match="DELREC_S3_ACCESS_KEY"):
+        st.S3Store.from_env("127.0.0.1:1", False)
+
+
+def test_parse_uri():
+    assert st.parse_uri("s3://b/a/c/") == ("b", "a/c")
+    assert st.parse_uri("s3://b") == ("b", "")
+    with pytest.raises(DelrecError):
+        st.parse_uri("/local/path")
+
+
+def test_roundtrip_single_and_multipart(store, tmp_path):
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"hello")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 << 20))  # three 5 MiB parts: a multipart upload
+    for path in (small, big):
+        uri = f"s3://{BUCKET}/x/{path.name}"
+        digest = store.put_file(path, uri)
+        assert digest.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert ("-" in digest.etag) == (path is big)
+        got = store.get_file(uri, tmp_path / "down" / path.name)
+        assert got.read_bytes() == path.read_bytes()
+    assert all_keys(store) == ["x/big.bin", "x/small.bin"]  # no temporary key left behind
+
+
+def test_failure_mid_multipart_upload_leaves_nothing(store, tmp_path, monkeypatch):
+    uri = f"s3://{BUCKET}/models/model.bin"
+    store.put_bytes(b"previous version", uri)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 << 20))
+    calls = []
+    real_upload_part = store.client._upload_part
+
+    def failing_upload_part(*args, **kwargs):
+        calls.append(args[-1])  # part number
+        if args[-1] == 2:  # the first part is already on the server
+            raise ConnectionResetError("injected: connection lost mid-upload")
+        return real_upload_part(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "_upload_part", failing_upload_part)
+    with pytest.raises(ConnectionResetError):
+        store.put_file(big, uri)
+    assert calls.count(1) == 3 and calls.count(2) == 3  # retried 3 times, each failing at part 2
+    assert store.sleeps == [0.5, 1.0]
+    assert all_keys(store) == ["models/model.bin"]  # no temporary objects, final key untouched
+    assert store.get_bytes(uri) == b"previous version"
+    new = f"s3://{BUCKET}/models/new.bin"
+    with pytest.raises(ConnectionResetError):
+        store.put_file(big, new)
+    assert not store.exists(new)
+
+
+def test_failure_before_the_final_copy_leaves_nothing(store, monkeypatch):
+    def broken_copy(*args, **kwargs):
+        raise S3Error("AccessDenied", "injected", "", "", "", None)
+
+    monkeypatch.setattr(store.client, "copy_object", broken_copy)
+    with pytest.raises(S3Error):
+        store.put_bytes(b"data", f"s3://{BUCKET}/a/b.json")
+    assert all_keys(store) == []
+    assert store.sleeps == []  # AccessDenied is not transient: no retry
+
+
+def test_retries_with_backoff_then_succeeds(store, monkeypatch):
+    real_put = store.client.put_object
+    failures = iter([ConnectionError("flaky"), ConnectionError("flaky")])
+
+    def flaky_put(*args, **kwargs):
+        exc = next(failures, None)
+        if exc:
+            raise exc
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "put_object", flaky_put)
+    uri = f"s3://{BUCKET}/c.txt"
+    store.put_bytes(b"content", uri)
+    assert store.sleeps == [0.5, 1.0]
+    assert store.get_bytes(uri) == b"content"
+    assert all_keys(store) == ["c.txt"]
+
+
+def test_retry_backoff_is_capped_and_reraises():
+    sleeps: list[float] = []
+    attempts = []
+
+    def always_fails():
+        attempts.append(1)
+        raise TimeoutError("down")
+
+    with pytest.raises(TimeoutError):
+        st.retry(always_fails, what="x", attempts=6, base_delay=1, max_delay=5, sleep=sleeps.append)
+    assert len(attempts) == 6 and sleeps == [1, 2, 4, 5, 5]
+
+
+def test_download_detects_corruption(store, tmp_path):
+    # An object whose stored sha256 does not match its bytes (as if corrupted at rest).
+    import io
+
+    store.client.put_object(BUCKET, "bad.bin", io.BytesIO(b"xyz"), 3, metadata={"sha256": "0" * 64})
+    dest = tmp_path / "bad.bin"
+    with pytest.raises(st.ChecksumError, match="sha256"):
+        store.get_file(f"s3://{BUCKET}/bad.bin", dest)
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+    # Objects written by other tools (no sha256) are checked against their MD5 ETag.
+    store.client.put_object(BUCKET, "plain.bin", io.BytesIO(b"abc"), 3)
+    assert store.get_file(f"s3://{BUCKET}/plain.bin", dest).read_bytes() == b"abc"
+
+
+def test_data_upload_cli_and_fetch(store, moto_endpoint, tmp_path, capsys):
+    raw = tmp_path / "ml-100k"
+    raw.mkdir()
+    (raw / "u.data").write_text("1\t2\t5\t100\n")
+    (raw / "sub").mkdir()
+    (raw / "sub" / "u.item").write_text("2|Toy Story (1995)|\n")
+    argv = ["data", "upload", "--dataset", "ml-100k", "--source", str(raw)]
+    code = delrec_main([*argv, "--to", f"s3://{BUCKET}/raw", "--endpoint", f"http://{moto_endpoint}"])
+    assert code == 0
+    uri = capsys.readouterr().out.strip()
+    assert uri == f"s3://{BUCKET}/raw/ml-100k"
+    assert store.list(uri) == ["sub/u.item", "u.data"]
+    local = tmp_path / "work"
+    local.mkdir()
+    st.download_prefix(uri, local, store)
+    assert (local / "sub" / "u.item").read_text() == "2|Toy Story (1995)|\n"
+    assert st.local_fingerprint(local) == st.local_fingerprint(raw)
+    one = tmp_path / "one"
+    one.mkdir()
+    st.download_prefix(f"{uri}/u.data", one, store)
+    assert [p.name for p in one.iterdir()] == ["u.data"]
+    code = delrec_main(["store", "get", uri, str(tmp_path / "got"), "--endpoint", f"http://{moto_endpoint}"])
+    assert code == 0 and st.local_fingerprint(tmp_path / "got") == st.local_fingerprint(raw)
+
+
+def test_cli_reports_missing_endpoint(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)
+    assert delrec_main(["store", "ls", "s3://b/x"]) == 2
+    assert "DELREC_S3_ENDPOINT" in capsys.readouterr().err
+
+
+def test_publish_moves_latest_only_when_gate_passes(store, tmp_path):
+    model = tmp_path / "finetune"
+    model.mkdir()
+    (model / "adapter.safetensors").write_bytes(b"weights")
+    report = tmp_path / "evaluate"
+    report.mkdir()
+    (report / "report.md").write_text("# report\n")
+    base = f"s3://{BUCKET}"
+    parts = {"finetune": model, "evaluate": report}
+    gate = st.QualityGate()
+    good = {"delrec_HR@1": 0.5, "teacher_HR@1": 0.4}
+    index = st.publish_bundle(store, parts, base=base, pipeline="delrec", run="r1", metrics=good, gate=gate)
+    assert index["gate"]["passed"]
+    latest = store.get_json(f"{base}/delrec/latest.json")
+    assert latest["run"] == "r1" and latest["uri"] == f"{base}/delrec/r1"
+
+    bad = {"delrec_HR@1": 0.3, "teacher_HR@1": 0.4}
+    index = st.publish_bundle(store, parts, base=base, pipeline="delrec", run="r2", metrics=bad, gate=gate)
+    assert not index["gate"]["passed"]
+    assert store.get_json(f"{base}/delrec/latest.json")["run"] == "r1"  # pointer not moved
+    bundle = store.get_json(f"{base}/delrec/r2/bundle.json")
+    assert bundle["files"]["finetune"] == {"adapter.safetensors": hashlib.sha256(b"weights").hexdigest()}
+    assert "failed" in bundle["gate"]["verdict"]
+    assert store.list(f"{base}/delrec/r2") == [
+        "bundle.json",
+        "evaluate/report.md",
+        "finetune/adapter.safetensors",
+    ]
+    margin = st.QualityGate(margin=0.2)
+    assert margin.check(good)[0] is False
+    with pytest.raises(DelrecError, match="needs metric"):
+        gate.check({"delrec_HR@1": 1.0})
+    with pytest.raises(DelrecError, match="unknown"):
+        st.QualityGate.from_dict({"metric": "x"})
+    assert json.loads(json.dumps(index))  # JSON-serialisable
+
+
+def test_store_cli_put_ls_latest(store, moto_endpoint, tmp_path, capsys):
+    endpoint = ["--endpoint", f"http://{moto_endpoint}"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "a.bin").write_bytes(b"a")
+    assert delrec_main(["store", "put", str(model), f"s3://{BUCKET}/m", *endpoint]) == 0
+    assert delrec_main(["store", "ls", f"s3://{BUCKET}/m", *endpoint]) == 0
+    store.put_json({"run": "r9"}, f"s3://{BUCKET}/delrec/latest.json")
+    assert delrec_main(["store", "latest", f"s3://{BUCKET}/delrec", *endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "a.bin\n" in out and '"run": "r9"' in out
