@@ -118,6 +118,10 @@ class PipelineOptions(StageConfig):
     """s3://bucket[/prefix] of the model registry; empty: no publish step"""
     gate: dict[str, Any] = Field(default_factory=dict)
     """quality gate (delrec.store.QualityGate fields): candidate, baseline, margin"""
+    model_cache_pvc: str = "delrec-model-cache"
+    """claim mounted at /cache (HF_HOME, DELREC_CACHE) on the tasks that load data or the LLM, so a backbone
+    or dataset downloads once per cluster; empty: none. ReadWriteOnce suffices on one node; use
+    ReadWriteMany where the two finetune tasks may run on different nodes"""
     local_root: str = "local_outputs/pipeline_root"
     """pipeline root of ``run`` (kfp.local)"""
 
@@ -170,6 +174,11 @@ def build_pipeline(options: PipelineOptions | None = None):
 
     def hf_token(task: dsl.PipelineTask) -> None:
         kubernetes.use_secret_as_env(task, o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
+        model_cache(task)
+
+    def model_cache(task: dsl.PipelineTask) -> None:
+        if o.model_cache_pvc:
+            kubernetes.mount_pvc(task, pvc_name=o.model_cache_pvc, mount_path="/cache")
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -203,6 +212,7 @@ def build_pipeline(options: PipelineOptions | None = None):
         cpu_task(prep, "preprocess", cpu_image)
         # Optional: only an s3:// source needs the credentials.
         kubernetes.use_secret_as_env(prep, s3_secret, o.s3_secret_keys, optional=True)
+        model_cache(prep)
         data = prep.outputs["dataset"]
 
         teacher = train_teacher(config=teacher_config, dataset=data)

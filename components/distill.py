@@ -6,7 +6,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from delrec.images import gpu_image
 
 
-@dsl.component(base_image=gpu_image(), packages_to_install=[])
+@dsl.component(base_image=gpu_image(), packages_to_install=[], install_kfp_package=False)
 def distill(
     config: dict,
     dataset: Input[Dataset],

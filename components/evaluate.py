@@ -6,7 +6,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 from delrec.images import cpu_image
 
 
-@dsl.component(base_image=cpu_image(), packages_to_install=[])
+@dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
 def evaluate(
     config: dict,
     dataset: Input[Dataset],

@@ -6,7 +6,7 @@ from kfp.dsl import Dataset, Metrics, Output
 from delrec.images import cpu_image
 
 
-@dsl.component(base_image=cpu_image(), packages_to_install=[])
+@dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
 def preprocess(
     config: dict,
     dataset: Output[Dataset],

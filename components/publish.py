@@ -8,7 +8,7 @@ from kfp.dsl import Artifact, Input, Model
 from delrec.images import cpu_image
 
 
-@dsl.component(base_image=cpu_image(), packages_to_install=[])
+@dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
 def publish(
     metrics: dict,
     preprocess_config: dict,

@@ -6,7 +6,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from delrec.images import cpu_image
 
 
-@dsl.component(base_image=cpu_image(), packages_to_install=[])
+@dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
 def train_teacher(config: dict, dataset: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]):
     """Run ``delrec.teachers.train_teacher`` and log its metrics."""
     import time

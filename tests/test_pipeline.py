@@ -246,3 +246,17 @@ def test_metrics_table():
     assert lines[0].split() == ["model", "|", "HR@1", "|", "NDCG@5"]
     assert "DELRec" in lines[2] and "0.5000" in lines[2] and "0.6000" in lines[2]
     assert lines[4].startswith("LLM, untuned")
+
+
+def test_model_cache_mounted_and_nothing_installed_at_run_time(tmp_path):
+    spec, k8s = load_compiled(pipeline.COMPILED)
+    for name in ("exec-preprocess", *GPU_EXECUTORS, "exec-evaluate"):
+        (mount,) = k8s[name]["pvcMount"]
+        assert (mount["constant"], mount["mountPath"]) == ("delrec-model-cache", "/cache"), name
+    assert "pvcMount" not in k8s["exec-train-teacher"]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        # The images hold delrec and kfp: a task must not pip install (clusters may be offline).
+        assert "pip install" not in " ".join(executor["container"]["command"]), name
+    options = pipeline.PipelineOptions(model_cache_pvc="")
+    _, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    assert not any("pvcMount" in executor for executor in k8s.values())
