@@ -40,8 +40,8 @@ def test_components_use_the_project_images_and_install_nothing():
     for name, image in expected.items():
         container = getattr(components, name).component_spec.implementation.container
         assert container.image == image, name
-        # KFP's launcher bootstrap installs only kfp itself (already in the image: a no-op).
-        assert "'kfp==" in container.command[2] and "delrec" not in container.command[2], name
+        # The image holds delrec and kfp: nothing is pip-installed when the task starts.
+        assert "pip install" not in container.command[2] and "executor_main" in container.command[2], name
 
 
 def test_preprocess_component(tmp_path):
