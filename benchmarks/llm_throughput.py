@@ -4,8 +4,8 @@ baseline doing the same work in the same run.
 Both sides score the same stage-2 prompts (soft prompt spliced in) and the same 20 candidate titles per
 example with the same model and adapter, and report examples/s:
 
-- ours: ``delrec.llm.scoring`` -- the prompt runs once per example and its key/value cache is shared by
-  the 20 candidates; scoring batches prompts of similar length (length bucketing);
+- ours: ``delrec.llm.scoring`` -- the prompt runs once per example and its keys and values are shared by
+  the 20 candidates (one packed sequence, block-diagonal mask); scoring batches prompts of similar length (length bucketing);
 - baseline: plain transformers + peft as one would write it first -- every candidate is its own full
   sequence (prompt + title), the 20 sequences of an example form one padded batch, examples in dataset
   order (no bucketing), the same length-normalised title log-likelihood and cross-entropy.

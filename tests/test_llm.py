@@ -108,7 +108,7 @@ def test_gradients_through_the_cache_equal_naive_gradients(setup, synthetic):
     scores = score_candidates(backbone, soft, [inst.prompt], answers, skip=builder.answer_skip)
     (grad,) = torch.autograd.grad(scores.log_softmax(1)[0, inst.answer], soft.weight)
     assert grad.abs().sum() > 0
-    # The gradient through the shared key/value cache is the one of the naive computation.
+    # The gradient through the shared prompt is the one of the naive computation.
     naive = score_naive(backbone, soft, [inst.prompt], answers, skip=builder.answer_skip)
     (naive_grad,) = torch.autograd.grad(naive.log_softmax(1)[0, inst.answer], soft.weight)
     torch.testing.assert_close(grad, naive_grad, atol=1e-5, rtol=1e-3)

@@ -4,16 +4,16 @@ A candidate's score is the log-likelihood of its answer tokens (title, then eos)
 length-normalised by default (``mean``; ``sum`` is the option), or the log-probability of its first
 token only (``first``: the authors' scoring, kept for comparison; many ties).
 
-The prompt is run once per example and shared by its candidates: for decoder-only models its
-key/value cache is expanded to the candidates and only the answer tokens are run; for encoder-decoder
-models the encoder runs once and the decoder runs on each answer. :func:`score_naive` runs every
+The prompt is run once per example and shared by its candidates: for decoder-only models the
+prompt and all candidate answers form one sequence with a block-diagonal causal mask (each answer
+attends to the prompt's keys and values, computed once, and to itself); for encoder-decoder models the
+encoder runs once and the decoder runs on each answer. :func:`score_naive` runs every
 candidate with its full prompt instead; it is the reference the tests and the throughput benchmark
 compare against. Both are differentiable (training uses them under autograd).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LlamaForCausalLM
 
 from delrec.llm.backbone import Backbone
 from delrec.llm.soft_prompt import SoftPrompt
@@ -32,10 +31,6 @@ from delrec.llm.templates import EncodedPrompt
 log = logging.getLogger(__name__)
 
 Reduction = Literal["mean", "sum", "first"]
-# transformers 5 renamed the forward argument ``past_key_values`` to ``cache``.
-_CACHE_ARG = (
-    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-)
 
 
 @dataclass
@@ -135,32 +130,76 @@ def score_candidates(
             )
             logp = F.log_softmax(out.logits.float(), dim=-1).gather(2, ans_ids[:, :, None])[..., 0]
             return _reduce(logp, ans_mask, skip, reduction).view(-1, n_cand)
-        out = model(
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=_positions(batch.attention_mask),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        # The first answer token is predicted by the prompt's last position.
-        last = F.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n_cand, dim=0)
-        first = last.gather(1, ans_ids[:, :1])
         if reduction == "first" or ans_ids.shape[1] == 1:
-            return _reduce(first, ans_mask[:, :1], 0, reduction).view(-1, n_cand)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(n_cand)
-        prompt_mask = batch.attention_mask.repeat_interleave(n_cand, dim=0)
-        steps = ans_ids.shape[1] - 1
-        positions = batch.lengths.repeat_interleave(n_cand)[:, None] + torch.arange(steps, device=device)
-        cont = model(
-            input_ids=ans_ids[:, :-1],
-            **{_CACHE_ARG: cache},
-            attention_mask=torch.cat([prompt_mask, ans_mask[:, :-1]], dim=1),
-            position_ids=positions,
-            use_cache=False,
-        )
-        rest = F.log_softmax(cont.logits.float(), dim=-1).gather(2, ans_ids[:, 1:, None])[..., 0]
-        return _reduce(torch.cat([first, rest], dim=1), ans_mask, skip, reduction).view(-1, n_cand)
+            out = model(
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=_positions(batch.attention_mask),
+                logits_to_keep=1,
+            )
+            first = F.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n_cand, dim=0)
+            return _reduce(first.gather(1, ans_ids[:, :1]), ans_mask[:, :1], 0, reduction).view(-1, n_cand)
+        return _score_packed(backbone, embeds, batch, ans_ids, ans_mask, n_cand, skip, reduction)
+
+
+def _score_packed(
+    backbone: Backbone,
+    prompt_embeds: torch.Tensor,
+    batch: PromptBatch,
+    ans_ids: torch.Tensor,
+    ans_mask: torch.Tensor,
+    n_cand: int,
+    skip: int,
+    reduction: Reduction,
+) -> torch.Tensor:
+    """Decoder-only scoring: each example's prompt and its candidates' answers in one sequence.
+
+    The answer blocks follow the prompt; a block attends to the prompt and to its own earlier tokens only
+    (a block-diagonal causal mask, with positions continuing from the prompt's end), so the prompt's keys
+    and values are computed once and shared by every candidate without being copied per candidate, the
+    copy that makes a per-candidate KV cache cost gigabytes under autograd.
+    """
+    model, device = backbone.base_model(), backbone.device
+    n_ex, prompt_len = batch.ids.shape
+    width = ans_ids.shape[1] - 1  # an answer's last token is only predicted, never fed
+    answers = ans_ids.view(n_ex, n_cand, -1)
+    fed = answers[:, :, :-1].reshape(n_ex, n_cand * width)
+    embeds = torch.cat([prompt_embeds, backbone.embed(fed)], dim=1)
+    total = prompt_len + n_cand * width
+    positions = torch.cat(
+        [
+            _positions(batch.attention_mask),
+            batch.lengths[:, None] + torch.arange(width, device=device).repeat(n_cand)[None],
+        ],
+        dim=1,
+    )
+    block = torch.cat(
+        [
+            torch.full((prompt_len,), -1, device=device),
+            torch.arange(n_cand, device=device).repeat_interleave(width),
+        ]
+    )
+    index = torch.arange(total, device=device)
+    allowed = (index[None, :] <= index[:, None]) & (
+        (block[None, :] == -1) | (block[None, :] == block[:, None])
+    )
+    real = torch.cat(
+        [batch.attention_mask.bool(), ans_mask.view(n_ex, n_cand, -1)[:, :, :-1].reshape(n_ex, -1).bool()], 1
+    )
+    # Every position also sees itself, so no row (a padding slot) is fully masked.
+    mask = (allowed[None] & real[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)[None]
+    keep = torch.cat(
+        [torch.tensor([prompt_len - 1], device=device), torch.arange(prompt_len, total, device=device)]
+    )
+    logits = model(
+        inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=positions, logits_to_keep=keep
+    ).logits
+    logp = F.log_softmax(logits.float(), dim=-1)
+    # The prompt's last position predicts every candidate's first token; block c position j its token j+1.
+    first = logp[:, 0].repeat_interleave(n_cand, dim=0).gather(1, ans_ids[:, :1])
+    rest = logp[:, 1:].reshape(n_ex, n_cand, width, -1).gather(3, answers[:, :, 1:, None])[..., 0]
+    token_logp = torch.cat([first, rest.reshape(n_ex * n_cand, width)], dim=1)
+    return _reduce(token_logp, ans_mask, skip, reduction).view(-1, n_cand)
 
 
 def score_naive(
