@@ -56,6 +56,11 @@ CONFIG_CLASSES = {
     "evaluate": ("delrec.evaluate", "EvaluateConfig"),
 }
 
+# Run parameters whose defaults come from the preset's pipeline: section.
+OPTION_RUN_PARAMS = (
+    "cpu_image", "gpu_image", "gpus", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
+)  # fmt: skip
+
 log = logging.getLogger("pipeline")
 
 
@@ -300,18 +305,6 @@ def pipeline_arguments(
     configs = {stage: dict(sections.get(stage, {})) for stage in STAGES}
     run_params: dict[str, Any] = {}
     option_fields = set(PipelineOptions.model_fields)
-    run_param_names = {
-        "source",
-        "source_fingerprint",
-        "cpu_image",
-        "gpu_image",
-        "gpus",
-        "s3_secret",
-        "s3_endpoint",
-        "s3_secure",
-        "publish_to",
-        "gate",
-    }
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -325,7 +318,7 @@ def pipeline_arguments(
                 configs[section][field] = value
             else:
                 raise DelrecError(f"{item!r}: unknown section {section!r}; expected one of {list(STAGES)}")
-        elif key in run_param_names:
+        elif key in ("source", "source_fingerprint", *OPTION_RUN_PARAMS):
             run_params[key] = raw if key.startswith("source") else value
             if key in option_fields:
                 pipeline_section[key] = value
@@ -352,16 +345,7 @@ def pipeline_arguments(
         run_params["source_fingerprint"] = _fingerprint(
             source, run_params.get("s3_endpoint", options.s3_endpoint)
         )
-    for name in (
-        "cpu_image",
-        "gpu_image",
-        "gpus",
-        "s3_secret",
-        "s3_endpoint",
-        "s3_secure",
-        "publish_to",
-        "gate",
-    ):
+    for name in OPTION_RUN_PARAMS:
         run_params.setdefault(name, getattr(options, name))
     arguments.update(run_params)
     return options, arguments

@@ -69,3 +69,14 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
             f"unknown section(s) {sorted(unknown)}; expected {list(STAGES)} and 'pipeline'", path=path
         )
     return {key: dict(value or {}) for key, value in data.items()}
+
+
+def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """``["lr=0.01", "steps=5"]`` -> ``{"lr": 0.01, "steps": 5}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DelrecError(f"{option} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -5,23 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
-from delrec.config import load_preset
-from delrec.errors import DelrecError
+from delrec.config import load_preset, parse_assignments
 
 # Common command-line options -> config fields (None falls back to the preset, then the default).
 _COMMON = ("backbone", "device", "steps", "batch_size", "lr", "seed")
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DelrecError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _config(cls, section: str, args: argparse.Namespace):
@@ -30,7 +17,7 @@ def _config(cls, section: str, args: argparse.Namespace):
     if args.no_bf16:
         overrides["bf16"] = False
     return cls.from_dict(
-        {**preset, **overrides, **_parse_set(args.set)}, source=args.preset or "command line"
+        {**preset, **overrides, **parse_assignments(args.set)}, source=args.preset or "command line"
     )
 
 

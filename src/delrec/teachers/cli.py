@@ -5,20 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
-from delrec.config import load_preset
-from delrec.errors import DelrecError
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DelrecError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+from delrec.config import load_preset, parse_assignments
 
 
 def _train_teacher(args: argparse.Namespace) -> None:
@@ -44,7 +31,7 @@ def _train_teacher(args: argparse.Namespace) -> None:
         if value is not None
     }
     config = TeacherConfig.from_dict(
-        {**section, **overrides, **_parse_set(args.set)}, source=args.preset or "command line"
+        {**section, **overrides, **parse_assignments(args.set)}, source=args.preset or "command line"
     )
     metrics = train_teacher(args.data, config, args.out)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
