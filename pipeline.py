@@ -407,9 +407,18 @@ LABELS = {
 }
 
 
+def _metric_order(name: str) -> tuple[int, int]:
+    """HR@k, then NDCG@k, then MRR, each by k: the paper's order, not the alphabet's."""
+    family, _, k = name.partition("@")
+    return {"HR": 0, "NDCG": 1, "MRR": 2}.get(family, 3), int(k) if k.isdigit() else 0
+
+
 def format_metrics_table(models: dict[str, dict[str, float]]) -> str:
     """``{model: {metric: value}}`` (evaluate's metrics.json ``models``) as a models x metrics table."""
-    columns = list(dict.fromkeys(m for row in models.values() for m in row))
+    names = dict.fromkeys(m for row in models.values() for m in row)
+    columns = sorted(names, key=_metric_order)
+    order = [m for m in LABELS if m in models] + [m for m in models if m not in LABELS]
+    models = {m: models[m] for m in order}
     width = max(len(LABELS.get(m, m)) for m in models)
     lines = [" | ".join([f"{'model':<{width}}", *(f"{c:>8}" for c in columns)])]
     lines.append("-" * len(lines[0]))

@@ -246,6 +246,16 @@ def test_metrics_table():
     assert lines[0].split() == ["model", "|", "HR@1", "|", "NDCG@5"]
     assert "DELRec" in lines[2] and "0.5000" in lines[2] and "0.6000" in lines[2]
     assert lines[4].startswith("LLM, untuned")
+    # Columns in the paper's order (HR by k, NDCG by k, MRR), rows with DELRec first.
+    table = pipeline.format_metrics_table(
+        {
+            "teacher": {"MRR": 0.1, "HR@10": 0.2, "NDCG@10": 0.3, "HR@5": 0.4, "HR@1": 0.5},
+            "delrec": {"HR@1": 0.1},
+        }
+    )
+    header, _, first, _ = table.splitlines()
+    assert header.split()[::2] == ["model", "HR@1", "HR@5", "HR@10", "NDCG@10", "MRR"]
+    assert first.startswith("DELRec")
 
 
 def test_model_cache_mounted_and_nothing_installed_at_run_time(tmp_path):
