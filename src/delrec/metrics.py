@@ -48,6 +48,9 @@ def bootstrap_intervals(
     per_sample = [metrics_from_ranks(ranks[idx], ks) for idx in draws]
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {
-        name: (float(np.percentile([m[name] for m in per_sample], lo)), float(np.percentile([m[name] for m in per_sample], hi)))
+        name: (
+            float(np.percentile([m[name] for m in per_sample], lo)),
+            float(np.percentile([m[name] for m in per_sample], hi)),
+        )
         for name in per_sample[0]
     }
