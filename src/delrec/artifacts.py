@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from typing import Any
 
 from delrec import __version__
 from delrec.errors import DelrecError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -159,3 +162,48 @@ def require_same_input(
             field=f"inputs.{role}",
         )
     return manifest
+
+
+# Resumable stages keep their training state in ``<out>.partial/state.pt``, next to (not inside) the
+# atomically written output; it survives a killed run and is removed once the output is in place.
+CHECKPOINT = "state.pt"
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """The checkpoint folder of the stage writing ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def save_checkpoint(partial: Path, state: dict[str, Any]) -> None:
+    """Write a training state atomically; ``state["run_key"]`` identifies the run it belongs to."""
+    import torch
+
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, partial / CHECKPOINT)
+
+
+def load_checkpoint(
+    partial: Path, run_key: Mapping[str, str], *, map_location: Any = "cpu", weights_only: bool = True
+) -> dict[str, Any] | None:
+    """The saved state if it belongs to this exact run (same ``run_key``: config and inputs), else None.
+
+    An unreadable checkpoint or one of another run is ignored with a warning: the run starts afresh.
+    """
+    import torch
+
+    path = partial / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:  # a corrupt checkpoint is not worth failing the run for
+        log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, exc)
+        return None
+    if state.get("run_key") != dict(run_key):
+        log.warning("ignoring checkpoint %s: it belongs to another run (config or inputs differ)", path)
+        return None
+    log.info("resuming from %s", path)
+    return state

@@ -22,7 +22,15 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.artifacts import (
+    atomic_dir,
+    load_checkpoint,
+    partial_dir,
+    read_manifest,
+    save_checkpoint,
+    write_json_atomic,
+    write_manifest,
+)
 from delrec.config import StageConfig
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
@@ -34,9 +42,6 @@ from delrec.llm.templates import PromptBuilder
 from delrec.llm.training import (
     Objective,
     instance_ranks,
-    load_checkpoint,
-    partial_dir,
-    save_checkpoint,
     task_loss,
 )
 from delrec.teachers import load_topk
@@ -162,7 +167,7 @@ def distill(
         "backbone": backbone.fingerprint(),
     }
     partial = partial_dir(out)
-    state = load_checkpoint(partial, run_key)
+    state = load_checkpoint(partial, run_key, weights_only=False)
     step, best, history = 0, {"score": -1.0, "step": 0, "weight": soft.weight.detach().clone()}, []
     if state is not None:
         with torch.no_grad():

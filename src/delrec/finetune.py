@@ -21,7 +21,15 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.artifacts import (
+    atomic_dir,
+    load_checkpoint,
+    partial_dir,
+    read_manifest,
+    save_checkpoint,
+    write_json_atomic,
+    write_manifest,
+)
 from delrec.config import StageConfig
 from delrec.data import load_dataset
 from delrec.distill import PROMPT_JSON, read_prompt_config
@@ -34,9 +42,6 @@ from delrec.llm.templates import PromptBuilder
 from delrec.llm.training import (
     Objective,
     instance_ranks,
-    load_checkpoint,
-    partial_dir,
-    save_checkpoint,
     task_loss,
 )
 
@@ -234,7 +239,7 @@ def finetune(
         "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
         "backbone": fingerprint,
     }
-    state = load_checkpoint(partial, run_key)
+    state = load_checkpoint(partial, run_key, weights_only=False)
     step, history = 0, []
     if state is not None:
         names = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}

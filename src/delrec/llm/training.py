@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +20,6 @@ from delrec.metrics import target_ranks
 log = logging.getLogger(__name__)
 
 Objective = Literal["candidates", "likelihood"]
-STATE = "state.pt"
 
 
 def task_loss(
@@ -75,30 +72,3 @@ def instance_ranks(
         desc=desc,
     )
     return target_ranks(scores, np.array([inst.answer for inst in instances]))
-
-
-def partial_dir(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
-
-
-def save_checkpoint(partial: Path, state: dict[str, Any]) -> None:
-    """Write the training state atomically into ``<out>.partial/``."""
-    partial.mkdir(parents=True, exist_ok=True)
-    tmp = partial / (STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, partial / STATE)
-
-
-def load_checkpoint(partial: Path, run_key: dict[str, str]) -> dict[str, Any] | None:
-    """The saved state if it belongs to this exact run (same config and inputs), else None."""
-    path = partial / STATE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("run_key") != run_key:
-        log.warning("ignoring checkpoint %s: it belongs to another run (config or inputs differ)", path)
-        path.unlink()
-        return None
-    log.info("resuming from %s at step %d", path, state["step"])
-    return state

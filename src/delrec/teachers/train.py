@@ -31,7 +31,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from delrec.artifacts import atomic_dir, read_manifest, require_same_input, write_json_atomic, write_manifest
+from delrec.artifacts import (
+    atomic_dir,
+    load_checkpoint,
+    partial_dir,
+    read_manifest,
+    require_same_input,
+    save_checkpoint,
+    write_json_atomic,
+    write_manifest,
+)
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
 from delrec.data.dataset import SPLITS
@@ -326,28 +335,6 @@ def export_topk(model: nn.Module, dataset: Dataset, config: TeacherConfig, past:
 # Checkpoints
 
 
-def _save_checkpoint(partial: Path, state: dict[str, Any]) -> None:
-    partial.mkdir(parents=True, exist_ok=True)
-    tmp = partial / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, partial / "state.pt")
-
-
-def _load_checkpoint(partial: Path, run_key: dict[str, str], device: torch.device) -> dict[str, Any] | None:
-    path = partial / "state.pt"
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # a corrupt checkpoint is not worth failing the run for
-        log.warning("ignoring unreadable checkpoint %s (%s); starting afresh", path, exc)
-        return None
-    if state.get("run_key") != run_key:
-        log.warning("checkpoint %s is for another config or dataset; starting afresh", path)
-        return None
-    return state
-
-
 # ---------------------------------------------------------------------------------------------------
 # The stage
 
@@ -388,7 +375,7 @@ def train_teacher(
         torch.get_num_threads(),
     )
 
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_dir(out)
     run_key = {"config": config.hash(), "dataset": dataset.manifest["id"]}
     progress: dict[str, Any] = {
         "epoch": 0,
@@ -401,7 +388,7 @@ def train_teacher(
         "stopped": "max_epochs",
     }
     best_state = copy.deepcopy(model.state_dict())
-    state = _load_checkpoint(partial, run_key, device)
+    state = load_checkpoint(partial, run_key, map_location=device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -465,7 +452,7 @@ def train_teacher(
         elif config.time_budget_s is not None and progress["seconds"] >= config.time_budget_s:
             progress["stopped"] = "time_budget"
             done = True
-        _save_checkpoint(
+        save_checkpoint(
             partial,
             {
                 "run_key": run_key,
