@@ -115,3 +115,31 @@ def test_refuses_a_teacher_of_another_dataset(synthetic_dir, tmp_path, tmp_path_
     train_teacher(other, TINY_TEACHER, teacher)
     with pytest.raises(DelrecError, match="dataset"):
         distill(synthetic_dir, teacher, tiny_distill_config(), tmp_path / "out")
+
+
+def test_a_tie_with_the_untrained_prompt_keeps_the_trained_one(synthetic_dir, teacher_dir, tmp_path, caplog):
+    # lr ~ 0 leaves every accuracy as it was at step 0: the tie goes to the trained (later) prompt.
+    config = tiny_distill_config(lr=1e-12, steps=2, eval_every=100)
+    with caplog.at_level("WARNING"):
+        metrics = distill(synthetic_dir, teacher_dir, config, tmp_path / "d")
+    assert metrics["best_step"] == 2  # unchanged accuracy: the tie goes to the trained prompt
+    assert metrics["valid_acc_step0"] == pytest.approx(metrics["best_valid_acc"])
+
+
+def test_step_zero_winning_warns_and_is_recorded(synthetic_dir, teacher_dir, tmp_path, caplog, monkeypatch):
+    perfect = iter([True, False, False, False])  # one value per instance_ranks call (TA, RPS, TA, RPS)
+    original = distill_module.instance_ranks
+
+    def fake_ranks(*args, **kwargs):  # step 0 perfect, later evaluations worse
+        ranks = original(*args, **kwargs)
+        return ranks * 0 if next(perfect) else ranks * 0 + 5
+
+    monkeypatch.setattr(distill_module, "instance_ranks", fake_ranks)
+    with caplog.at_level("WARNING"):
+        metrics = distill(
+            synthetic_dir, teacher_dir, tiny_distill_config(steps=2, eval_every=100), tmp_path / "d"
+        )
+    assert metrics["best_step"] == 0
+    assert "NO LEARNING" in caplog.text
+    saved = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert saved["best_step"] == 0

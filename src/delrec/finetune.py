@@ -19,31 +19,18 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm import tqdm
 
-from delrec.artifacts import (
-    atomic_dir,
-    load_checkpoint,
-    partial_dir,
-    read_manifest,
-    save_checkpoint,
-    write_json_atomic,
-    write_manifest,
-)
-from delrec.config import StageConfig
+from delrec.artifacts import atomic_dir, partial_dir, read_manifest, write_json_atomic, write_manifest
 from delrec.data import load_dataset
 from delrec.distill import PROMPT_JSON, read_prompt_config
 from delrec.errors import DelrecError
 from delrec.llm.backbone import TINY, Backbone, stage_backbone
-from delrec.llm.optim import linear_warmup
+from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
+from delrec.llm.optim import linear_warmup, make_optimizer
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.tasks import stage2_instance
+from delrec.llm.tasks import stage2_instance, tail_rows
 from delrec.llm.templates import PromptBuilder
-from delrec.llm.training import (
-    Objective,
-    instance_ranks,
-    task_loss,
-)
+from delrec.llm.training import LLMStageConfig, instance_ranks, task_loss
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +41,19 @@ TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"]}
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(LLMStageConfig):
     """Config of the finetune stage (defaults: the paper's)."""
 
-    backbone: str = "smollm2-135m"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = True
-    seed: int = 42
     adapter: Literal["adalora", "lora"] = "adalora"
     target_modules: list[str] | None = None
     """None: the attention query and value projections of the model family"""
+    adapter_layers: int | None = Field(None, ge=1)
+    """adapt only the top N transformer layers (peft ``layers_to_transform``): backward stops below
+    them, so a step costs less; None: every layer (the paper's)"""
     init_r: int = Field(320, ge=1)
-    """AdaLoRA's initial rank"""
+    """AdaLoRA's initial rank (the paper: 320)"""
     target_r: int = Field(8, ge=1)
-    """AdaLoRA's target average rank, and plain LoRA's rank"""
+    """AdaLoRA's target average rank, and plain LoRA's rank (the paper: 8)"""
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     tinit: int | None = Field(None, ge=0)
@@ -77,23 +63,17 @@ class FinetuneConfig(StageConfig):
     delta_t: int = Field(1, ge=1)
     """AdaLoRA steps between rank re-allocations"""
     orth_reg_weight: float = Field(0.5, ge=0)
-    objective: Objective = "candidates"
-    scoring: Literal["mean", "sum", "first"] = "mean"
-    history_items: int = Field(10, ge=1)
-    max_prompt_tokens: int = Field(768, ge=32)
-    max_title_chars: int = Field(80, ge=8)
-    num_candidates: int = Field(20, ge=2)
+    optimizer: Literal["lion", "adamw"] = "lion"
+    """the authors' code: Lion (8-bit), lr 1e-4, weight decay 1e-6"""
     steps: int = Field(1400, ge=1)
     batch_size: int = Field(20, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     warmup_steps: int = Field(800, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
     eval_every: int = Field(200, ge=1)
-    eval_examples: int = Field(200, ge=1)
-    """validation examples (with their stored candidates) for HR@1 during training"""
-    eval_batch_size: int = Field(8, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
+    train_tail: int | None = Field(None, ge=1)
+    """draw training rows only from each user's last N training targets, as the test rows sit at the
+    end of a sequence; None: every training prefix (the paper's)"""
 
 
 def adapter_config(config: FinetuneConfig, backbone: Backbone):
@@ -102,6 +82,15 @@ def adapter_config(config: FinetuneConfig, backbone: Backbone):
 
     targets = config.target_modules or TARGETS.get(backbone.base_model().config.model_type, DEFAULT_TARGETS)
     common = {"target_modules": targets, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
+    if config.adapter_layers is not None:
+        model_config = backbone.base_model().config
+        n_layers = getattr(model_config, "num_hidden_layers", None) or model_config.num_layers
+        if config.adapter_layers > n_layers:
+            raise DelrecError(
+                f"adapter_layers={config.adapter_layers} exceeds the backbone's {n_layers} layers",
+                field="adapter_layers",
+            )
+        common["layers_to_transform"] = list(range(n_layers - config.adapter_layers, n_layers))
     if config.adapter == "lora":
         return LoraConfig(r=config.target_r, **common)
     if config.target_r >= config.init_r:
@@ -178,105 +167,41 @@ def finetune(
 
     started = time.time()
     dataset = load_dataset(dataset_dir)
-    soft: SoftPrompt | None = None
-    teacher = ""
-    if distill_dir is not None:
-        read_manifest(distill_dir, producer="distill")
-        prompt_config = read_prompt_config(distill_dir)
-        teacher = prompt_config["teacher"]
+    prompt_config = read_prompt_config(distill_dir) if distill_dir is not None else {"teacher": ""}
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
         config.backbone, distill_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
     )
-    if distill_dir is not None:
-        if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
-            raise DelrecError(
-                "the backbone's weights differ from those the soft prompt was distilled on",
-                path=Path(distill_dir) / PROMPT_JSON,
-                field="backbone_fingerprint",
-            )
-        soft = SoftPrompt.load(distill_dir, backbone.device)
-        soft.weight.requires_grad_(False)
     fingerprint = backbone.fingerprint()
+    soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone)
     builder = PromptBuilder(
         backbone,
         dataset.titles,
         domain=dataset.domain,
-        teacher=teacher,
+        teacher=prompt_config["teacher"],
         n_soft=soft.n_tokens if soft is not None else 0,
         history_items=config.history_items,
         max_prompt_tokens=config.max_prompt_tokens,
         max_title_chars=config.max_title_chars,
     )
-    use_soft = soft is not None
-    train, valid = dataset.examples["train"], dataset.examples["valid"]
-    if not len(train):
+    train = dataset.examples["train"]
+    train_rows = tail_rows(train, config.train_tail)
+    if not len(train_rows):
         raise DelrecError("no training examples", path=dataset_dir)
-    n_valid = min(config.eval_examples, len(valid))
-    valid_instances = [
-        stage2_instance(
-            builder,
-            valid.histories[i],
-            int(valid.targets[i]),
-            candidates=dataset.candidates["valid"][i],
-            soft=use_soft,
-        )
-        for i in range(n_valid)
-    ]
+    valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
 
     partial = partial_dir(out)
     if backbone.name in TINY:  # saved now: the base weights are harder to get back once peft wraps them
         backbone.save(partial / "backbone")
     peft_model = get_peft_model(backbone.model, adapter_config(config, backbone))
     backbone.model = peft_model
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    log.info("%s: %.2fM trainable parameters", config.adapter, sum(p.numel() for p in trainable) / 1e6)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    log.info("%s: %.2fM trainable parameters", config.adapter, sum(p.numel() for p in params.values()) / 1e6)
+    optimizer = make_optimizer(config.optimizer, list(params.values()), config.lr, config.weight_decay)
     scheduler = linear_warmup(optimizer, config.warmup_steps, config.steps)
-    run_key = {
-        "config": config.hash(),
-        "dataset": read_manifest(dataset_dir)["id"],
-        "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
-        "backbone": fingerprint,
-    }
-    state = load_checkpoint(partial, run_key, weights_only=False)
-    step, history = 0, []
-    if state is not None:
-        names = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                names[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_allocator(peft_model, state["allocator"])
-        step, history = state["step"], state["history"]
-
-    def valid_hr1() -> float:
-        ranks = instance_ranks(
-            backbone,
-            soft,
-            builder,
-            valid_instances,
-            reduction=config.scoring,
-            batch_size=config.eval_batch_size,
-            desc="valid",
-        )
-        return float((ranks == 0).mean()) if len(ranks) else 0.0
-
-    if step == 0 and valid_instances:
-        history.append({"step": 0, "valid_hr1": valid_hr1()})
-        log.info("step 0: valid HR@1 %.4f", history[-1]["valid_hr1"])
     adalora = config.adapter == "adalora"
-    peft_model.train()
-    progress = tqdm(
-        range(step, config.steps), desc="finetune", initial=step, total=config.steps, mininterval=5
-    )
-    for step in progress:
-        rng = np.random.default_rng([config.seed, 2, step])
-        torch.manual_seed(
-            config.seed * 1_000_003 + step
-        )  # per-step dropout seed: resuming gives the same run
-        rows = rng.choice(len(train), size=config.batch_size)
+
+    def step(index: int, rng: np.random.Generator) -> dict:
         batch = [
             stage2_instance(
                 builder,
@@ -285,71 +210,139 @@ def finetune(
                 rng=rng,
                 num_items=dataset.num_items,
                 num_candidates=config.num_candidates,
-                soft=use_soft,
+                soft=soft is not None,
             )
-            for r in rows
+            for r in rng.choice(train_rows, size=config.batch_size)
         ]
         task = task_loss(backbone, soft, builder, batch, config.objective, config.scoring)
         loss = task + config.orth_reg_weight * orthogonal_regulariser(peft_model) if adalora else task
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
         optimizer.step()
         scheduler.step()
         if adalora:
-            peft_model.base_model.update_and_allocate(step)
+            peft_model.base_model.update_and_allocate(index)
         optimizer.zero_grad(set_to_none=True)
-        record = {
-            "step": step + 1,
-            "loss": task.item(),
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[0],
-        }
-        progress.set_postfix(loss=f"{record['loss']:.3f}")
-        if valid_instances and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            record["valid_hr1"] = valid_hr1()
-            log.info("step %d: loss %.4f valid HR@1 %.4f", step + 1, record["loss"], record["valid_hr1"])
-        history.append(record)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(
-                partial,
-                {
-                    "run_key": run_key,
-                    "step": step + 1,
-                    "trainable": {
-                        n: p.detach().cpu() for n, p in peft_model.named_parameters() if p.requires_grad
-                    },
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "allocator": _allocator_state(peft_model) if adalora else None,
-                    "history": history,
-                },
-            )
+        return {"loss": task.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
 
+    def evaluate_now() -> dict:
+        ranks = instance_ranks(
+            backbone,
+            soft,
+            builder,
+            valid,
+            reduction=config.scoring,
+            batch_size=config.eval_batch_size,
+            desc="valid",
+        )
+        return {"valid_hr1": float((ranks == 0).mean())}
+
+    def state() -> dict:
+        return optimiser_state(params, optimizer, scheduler) | {"allocator": _allocator_state(peft_model)}
+
+    def restore(saved: dict) -> None:
+        restore_optimiser_state(saved, params, optimizer, scheduler)
+        _restore_allocator(peft_model, saved["allocator"])
+
+    peft_model.train()
+    result = TrainLoop(
+        name="finetune",
+        steps=config.steps,
+        seed=config.seed,
+        stream=2,
+        run_key={
+            "config": config.hash(),
+            "dataset": read_manifest(dataset_dir)["id"],
+            "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
+            "backbone": fingerprint,
+        },
+        partial=partial,
+        step=step,
+        state=state,
+        restore=restore,
+        evaluate=evaluate_now if valid else None,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+    ).run()
     peft_model.eval()
-    last = history[-1]
+    evaluated = [r for r in result.history if "valid_hr1" in r]
     metrics = {
-        "valid_hr1": float(last.get("valid_hr1", 0.0)),
-        "final_loss": float(last.get("loss", float("nan"))),
+        "valid_hr1": evaluated[-1]["valid_hr1"] if evaluated else 0.0,
+        "valid_hr1_step0": evaluated[0]["valid_hr1"] if evaluated else 0.0,
+        "final_loss": float(result.history[-1].get("loss", float("nan"))),
         "seconds": time.time() - started,
     }
+    _write_output(
+        out, config, dataset, backbone, soft, prompt_config, metrics, result.history, dataset_dir, distill_dir
+    )
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
+    return metrics
+
+
+def _frozen_soft_prompt(distill_dir, prompt_config: dict, backbone: Backbone) -> SoftPrompt | None:
+    """The distilled soft prompt, checked against the backbone's weights; None for the ablation."""
+    if distill_dir is None:
+        return None
+    if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
+        raise DelrecError(
+            "the backbone's weights differ from those the soft prompt was distilled on",
+            path=Path(distill_dir) / PROMPT_JSON,
+            field="backbone_fingerprint",
+        )
+    soft = SoftPrompt.load(distill_dir, backbone.device)
+    soft.weight.requires_grad_(False)
+    return soft
+
+
+def _valid_instances(dataset, builder: PromptBuilder, count: int, soft: bool) -> list:
+    """The first ``count`` validation examples with their stored candidate sets."""
+    valid = dataset.examples["valid"]
+    return [
+        stage2_instance(
+            builder,
+            valid.histories[i],
+            int(valid.targets[i]),
+            candidates=dataset.candidates["valid"][i],
+            soft=soft,
+        )
+        for i in range(min(count, len(valid)))
+    ]
+
+
+def _write_output(
+    out,
+    config: FinetuneConfig,
+    dataset,
+    backbone: Backbone,
+    soft,
+    prompt_config: dict,
+    metrics,
+    history,
+    dataset_dir,
+    distill_dir,
+) -> None:
+    """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest."""
     with atomic_dir(out) as tmp:
-        peft_model.save_pretrained(tmp / ADAPTER)
+        backbone.model.save_pretrained(tmp / ADAPTER)
         if soft is not None:
-            soft.save(tmp, **{k: v for k, v in read_prompt_config(distill_dir).items() if k == "teacher"})
+            soft.save(tmp, teacher=prompt_config["teacher"])
         if backbone.name in TINY:
-            shutil.copytree(partial / "backbone", tmp / "backbone")
-        prompt_config = {
-            "teacher": teacher,
-            "domain": dataset.domain,
-            "soft_tokens": soft.n_tokens if soft is not None else 0,
-            "history_items": config.history_items,
-            "max_prompt_tokens": config.max_prompt_tokens,
-            "max_title_chars": config.max_title_chars,
-            "scoring": config.scoring,
-            "backbone": backbone.name,
-            "backbone_fingerprint": fingerprint,
-        }
-        write_json_atomic(tmp / PROMPT_JSON, prompt_config)
+            shutil.copytree(partial_dir(out) / "backbone", tmp / "backbone")
+        write_json_atomic(
+            tmp / PROMPT_JSON,
+            {
+                "teacher": prompt_config["teacher"],
+                "domain": dataset.domain,
+                "soft_tokens": soft.n_tokens if soft is not None else 0,
+                "history_items": config.history_items,
+                "max_prompt_tokens": config.max_prompt_tokens,
+                "max_title_chars": config.max_title_chars,
+                "scoring": config.scoring,
+                "backbone": backbone.name,
+                "backbone_fingerprint": backbone.fingerprint(),
+            },
+        )
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "history.json", history)
         inputs = {"dataset": dataset_dir} | ({"distill": distill_dir} if distill_dir is not None else {})
@@ -361,10 +354,7 @@ def finetune(
             rows={"steps": config.steps},
             extra={
                 "backbone": backbone.name,
-                "backbone_fingerprint": fingerprint,
+                "backbone_fingerprint": backbone.fingerprint(),
                 "soft_prompt": soft is not None,
             },
         )
-    shutil.rmtree(partial, ignore_errors=True)
-    log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
-    return metrics

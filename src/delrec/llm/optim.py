@@ -42,3 +42,14 @@ def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return LambdaLR(optimizer, factor)
+
+
+def make_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """``lion`` (the paper's, both stages) or ``adamw``."""
+    if name == "lion":
+        return Lion(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")

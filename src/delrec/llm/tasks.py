@@ -17,6 +17,7 @@ import numpy as np
 
 from delrec.artifacts import read_manifest
 from delrec.data import Dataset
+from delrec.data.dataset import Examples
 from delrec.errors import DelrecError
 from delrec.llm.templates import EncodedPrompt, PromptBuilder
 
@@ -136,3 +137,21 @@ def ta_rows(dataset: Dataset, split: str) -> np.ndarray:
 
 def answers_of(builder: PromptBuilder, instances: Sequence[Instance]) -> list[list[tuple[int, ...]]]:
     return [[builder.answer(int(i)) for i in inst.candidates] for inst in instances]
+
+
+def tail_rows(examples: Examples, last: int | None) -> np.ndarray:
+    """Rows whose target is among its user's ``last`` training targets (None: every row).
+
+    Test targets sit at the end of a user's sequence; training on prefixes near the end draws
+    examples from the same part of the timeline.
+    """
+    rows = np.arange(len(examples))
+    if last is None:
+        return rows
+    order = np.lexsort(([len(h) for h in examples.histories], examples.users))
+    users = examples.users[order]
+    # position from the end within each user's run of rows (0 = the user's latest target)
+    ends = np.r_[np.flatnonzero(users[1:] != users[:-1]), len(users) - 1]
+    end_of_row = ends[np.searchsorted(ends, np.arange(len(users)))]
+    from_end = end_of_row - np.arange(len(users))
+    return np.sort(order[from_end < last])

@@ -1,4 +1,4 @@
-"""Pieces shared by the two training stages: the task loss, accuracy, and resumable checkpoints."""
+"""Pieces shared by the two LLM training stages: their config base, the task loss and accuracy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from delrec.config import StageConfig
 from delrec.llm.backbone import Backbone
 from delrec.llm.scoring import Reduction, score_all, score_candidates
 from delrec.llm.soft_prompt import SoftPrompt
@@ -20,6 +22,36 @@ from delrec.metrics import target_ranks
 log = logging.getLogger(__name__)
 
 Objective = Literal["candidates", "likelihood"]
+
+
+class LLMStageConfig(StageConfig):
+    """Fields every LLM training stage shares; a stage sets its own defaults (the paper's values)."""
+
+    backbone: str = "smollm2-135m"
+    """built-in name (smollm2-135m, tiny-llama, tiny-t5), saved folder, or transformers id/path"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+    """bf16 autocast where the hardware supports it"""
+    seed: int = Field(42, ge=0)
+    history_items: int = Field(10, ge=1)
+    """history cut to the most recent N items in prompts"""
+    max_prompt_tokens: int = Field(768, ge=32)
+    max_title_chars: int = Field(80, ge=8)
+    num_candidates: int = Field(20, ge=2)
+    objective: Objective = "candidates"
+    """candidates: cross-entropy over the candidates' scores; likelihood: the answer title's NLL"""
+    scoring: Literal["mean", "sum", "first"] = "mean"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(20, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=1)
+    eval_examples: int = Field(200, ge=1)
+    """validation examples scored at every evaluation point"""
+    eval_batch_size: int = Field(8, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
 
 
 def task_loss(
