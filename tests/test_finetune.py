@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -193,3 +194,15 @@ def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
     reloaded = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=False)
     _load_adapter(reloaded, tmp_path)
     assert abs(score_all(reloaded, None, prompts, answers) - before).max() < 1e-5
+
+
+def test_train_tail_keeps_each_users_latest_training_targets(synthetic):
+    from delrec.llm.tasks import tail_rows
+
+    train = synthetic.examples["train"]
+    assert len(tail_rows(train, None)) == len(train)
+    rows = tail_rows(train, 2)
+    for user in np.unique(train.users):
+        lengths = sorted(len(train.histories[r]) for r in np.flatnonzero(train.users == user))
+        kept = sorted(len(train.histories[r]) for r in rows if train.users[r] == user)
+        assert kept == lengths[-2:]

@@ -28,7 +28,7 @@ from delrec.llm.backbone import save_if_built, stage_backbone
 from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.tasks import TA_MIN_HISTORY, rps_instance, ta_instance, ta_rows, teacher_name
+from delrec.llm.tasks import TA_MIN_HISTORY, rps_instance, ta_instance, ta_rows, tail_rows, teacher_name
 from delrec.llm.templates import PromptBuilder
 from delrec.llm.training import LLMStageConfig, instance_ranks, task_loss
 from delrec.teachers import load_topk
@@ -187,7 +187,12 @@ class _Tasks:
 
     def __init__(self, dataset, topk, builder: PromptBuilder, config: DistillConfig):
         self.dataset, self.topk, self.builder, self.config = dataset, topk, builder, config
-        self.ta_rows = {split: ta_rows(dataset, split) for split in ("train", "valid")}
+        recent = tail_rows(dataset.examples["train"], config.train_tail)
+        self.train_rows = {"train": recent, "valid": np.arange(len(dataset.examples["valid"]))}
+        self.ta_rows = {
+            "train": np.intersect1d(ta_rows(dataset, "train"), recent),
+            "valid": ta_rows(dataset, "valid"),
+        }
         if not len(self.ta_rows["train"]) or not len(dataset.examples["train"]):
             raise DelrecError(f"no training example has the {TA_MIN_HISTORY} history items TA needs")
         if dataset.num_items < config.num_candidates + config.history_items + 10:
@@ -210,7 +215,7 @@ class _Tasks:
 
     def rps_batch(self, rng: np.random.Generator, split: str, rows: np.ndarray | None = None) -> list:
         examples = self.dataset.examples[split]
-        rows = rng.choice(len(examples), size=self.config.batch_size) if rows is None else rows
+        rows = rng.choice(self.train_rows[split], size=self.config.batch_size) if rows is None else rows
         return [
             rps_instance(
                 self.builder,

@@ -71,9 +71,6 @@ class FinetuneConfig(LLMStageConfig):
     weight_decay: float = Field(1e-6, ge=0)
     warmup_steps: int = Field(800, ge=0)
     eval_every: int = Field(200, ge=1)
-    train_tail: int | None = Field(None, ge=1)
-    """draw training rows only from each user's last N training targets, as the test rows sit at the
-    end of a sequence; None: every training prefix (the paper's)"""
 
 
 def adapter_config(config: FinetuneConfig, backbone: Backbone):

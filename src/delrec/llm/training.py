@@ -52,6 +52,9 @@ class LLMStageConfig(StageConfig):
     """validation examples scored at every evaluation point"""
     eval_batch_size: int = Field(8, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    train_tail: int | None = Field(None, ge=1)
+    """draw training rows only from each user's last N training targets, as the test rows sit at the
+    end of a sequence; None: every training prefix (the paper's)"""
 
 
 def task_loss(
