@@ -107,6 +107,7 @@ def test_popularity_ranks_by_training_interactions(synthetic):
     assert ranks.tolist() == ((counts[cands] >= target_count[:, None]).sum(axis=1) - 1).tolist()
 
 
+@pytest.mark.shared_data
 def test_popularity_on_ml100k_matches_the_issue_figures(tmp_path):
     """Popularity on ML-100K's stored candidates (loo split, seed 42): the yardstick the LLM must beat."""
     source = shared_dataset("ml-100k")
