@@ -345,3 +345,28 @@ def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(runs, 
     with torch.no_grad():
         assert (plain(input_ids=ids).logits - trained).abs().max() > 1e-3  # peft's save drops used rows
         torch.testing.assert_close(kept(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_a_lora_adapter_loads_exactly(runs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from delrec.adapter_io import load_adapter, save_adapter
+    from delrec.llm.backbone import load_backbone
+
+    def tiny_model():
+        return load_backbone(str(runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)  # B starts at 0: make the adapter change the output
+    ids = torch.arange(3, 19).view(2, 8)
+    save_adapter(model, tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_adapter(tiny_model(), tmp_path / "lora")(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=0,
+            atol=1e-5,
+        )

@@ -26,14 +26,10 @@ from delrec.errors import DelrecError
 ADAPTER_NAME = "default"
 
 
-def _is_adalora(peft_model) -> bool:
-    return getattr(peft_model.peft_config[ADAPTER_NAME], "peft_type", None) == "ADALORA"
-
-
 def save_adapter(peft_model, folder: str | os.PathLike) -> None:
     """``peft_model.save_pretrained(folder)``, with AdaLoRA's kept rows taken from the weights in memory."""
     config = peft_model.peft_config[ADAPTER_NAME]
-    if _is_adalora(peft_model) and config.rank_pattern is not None:
+    if config.peft_type == "ADALORA" and config.rank_pattern is not None:
         suffix = f"lora_E.{ADAPTER_NAME}"
         config.rank_pattern = {
             name.removesuffix(f".{ADAPTER_NAME}"): (param.detach().view(-1) != 0).tolist()
@@ -54,7 +50,7 @@ def load_adapter(model: torch.nn.Module, folder: str | os.PathLike):
     folder = Path(folder)
     config = PeftConfig.from_pretrained(str(folder))
     config.inference_mode = True
-    pattern = getattr(config, "rank_pattern", None)
+    pattern = config.rank_pattern if config.peft_type == "ADALORA" else None  # LoRA's means other things
     if pattern is not None:
         config.rank_pattern = None  # injected at init_r without peft's LoRA-pattern check ...
     peft_model = PeftModel(model, config, ADAPTER_NAME)
