@@ -241,6 +241,7 @@ def build_pipeline(options: PipelineOptions | None = None):
             teacher=teacher.outputs["teacher"],
             delrec=tuned.outputs["model"],
             ablation=ablation.outputs["model"],
+            distill=soft.outputs["soft_prompt"],
         )
         cpu_task(ev, "evaluate", cpu_image)
         hf_token(ev)
@@ -402,6 +403,7 @@ def _stage_seconds(run_dir: Path) -> dict[str, float]:
 LABELS = {
     "delrec": "DELRec",
     "teacher": "teacher",
+    "popularity": "popularity",
     "ablation": "LLM, no soft prompt",
     "zero_shot": "LLM, untuned",
 }
@@ -425,6 +427,26 @@ def format_metrics_table(models: dict[str, dict[str, float]]) -> str:
     for model, row in models.items():
         cells = [f"{row[c]:>8.4f}" if c in row else f"{'':>8}" for c in columns]
         lines.append(" | ".join([f"{LABELS.get(model, model):<{width}}", *cells]))
+    return "\n".join(lines)
+
+
+def format_paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
+    """evaluate's metrics.json ``paired`` section: DELRec minus each model, difference [95% interval].
+
+    A ``*`` marks an interval that excludes 0 (the paired bootstrap tells the two models apart).
+    """
+    rows = {name.removeprefix("delrec_minus_"): cells for name, cells in paired.items()}
+    columns = sorted(dict.fromkeys(m for cells in rows.values() for m in cells), key=_metric_order)
+    width = max(len(f"DELRec - {LABELS.get(m, m)}") for m in rows)
+    lines = [" | ".join([f"{'':<{width}}", *(f"{c:^24}" for c in columns)])]
+    lines.append("-" * len(lines[0]))
+    for model, cells in rows.items():
+        out = []
+        for c in columns:
+            cell = cells[c]
+            mark = "*" if cell["lo"] > 0 or cell["hi"] < 0 else " "
+            out.append(f"{cell['diff']:+.3f} [{cell['lo']:+.3f}, {cell['hi']:+.3f}]{mark}")
+        lines.append(" | ".join([f"{'DELRec - ' + LABELS.get(model, model):<{width}}", *out]))
     return "\n".join(lines)
 
 
@@ -460,6 +482,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{meta.get('examples', '?')} examples, ranked within {meta.get('universe', '?')} =="
     )
     print(format_metrics_table({m: r["metrics"] for m, r in report["models"].items()}))
+    if report.get("paired"):
+        print("\n== DELRec minus each model: difference [paired 95% bootstrap interval], * excludes 0 ==")
+        print(format_paired_table(report["paired"]))
     inside = _stage_seconds(run_dir)
     print(f"\n== wall time: {total:.0f} s in all; per task (its process, of which in the stage function) ==")
     for task, seconds in clock.seconds.items():

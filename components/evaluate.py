@@ -1,4 +1,5 @@
-"""Evaluation: DELRec, the teacher, the no-soft-prompt ablation and the untuned LLM on the same candidates."""
+"""Evaluation: DELRec, the teacher, popularity, the no-soft-prompt ablation and the untuned LLM on the same
+candidates, with paired intervals of DELRec's differences and the stages' learning curves."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -17,9 +18,11 @@ def evaluate(
     report: Output[Markdown],
     report_html: Output[HTML],
     metrics: Output[Metrics],
+    distill: Input[Model] = None,
 ) -> dict:
     """Run ``delrec.evaluate.evaluate``; publish its report as Markdown and HTML (with the charts inline).
 
+    ``distill`` (optional) only adds distill's learning curves to the report.
     Returns the flat metrics (the quality gate of the publish step reads them).
     """
     import base64
@@ -33,7 +36,15 @@ def evaluate(
 
     started = time.perf_counter()
     config = EvaluateConfig.from_dict(config, source="evaluate config")
-    result = run(dataset.path, teacher.path, config, evaluation.path, delrec.path, ablation_dir=ablation.path)
+    result = run(
+        dataset.path,
+        teacher.path,
+        config,
+        evaluation.path,
+        delrec.path,
+        ablation_dir=ablation.path,
+        distill_dir=distill.path if distill is not None else None,
+    )
     flat = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     for name, value in {**flat, "wall_seconds": time.perf_counter() - started}.items():
         metrics.log_metric(name, value)

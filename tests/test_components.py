@@ -178,8 +178,10 @@ def test_llm_stage_components(tmp_path, synthetic_dir):
         report=report,
         report_html=html,
         metrics=metrics,
+        distill=soft,
     )
     assert flat and all(isinstance(v, float) for v in flat.values())
+    assert "delrec_minus_popularity_HR@1_lo" in flat and "| distill_ta |" in Path(report.path).read_text()
     assert {k: metrics.metadata[k] for k in flat} == flat
     assert Path(report.path).read_text().strip()
     assert Path(html.path).read_text().startswith("<!doctype html>")

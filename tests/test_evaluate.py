@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
+from conftest import shared_dataset
 
 from delrec.cli import main
+from delrec.data import PreprocessConfig, load_dataset, preprocess
 from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
-from delrec.evaluate import EvaluateConfig, evaluate
+from delrec.evaluate import (
+    REPORTED,
+    EvaluateConfig,
+    evaluate,
+    learning_curves,
+    popularity_ranks,
+    popularity_scores,
+)
 from delrec.finetune import FinetuneConfig, finetune
+from delrec.metrics import metrics_from_ranks
 from delrec.teachers import TeacherConfig, train_teacher
 
 TINY = dict(backbone="tiny-llama", device="cpu", bf16=False, history_items=6)
@@ -42,9 +57,17 @@ def runs(synthetic_dir, tmp_path_factory):
 def test_reports_every_model_on_the_same_candidates(synthetic_dir, runs, tmp_path):
     out = tmp_path / "eval"
     config = EvaluateConfig(**{k: TINY[k] for k in ("backbone", "device", "bf16")}, bootstrap_samples=50)
-    flat = evaluate(synthetic_dir, runs / "teacher", config, out, runs / "delrec", runs / "ablation")
-    for model in ("delrec", "teacher", "ablation", "zero_shot"):
-        for metric in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"):
+    flat = evaluate(
+        synthetic_dir,
+        runs / "teacher",
+        config,
+        out,
+        runs / "delrec",
+        runs / "ablation",
+        distill_dir=runs / "distill",
+    )
+    for model in ("delrec", "teacher", "popularity", "ablation", "zero_shot"):
+        for metric in REPORTED:
             assert 0.0 <= flat[f"{model}_{metric}"] <= 1.0
     # The teacher re-scored here agrees with its own stage's figures on the same candidate sets.
     teacher = json.loads((runs / "teacher" / "metrics.json").read_text())["metrics"]
@@ -53,9 +76,61 @@ def test_reports_every_model_on_the_same_candidates(synthetic_dir, runs, tmp_pat
     saved = json.loads((out / "metrics.json").read_text())
     low, high = saved["models"]["delrec"]["ci95"]["HR@5"]
     assert low <= flat["delrec_HR@5"] <= high
+    # Paired differences: DELRec minus every other model, for every reported metric, also flat.
+    for other in ("ablation", "zero_shot", "teacher", "popularity"):
+        for metric in REPORTED:
+            cell = saved["paired"][f"delrec_minus_{other}"][metric]
+            assert cell["diff"] == pytest.approx(flat[f"delrec_{metric}"] - flat[f"{other}_{metric}"])
+            assert flat[f"delrec_minus_{other}_{metric}_lo"] == cell["lo"] <= cell["diff"] <= cell["hi"]
+            assert flat[f"delrec_minus_{other}_{metric}_hi"] == cell["hi"]
     report = (out / "report.md").read_text()
-    assert "| DELRec |" in report and "| Untuned LLM |" in report and "metrics.png" in report
+    for row in ("| DELRec |", "| Untuned LLM |", "| Popularity |", "metrics.png", "curves.png"):
+        assert row in report
+    assert "| DELRec minus |" in report and "| LLM w/o soft prompt | " in report.split("| DELRec minus |")[1]
     assert (out / "metrics.png").stat().st_size > 1000 and (out / "ranks.parquet").is_file()
+    # Learning curves of distill's two tasks and both finetunes, as data and drawn.
+    curves = json.loads((out / "curves.json").read_text())
+    assert set(curves) == {"distill_ta", "distill_rps", "finetune_delrec", "finetune_ablation"}
+    assert [s for s, _ in curves["finetune_delrec"]["loss"]] == [1, 2, 3]
+    assert curves["finetune_delrec"]["valid"][0][0] == 0 and curves["distill_rps"]["valid"]
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_popularity_ranks_by_training_interactions(synthetic):
+    counts = popularity_scores(synthetic)
+    assert counts[0] == 0 and counts.sum() == sum(len(s) for s in synthetic.train_sequences)
+    rows = np.arange(len(synthetic.examples["test"]))
+    ranks = popularity_ranks(synthetic, "test", rows)
+    cands = synthetic.candidates["test"]
+    target_count = counts[synthetic.examples["test"].targets]
+    # Pessimistic ties: the target's rank counts every other candidate seen at least as often.
+    assert ranks.tolist() == ((counts[cands] >= target_count[:, None]).sum(axis=1) - 1).tolist()
+
+
+@pytest.mark.shared_data
+def test_popularity_on_ml100k_matches_the_issue_figures(tmp_path):
+    """Popularity on ML-100K's stored candidates (loo split, seed 42): the yardstick the LLM must beat."""
+    source = shared_dataset("ml-100k")
+    preprocess(PreprocessConfig(dataset="ml-100k", source=str(source)), tmp_path / "ml-100k")
+    dataset = load_dataset(tmp_path / "ml-100k")
+    expected = {"test": (0.235, 0.665), "valid": (0.280, 0.683)}
+    for split, (hr1, hr5) in expected.items():
+        rows = np.arange(len(dataset.examples[split]))
+        assert len(rows) == 943
+        metrics = metrics_from_ranks(popularity_ranks(dataset, split, rows))
+        assert (round(metrics["HR@1"], 3), round(metrics["HR@5"], 3)) == (hr1, hr5), split
+
+
+def test_missing_histories_only_drop_their_curves(runs, tmp_path, caplog):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "history.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="delrec.evaluate"):
+        curves = learning_curves(
+            {"distill": tmp_path / "absent", "delrec": runs / "delrec", "ablation": broken}
+        )
+    assert set(curves) == {"finetune_delrec"}
+    assert "absent" in caplog.text and "broken" in caplog.text
 
 
 def test_catalogue_universe_and_first_token_scoring(synthetic_dir, runs, tmp_path):
@@ -173,3 +248,125 @@ def test_adapters_load_and_unload_cleanly(synthetic, runs):
     _unload_adapter(backbone)
     assert abs(tuned - base).max() > 1e-5  # the fine-tuned adapter is in use
     assert abs(score_all(backbone, None, prompts, answers) - base).max() == 0  # and gone again
+
+
+def test_evaluated_adapter_is_the_trained_one(synthetic_dir, runs, tmp_path, monkeypatch, recwarn):
+    """evaluate's ranks on finetune's validation examples are those of the fine-tuned model in memory,
+    with AdaLoRA rows pruned, and peft does not warn that the rank pattern was ignored."""
+    import delrec.finetune as finetune_module
+    from delrec.llm.scoring import score_all
+    from delrec.llm.soft_prompt import SoftPrompt
+    from delrec.llm.templates import PromptBuilder
+    from delrec.metrics import target_ranks
+
+    trained = {}
+
+    def keep_backbone(*args, **kwargs):
+        trained["backbone"] = stage_backbone(*args, **kwargs)
+        return trained["backbone"]
+
+    stage_backbone = finetune_module.stage_backbone
+    monkeypatch.setattr(finetune_module, "stage_backbone", keep_backbone)
+    config = FinetuneConfig(
+        **TINY, init_r=8, target_r=2, steps=8, tinit=1, tfinal=2, batch_size=2, lr=5e-2, warmup_steps=1
+    )
+    finetune(
+        synthetic_dir, config.model_copy(update={"eval_examples": 12}), tmp_path / "ft", runs / "distill"
+    )
+    pattern = json.loads((tmp_path / "ft" / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    assert not all(all(rows) for rows in pattern.values())  # rows were pruned: the case that warned
+
+    eval_config = EvaluateConfig(
+        **{k: TINY[k] for k in ("backbone", "device", "bf16")}, split="valid", zero_shot=False
+    )
+    recwarn.clear()
+    evaluate(synthetic_dir, runs / "teacher", eval_config, tmp_path / "eval", tmp_path / "ft")
+    assert not [w for w in recwarn if "did not match any targeted module" in str(w.message)]
+    evaluated = pq.read_table(tmp_path / "eval" / "ranks.parquet").column("delrec").to_numpy()
+
+    data = load_dataset(synthetic_dir)
+    backbone = trained["backbone"]  # the peft model as training left it
+    soft = SoftPrompt.load(tmp_path / "ft", backbone.device)
+    prompt = json.loads((tmp_path / "ft" / "prompt.json").read_text())
+    builder = PromptBuilder(
+        backbone,
+        data.titles,
+        domain=data.domain,
+        teacher=prompt["teacher"],
+        n_soft=soft.n_tokens,
+        history_items=6,
+    )
+    valid, cands = data.examples["valid"], data.candidates["valid"][:12]
+    prompts = [builder.stage2(valid.histories[i], cands[i], soft=True) for i in range(12)]
+    answers = [[builder.answer(int(c)) for c in row] for row in cands]
+    scores = score_all(backbone, soft, prompts, answers, reduction="mean", skip=builder.answer_skip)
+    in_memory = target_ranks(scores, (cands == valid.targets[:12, None]).argmax(axis=1))
+    assert evaluated[:12].tolist() == in_memory.tolist()
+    hr1 = json.loads((tmp_path / "ft" / "metrics.json").read_text())["valid_hr1"]
+    assert float((evaluated[:12] == 0).mean()) == hr1
+
+
+def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(runs, tmp_path):
+    """Between rank allocations the optimiser moves masked rows again: the saved adapter must keep them."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    from delrec.adapter_io import load_adapter, save_adapter
+    from delrec.llm.backbone import load_backbone
+
+    def tiny_model():
+        return load_backbone(str(runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+
+    config = AdaLoraConfig(
+        init_r=4, target_r=2, total_step=10, tinit=1, tfinal=0, target_modules=["q_proj", "v_proj"]
+    )
+    model = get_peft_model(tiny_model(), config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)  # every row in use, as after an optimiser step
+    # The last allocation masked rows 0 and 1 of every matrix; training moved them since.
+    model.peft_config["default"].rank_pattern = {
+        name.removesuffix(".default"): [False, False, True, True]
+        for name, _ in model.base_model.model.named_parameters()
+        if name.endswith("lora_E.default")
+    }
+    ids = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "plain")
+    save_adapter(model, tmp_path / "kept")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*did not match any targeted module")
+        plain, kept = (
+            load_adapter(tiny_model(), tmp_path / "plain"),
+            load_adapter(tiny_model(), tmp_path / "kept"),
+        )
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - trained).abs().max() > 1e-3  # peft's save drops used rows
+        torch.testing.assert_close(kept(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_a_lora_adapter_loads_exactly(runs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from delrec.adapter_io import load_adapter, save_adapter
+    from delrec.llm.backbone import load_backbone
+
+    def tiny_model():
+        return load_backbone(str(runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)  # B starts at 0: make the adapter change the output
+    ids = torch.arange(3, 19).view(2, 8)
+    save_adapter(model, tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_adapter(tiny_model(), tmp_path / "lora")(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=0,
+            atol=1e-5,
+        )

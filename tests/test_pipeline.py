@@ -270,3 +270,18 @@ def test_model_cache_mounted_and_nothing_installed_at_run_time(tmp_path):
     options = pipeline.PipelineOptions(model_cache_pvc="")
     _, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
     assert not any("pvcMount" in executor for executor in k8s.values())
+
+
+def test_paired_table_marks_intervals_that_exclude_zero():
+    cell = lambda d, lo, hi: {"diff": d, "lo": lo, "hi": hi}  # noqa: E731
+    table = pipeline.format_paired_table(
+        {
+            "delrec_minus_zero_shot": {"MRR": cell(0.01, -0.02, 0.04), "HR@1": cell(0.05, 0.01, 0.09)},
+            "delrec_minus_popularity": {"HR@1": cell(-0.15, -0.2, -0.1), "MRR": cell(-0.1, -0.15, -0.05)},
+        }
+    )
+    header, _, untuned, popularity = table.splitlines()
+    assert header.split("|")[1].strip() == "HR@1"  # the paper's metric order
+    assert untuned.startswith("DELRec - LLM, untuned") and "+0.050 [+0.010, +0.090]*" in untuned
+    assert "+0.010 [-0.020, +0.040] " in untuned and "*" not in untuned.split("|")[2]
+    assert popularity.startswith("DELRec - popularity") and popularity.count("*") == 2

@@ -1,9 +1,12 @@
-"""Evaluation: DELRec, the teacher, the ablation and the untuned LLM on the same candidate sets.
+"""Evaluation: DELRec, the teacher, popularity, the ablation and the untuned LLM on the same candidates.
 
 Every model ranks the stored 20 candidates of each test example (option: the whole catalogue minus
 the user's history). The LLMs score each candidate title by its length-normalised log-likelihood
-(options: sum, first token); the teacher ranks by its own scores. Reported per model: HR@1/5/10,
-NDCG@5/10 and MRR with 95% bootstrap intervals, in ``metrics.json``, ``report.md`` and a bar chart.
+(options: sum, first token); the teacher ranks by its own scores; popularity by the item's number of
+training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95% bootstrap intervals;
+for DELRec minus each other model, the difference with a paired bootstrap interval; and the learning
+curves of distill and both finetunes. Written to ``metrics.json``, ``curves.json``, ``report.md`` and
+two charts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
+from delrec.adapter_io import load_adapter
 from delrec.artifacts import atomic_dir, require_same_input, write_json_atomic, write_manifest
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
@@ -31,7 +35,7 @@ from delrec.llm.backbone import Backbone, stage_backbone
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import PromptBuilder
-from delrec.metrics import bootstrap_intervals, metrics_from_ranks, target_ranks
+from delrec.metrics import bootstrap_intervals, metrics_from_ranks, paired_bootstrap, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +45,20 @@ REPORTED = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
 LABELS = {
     "delrec": "DELRec",
     "teacher": "Teacher",
+    "popularity": "Popularity",
     "ablation": "LLM w/o soft prompt",
     "zero_shot": "Untuned LLM",
 }
+# DELRec minus each of these, with a paired bootstrap interval (the same resampled users for both).
+COMPARED = ("ablation", "zero_shot", "teacher", "popularity")
+# Learning curves: name -> (stage folder, training-loss key, validation key) in that stage's history.json.
+CURVES = {
+    "distill_ta": ("distill", "loss_ta", "valid_ta_acc"),
+    "distill_rps": ("distill", "loss_rps", "valid_rps_acc"),
+    "finetune_delrec": ("delrec", "loss", "valid_hr1"),
+    "finetune_ablation": ("ablation", "loss", "valid_hr1"),
+}
+HISTORY = "history.json"
 
 
 class EvaluateConfig(StageConfig):
@@ -83,6 +98,34 @@ def _teacher_scores(
         for _, scores in split_scores(model, dataset, split, teacher_config, PastItems(dataset))
     ]
     return np.concatenate(chunks)[rows]
+
+
+def popularity_scores(dataset: Dataset) -> np.ndarray:
+    """Training interactions of every item (index = item id; index 0, padding, is 0)."""
+    seen = [seq for seq in dataset.train_sequences if len(seq)]
+    items = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
+    return np.bincount(items, minlength=dataset.num_items + 1)
+
+
+def item_score_ranks(
+    item_scores: np.ndarray, dataset: Dataset, split: str, rows: np.ndarray, universe: str
+) -> np.ndarray:
+    """Target ranks from scores of every item id (columns 0..N, 0 = padding) for the chosen examples."""
+    examples = dataset.examples[split]
+    if universe == "catalogue":
+        return _catalogue_ranks(item_scores[:, 1:], examples, rows)
+    cands = dataset.candidates[split][rows]
+    return target_ranks(
+        np.take_along_axis(item_scores, cands, axis=1), (cands == examples.targets[rows, None]).argmax(axis=1)
+    )
+
+
+def popularity_ranks(
+    dataset: Dataset, split: str, rows: np.ndarray, universe: str = "candidates"
+) -> np.ndarray:
+    """Ranks of the targets when every example's items are ordered by training interactions."""
+    counts = popularity_scores(dataset).astype(np.float64)
+    return item_score_ranks(np.broadcast_to(counts, (len(rows), len(counts))), dataset, split, rows, universe)
 
 
 class _LLMRanker:
@@ -140,13 +183,10 @@ def _catalogue_ranks(item_scores: np.ndarray, examples, rows: np.ndarray) -> np.
     return target_ranks(scores, examples.targets[rows] - 1)
 
 
-def _load_adapter(backbone: Backbone, folder: Path):
-    from peft import PeftModel
-
+def _load_adapter(backbone: Backbone, folder: Path) -> None:
     if not (folder / ADAPTER).is_dir():
         raise DelrecError(f"no {ADAPTER}/ folder: expected the output of the finetune stage", path=folder)
-    backbone.model = PeftModel.from_pretrained(backbone.model, folder / ADAPTER)
-    backbone.model.eval()
+    backbone.model = load_adapter(backbone.model, folder / ADAPTER)
 
 
 def _unload_adapter(backbone: Backbone) -> None:
@@ -163,13 +203,147 @@ def _finetuned_config(folder: str | os.PathLike, dataset_dir: str | os.PathLike,
     return json.loads(path.read_text())
 
 
-def write_report(folder: Path, results: dict, meta: dict) -> None:
-    """report.md with the metrics table and metrics.png, a grouped bar chart with the 95% intervals."""
-    import matplotlib
+def _chosen_rows(dataset: Dataset, config: EvaluateConfig, dataset_dir) -> np.ndarray:
+    """All examples of the split, or a seeded random subset of ``max_examples``."""
+    n = len(dataset.examples[config.split])
+    if n == 0:
+        raise DelrecError(f"the {config.split} split has no examples", path=dataset_dir)
+    if config.max_examples is not None and config.max_examples < n:
+        return np.sort(np.random.default_rng(config.seed).choice(n, size=config.max_examples, replace=False))
+    return np.arange(n)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _prompt_configs(delrec_dir, ablation_dir, dataset_dir) -> tuple[dict, dict | None]:
+    """The prompt configs of DELRec and the ablation, checked to be comparable."""
+    delrec_config = _finetuned_config(delrec_dir, dataset_dir, "delrec")
+    if not delrec_config.get("soft_tokens"):
+        raise DelrecError(
+            "has no soft prompt: pass the DELRec model (finetuned from distill)", path=delrec_dir
+        )
+    if ablation_dir is None:
+        return delrec_config, None
+    ablation_config = _finetuned_config(ablation_dir, dataset_dir, "ablation")
+    if ablation_config["backbone_fingerprint"] != delrec_config["backbone_fingerprint"]:
+        raise DelrecError(
+            "the ablation was fine-tuned from other base weights than DELRec; re-run both on the same backbone",
+            path=Path(ablation_dir) / PROMPT_JSON,
+            field="backbone_fingerprint",
+        )
+    return delrec_config, ablation_config
+
+
+def _llm_ranks(
+    dataset: Dataset,
+    config: EvaluateConfig,
+    rows: np.ndarray,
+    delrec: tuple[Path, dict],
+    ablation: tuple[Path, dict] | None,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Ranks of DELRec, the ablation and the untuned LLM (one backbone, adapters swapped in turn)."""
+    (delrec_dir, delrec_config) = delrec
+    torch.manual_seed(config.seed)
+    backbone = stage_backbone(
+        config.backbone, delrec_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
+    )
+    if backbone.fingerprint() != delrec_config["backbone_fingerprint"]:
+        raise DelrecError(
+            f"backbone {config.backbone!r} has other weights than the one DELRec was fine-tuned on",
+            path=delrec_dir / PROMPT_JSON,
+            field="backbone_fingerprint",
+        )
+    ranker = _LLMRanker(dataset, config, config.split, rows)
+    soft = SoftPrompt.load(delrec_dir, backbone.device)
+    ranks = {}
+    _load_adapter(backbone, delrec_dir)
+    ranks["delrec"] = ranker.ranks(backbone, soft, delrec_config, "DELRec")
+    _unload_adapter(backbone)
+    if ablation is not None:
+        _load_adapter(backbone, ablation[0])
+        ranks["ablation"] = ranker.ranks(backbone, None, ablation[1], "ablation")
+        _unload_adapter(backbone)
+    if config.zero_shot:
+        ranks["zero_shot"] = ranker.ranks(backbone, None, delrec_config, "zero-shot")
+    return ranks, backbone.name
+
+
+def _model_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dict:
+    """Each model's metrics and 95% bootstrap intervals, in the report's row order."""
+    return {
+        model: {
+            "metrics": metrics_from_ranks(ranks[model], KS),
+            "ci95": bootstrap_intervals(ranks[model], KS, samples=config.bootstrap_samples, seed=config.seed),
+        }
+        for model in LABELS
+        if model in ranks
+    }
+
+
+def _paired_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dict:
+    """``delrec_minus_<model>``: {metric: {diff, lo, hi}} for every compared model that was scored."""
+    out = {}
+    for other in COMPARED:
+        if other in ranks:
+            paired = paired_bootstrap(
+                ranks["delrec"], ranks[other], KS, samples=config.bootstrap_samples, seed=config.seed
+            )
+            out[f"delrec_minus_{other}"] = {m: paired[m] for m in REPORTED}
+    return out
+
+
+def _flat_metrics(results: dict, paired: dict) -> dict[str, float]:
+    """The figures the pipeline logs: ``<model>_<metric>`` and ``delrec_minus_<model>_<metric>[_lo|_hi]``."""
+    flat = {
+        f"{model}_{name}": float(value)
+        for model, res in results.items()
+        for name, value in res["metrics"].items()
+        if name in REPORTED
+    }
+    for comparison, cells in paired.items():
+        for metric, cell in cells.items():
+            flat[f"{comparison}_{metric}"] = cell["diff"]
+            flat[f"{comparison}_{metric}_lo"] = cell["lo"]
+            flat[f"{comparison}_{metric}_hi"] = cell["hi"]
+    return flat
+
+
+def _read_history(folder: Path) -> list[dict] | None:
+    path = folder / HISTORY
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("no learning curve from %s: %s", path, exc)
+        return None
+    if not isinstance(history, list):
+        log.warning("no learning curve from %s: not a list of records", path)
+        return None
+    return [r for r in history if isinstance(r, dict) and "step" in r]
+
+
+def learning_curves(folders: dict[str, str | os.PathLike | None]) -> dict:
+    """Training loss and validation figure against step for every curve in ``CURVES`` whose stage
+    folder (``folders[stage]``) has a history; a missing or unreadable history only drops its curve.
+
+    Returns ``{curve: {"loss": [[step, loss], ...], "valid": [[step, value], ...], "valid_metric": key}}``.
+    """
+    histories = {stage: _read_history(Path(f)) for stage, f in folders.items() if f is not None}
+    curves = {}
+    for name, (stage, loss_key, valid_key) in CURVES.items():
+        history = histories.get(stage)
+        if history:
+            curves[name] = {
+                "loss": [[r["step"], r[loss_key]] for r in history if loss_key in r],
+                "valid": [[r["step"], r[valid_key]] for r in history if valid_key in r],
+                "valid_metric": valid_key,
+            }
+    return curves
+
+
+def _label(model: str) -> str:
+    return LABELS.get(model, model)
+
+
+def _plot_metrics(folder: Path, results: dict, meta: dict, plt) -> None:
+    """metrics.png: a grouped bar chart of every model's metrics with the 95% intervals."""
     models = list(results)
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(models)
@@ -178,14 +352,7 @@ def write_report(folder: Path, results: dict, meta: dict) -> None:
         values = np.array([results[model]["metrics"][m] for m in REPORTED])
         lo = np.array([results[model]["ci95"][m][0] for m in REPORTED])
         hi = np.array([results[model]["ci95"][m][1] for m in REPORTED])
-        ax.bar(
-            x + i * width,
-            values,
-            width,
-            yerr=[values - lo, hi - values],
-            capsize=2,
-            label=LABELS.get(model, model),
-        )
+        ax.bar(x + i * width, values, width, yerr=[values - lo, hi - values], capsize=2, label=_label(model))
     ax.set_xticks(x + width * (len(models) - 1) / 2, REPORTED)
     ax.set_ylim(0, 1)
     ax.set_title(f"{meta['dataset']} ({meta['split']}, {meta['examples']} examples, {meta['universe']})")
@@ -193,20 +360,51 @@ def write_report(folder: Path, results: dict, meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(folder / "metrics.png", dpi=120)
     plt.close(fig)
+
+
+def _plot_curves(folder: Path, curves: dict, plt) -> None:
+    """curves.png: training loss (left) and the validation figure (right) against step."""
+    fig, (loss_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in curves.items():
+        if curve["loss"]:
+            steps, values = zip(*curve["loss"], strict=True)
+            loss_ax.plot(steps, values, label=name, linewidth=1)
+        if curve["valid"]:
+            steps, values = zip(*curve["valid"], strict=True)
+            valid_ax.plot(steps, values, marker="o", label=f"{name} ({curve['valid_metric']})")
+    loss_ax.set(title="training loss", xlabel="step")
+    valid_ax.set(title="validation HR@1 (finetune) / accuracy (distill)", xlabel="step", ylim=(0, 1))
+    for ax in (loss_ax, valid_ax):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def _verdict(cell: dict) -> str:
+    """Whether the 95% interval of a difference excludes 0, and on which side."""
+    if cell["lo"] > 0:
+        return "higher"
+    if cell["hi"] < 0:
+        return "lower"
+    return "unclear"
+
+
+def _report_lines(results: dict, paired: dict, curves: dict, meta: dict) -> list[str]:
     lines = [
         f"# DELRec evaluation: {meta['dataset']}",
         "",
         f"Split `{meta['split']}`, {meta['examples']} examples, ranking universe `{meta['universe']}`, "
         f"LLM scoring `{meta['scoring']}`, backbone `{meta['backbone']}`, teacher {meta['teacher']}. "
-        "Cells: value [95% bootstrap interval].",
+        "Popularity ranks by the number of training interactions. Cells: value [95% bootstrap interval].",
         "",
         "| model | " + " | ".join(REPORTED) + " |",
         "|---|" + "---|" * len(REPORTED),
     ]
-    for model in models:
-        m, ci = results[model]["metrics"], results[model]["ci95"]
+    for model, res in results.items():
+        m, ci = res["metrics"], res["ci95"]
         cells = [f"{m[k]:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" for k in REPORTED]
-        lines.append(f"| {LABELS.get(model, model)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(model)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Chance level of HR@1 with 20 candidates: {1 / 20:.3f}.",
@@ -214,7 +412,59 @@ def write_report(folder: Path, results: dict, meta: dict) -> None:
         "![metrics](metrics.png)",
         "",
     ]
-    (folder / "report.md").write_text("\n".join(lines))
+    if paired:
+        lines += [
+            "## DELRec against each model (paired)",
+            "",
+            "DELRec minus the model, on the same examples; 95% interval of a paired bootstrap (each resample "
+            "draws the same users for both). higher / lower: the interval excludes 0; unclear: it does not.",
+            "",
+            "| DELRec minus | " + " | ".join(REPORTED) + " |",
+            "|---|" + "---|" * len(REPORTED),
+        ]
+        for comparison, cells in paired.items():
+            row = [f"{c['diff']:+.4f} [{c['lo']:+.3f}, {c['hi']:+.3f}] {_verdict(c)}" for c in cells.values()]
+            other = comparison.removeprefix("delrec_minus_")
+            lines.append(f"| {_label(other)} | " + " | ".join(row) + " |")
+        lines.append("")
+    if curves:
+        lines += [
+            "## Learning curves",
+            "",
+            "| curve | steps | first loss | last loss | validation | first | last | best (step) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, c in curves.items():
+            loss = [v for _, v in c["loss"]]
+            valid = c["valid"]
+            best = max(valid, key=lambda sv: sv[1]) if valid else None
+            cells = [
+                str(max([s for s, _ in c["loss"] + valid], default=0)),
+                f"{loss[0]:.4f}" if loss else "-",
+                f"{loss[-1]:.4f}" if loss else "-",
+                c["valid_metric"],
+                f"{valid[0][1]:.4f}" if valid else "-",
+                f"{valid[-1][1]:.4f}" if valid else "-",
+                f"{best[1]:.4f} ({best[0]})" if best else "-",
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "![learning curves](curves.png)", ""]
+    return lines
+
+
+def write_report(
+    folder: Path, results: dict, meta: dict, paired: dict | None = None, curves: dict | None = None
+):
+    """report.md (metrics, paired differences, learning curves), metrics.png and curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _plot_metrics(folder, results, meta, plt)
+    if curves:
+        _plot_curves(folder, curves, plt)
+    (folder / "report.md").write_text("\n".join(_report_lines(results, paired or {}, curves or {}, meta)))
 
 
 def evaluate(
@@ -224,107 +474,53 @@ def evaluate(
     out: str | os.PathLike,
     delrec_dir: str | os.PathLike,
     ablation_dir: str | os.PathLike | None = None,
+    distill_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Score every model on the same examples; write metrics.json, report.md, metrics.png, ranks.parquet."""
+    """Score every model on the same examples; write metrics.json, curves.json, report.md, the charts and
+    ranks.parquet. ``distill_dir`` only adds distill's learning curves. Returns the flat metrics."""
     started = time.time()
     dataset = load_dataset(dataset_dir)
     require_same_input(teacher_dir, "dataset", dataset_dir, producer="train_teacher")
-    split = config.split
-    n = len(dataset.examples[split])
-    if n == 0:
-        raise DelrecError(f"the {split} split has no examples", path=dataset_dir)
-    rows = np.arange(n)
-    if config.max_examples is not None and config.max_examples < n:
-        rows = np.sort(np.random.default_rng(config.seed).choice(n, size=config.max_examples, replace=False))
-    delrec_config = _finetuned_config(delrec_dir, dataset_dir, "delrec")
-    if not delrec_config.get("soft_tokens"):
-        raise DelrecError(
-            "has no soft prompt: pass the DELRec model (finetuned from distill)", path=delrec_dir
-        )
-    ablation_config = (
-        _finetuned_config(ablation_dir, dataset_dir, "ablation") if ablation_dir is not None else None
-    )
-    if (
-        ablation_config is not None
-        and ablation_config["backbone_fingerprint"] != delrec_config["backbone_fingerprint"]
-    ):
-        raise DelrecError(
-            "the ablation was fine-tuned from other base weights than DELRec; re-run both on the same backbone",
-            path=Path(ablation_dir) / PROMPT_JSON,
-            field="backbone_fingerprint",
-        )
+    rows = _chosen_rows(dataset, config, dataset_dir)
+    delrec_config, ablation_config = _prompt_configs(delrec_dir, ablation_dir, dataset_dir)
 
-    ranks: dict[str, np.ndarray] = {}
-    teacher_scores = _teacher_scores(dataset, teacher_dir, split, rows)
-    examples = dataset.examples[split]
-    if config.universe == "candidates":
-        cands = dataset.candidates[split][rows]
-        ranks["teacher"] = target_ranks(
-            np.take_along_axis(teacher_scores, cands, axis=1),
-            (cands == examples.targets[rows, None]).argmax(axis=1),
-        )
-    else:
-        ranks["teacher"] = _catalogue_ranks(teacher_scores[:, 1:], examples, rows)
+    teacher_scores = _teacher_scores(dataset, teacher_dir, config.split, rows)
+    ranks = {
+        "teacher": item_score_ranks(teacher_scores, dataset, config.split, rows, config.universe),
+        "popularity": popularity_ranks(dataset, config.split, rows, config.universe),
+    }
+    ablation = (Path(ablation_dir), ablation_config) if ablation_dir is not None else None
+    llm_ranks, backbone_name = _llm_ranks(dataset, config, rows, (Path(delrec_dir), delrec_config), ablation)
+    ranks |= llm_ranks
 
-    torch.manual_seed(config.seed)
-    backbone = stage_backbone(
-        config.backbone, delrec_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
-    )
-    if backbone.fingerprint() != delrec_config["backbone_fingerprint"]:
-        raise DelrecError(
-            f"backbone {config.backbone!r} has other weights than the one DELRec was fine-tuned on",
-            path=Path(delrec_dir) / PROMPT_JSON,
-            field="backbone_fingerprint",
-        )
-    ranker = _LLMRanker(dataset, config, split, rows)
-    soft = SoftPrompt.load(delrec_dir, backbone.device)
-    _load_adapter(backbone, Path(delrec_dir))
-    ranks["delrec"] = ranker.ranks(backbone, soft, delrec_config, "DELRec")
-    _unload_adapter(backbone)
-    if ablation_dir is not None:
-        _load_adapter(backbone, Path(ablation_dir))
-        ranks["ablation"] = ranker.ranks(backbone, None, ablation_config, "ablation")
-        _unload_adapter(backbone)
-    if config.zero_shot:
-        ranks["zero_shot"] = ranker.ranks(backbone, None, delrec_config, "zero-shot")
-
-    results = {}
-    for model in ("delrec", "teacher", "ablation", "zero_shot"):
-        if model in ranks:
-            results[model] = {
-                "metrics": metrics_from_ranks(ranks[model], KS),
-                "ci95": bootstrap_intervals(
-                    ranks[model], KS, samples=config.bootstrap_samples, seed=config.seed
-                ),
-            }
+    results = _model_results(ranks, config)
+    paired = _paired_results(ranks, config)
+    curves = learning_curves({"distill": distill_dir, "delrec": delrec_dir, "ablation": ablation_dir})
     meta = {
         "dataset": dataset.name,
-        "split": split,
+        "split": config.split,
         "examples": int(len(rows)),
         "universe": config.universe,
         "scoring": config.scoring,
-        "backbone": backbone.name,
+        "backbone": backbone_name,
         "teacher": delrec_config.get("teacher", ""),
         "seconds": time.time() - started,
     }
-    flat = {
-        f"{model}_{name}": float(value)
-        for model, res in results.items()
-        for name, value in res["metrics"].items()
-        if name in REPORTED
-    }
+    flat = _flat_metrics(results, paired)
     with atomic_dir(out) as tmp:
-        write_json_atomic(tmp / "metrics.json", {"meta": meta, "models": results, "flat": flat})
+        write_json_atomic(
+            tmp / "metrics.json", {"meta": meta, "models": results, "paired": paired, "flat": flat}
+        )
+        write_json_atomic(tmp / "curves.json", curves)
         pq.write_table(
             pa.table(
                 {"row": pa.array(rows, pa.int32())} | {m: pa.array(r, pa.int32()) for m, r in ranks.items()}
             ),
             tmp / "ranks.parquet",
         )
-        write_report(tmp, results, meta)
+        write_report(tmp, results, meta, paired, curves)
         inputs = {"dataset": dataset_dir, "teacher": teacher_dir, "delrec": delrec_dir}
-        if ablation_dir is not None:
-            inputs["ablation"] = ablation_dir
+        inputs |= {k: v for k, v in (("ablation", ablation_dir), ("distill", distill_dir)) if v is not None}
         write_manifest(
             tmp,
             producer=PRODUCER,
@@ -335,6 +531,6 @@ def evaluate(
     log.info(
         "evaluate done in %.0f s: %s",
         meta["seconds"],
-        ", ".join(f"{LABELS[m]} HR@1 {r['metrics']['HR@1']:.4f}" for m, r in results.items()),
+        ", ".join(f"{_label(m)} HR@1 {r['metrics']['HR@1']:.4f}" for m, r in results.items()),
     )
     return flat
