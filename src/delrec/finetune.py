@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from delrec.adapter_io import save_adapter
 from delrec.artifacts import atomic_dir, partial_dir, read_manifest, write_json_atomic, write_manifest
 from delrec.data import load_dataset
 from delrec.distill import PROMPT_JSON, read_prompt_config
@@ -321,7 +322,7 @@ def _write_output(
 ) -> None:
     """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest."""
     with atomic_dir(out) as tmp:
-        backbone.model.save_pretrained(tmp / ADAPTER)
+        save_adapter(backbone.model, tmp / ADAPTER)
         if soft is not None:
             soft.save(tmp, teacher=prompt_config["teacher"])
         if backbone.name in TINY:

@@ -41,7 +41,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     from delrec.evaluate import EvaluateConfig, evaluate
 
     config = _config(EvaluateConfig, "evaluate", args)
-    _print(evaluate(args.data, args.teacher, config, args.out, args.delrec, ablation_dir=args.ablation))
+    _print(
+        evaluate(
+            args.data,
+            args.teacher,
+            config,
+            args.out,
+            args.delrec,
+            ablation_dir=args.ablation,
+            distill_dir=args.distill,
+        )
+    )
 
 
 def _common(p: argparse.ArgumentParser, training: bool) -> None:
@@ -100,11 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "evaluate",
-        help="DELRec vs teacher vs ablation vs untuned LLM on the same candidate sets, with a report",
+        help="DELRec vs teacher, popularity, ablation and untuned LLM on the same candidates, with a report",
         description=(
-            "Rank the stored candidates of every test example with DELRec, the teacher, the ablation "
-            "(if given) and the untuned LLM; HR@1/5/10, NDCG@5/10, MRR with 95% bootstrap intervals. "
-            "Writes metrics.json, report.md, metrics.png and ranks.parquet."
+            "Rank the stored candidates of every test example with DELRec, the teacher, popularity, the "
+            "ablation (if given) and the untuned LLM; HR@1/5/10, NDCG@5/10, MRR with 95% bootstrap "
+            "intervals, and DELRec minus each other model with a paired bootstrap interval. Writes "
+            "metrics.json, report.md (with learning curves), metrics.png, curves.png and ranks.parquet."
         ),
         epilog=(
             "example:\n  delrec evaluate --data data/ml-100k --teacher runs/sasrec --delrec runs/delrec "
@@ -116,4 +127,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--delrec", required=True, help="finetune folder of DELRec (with soft prompt)")
     p.add_argument("--ablation", help="finetune folder of the no-soft-prompt ablation")
+    p.add_argument("--distill", help="distill folder (only for its learning curves in the report)")
     p.set_defaults(handler=_evaluate)
