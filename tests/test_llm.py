@@ -50,7 +50,7 @@ def test_soft_tokens_land_exactly_at_the_marker(setup, synthetic):
     backbone, soft, builder = setup
     history, candidates = synthetic.examples["test"].histories[0], synthetic.candidates["test"][0]
     text = builder.stage2_text(history[-6:], candidates, soft=True, limit=80)
-    head = text.split(SOFT_MARKER)[0]
+    head = text.split(SOFT_MARKER)[0].rstrip()
     prompt = builder.stage2(history, candidates)
     assert prompt.soft_start == len(backbone.tokenizer.encode(head, add_special_tokens=False))
     assert prompt.n_soft == N_SOFT

@@ -38,7 +38,7 @@ class PromptBatch:
     ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     soft_mask: torch.Tensor  # (B, T) bool: the soft prompt's slots
-    lengths: torch.Tensor  # (B,)
+    lengths: torch.Tensor | None  # (B,)
 
 
 def collate_prompts(
@@ -95,10 +95,6 @@ def _reduce(token_logp: torch.Tensor, mask: torch.Tensor, skip: int, reduction: 
     return total / mask.sum(dim=1) if reduction == "mean" else total
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
 def score_candidates(
     backbone: Backbone,
     soft_prompt: SoftPrompt | None,
@@ -112,94 +108,227 @@ def score_candidates(
 
     ``skip``: leading answer tokens that are given, not scored (T5's sentinel).
     """
+    if backbone.is_encoder_decoder:
+        return _score_encoder_decoder(backbone, soft_prompt, prompts, answers, skip, reduction)
+    return _score_decoder_only(backbone, soft_prompt, prompts, answers, skip, reduction, None)
+
+
+def _score_encoder_decoder(
+    backbone: Backbone,
+    soft_prompt: SoftPrompt | None,
+    prompts: Sequence[EncodedPrompt],
+    answers: Sequence[Sequence[Sequence[int]]],
+    skip: int,
+    reduction: Reduction,
+) -> torch.Tensor:
+    """The encoder runs once per example; the decoder on each (right-padded) answer."""
     model, device = backbone.base_model(), backbone.device
-    enc_dec = backbone.is_encoder_decoder
-    batch = collate_prompts(prompts, backbone.pad_id, device, left=not enc_dec)
+    batch = collate_prompts(prompts, backbone.pad_id, device, left=False)
     ans_ids, ans_mask, n_cand = collate_answers(answers, backbone.pad_id, device)
     with backbone.autocast_ctx():
         embeds = prompt_embeddings(backbone, soft_prompt, batch)
-        if enc_dec:
-            encoded = model.get_encoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask)
-            hidden = encoded.last_hidden_state.repeat_interleave(n_cand, dim=0)
-            start = torch.full_like(ans_ids[:, :1], model.config.decoder_start_token_id)
-            out = model(
-                encoder_outputs=(hidden,),
-                attention_mask=batch.attention_mask.repeat_interleave(n_cand, dim=0),
-                decoder_input_ids=torch.cat([start, ans_ids[:, :-1]], dim=1),
-                decoder_attention_mask=torch.cat([torch.ones_like(start), ans_mask[:, :-1]], dim=1),
-            )
-            logp = F.log_softmax(out.logits.float(), dim=-1).gather(2, ans_ids[:, :, None])[..., 0]
-            return _reduce(logp, ans_mask, skip, reduction).view(-1, n_cand)
-        if reduction == "first" or ans_ids.shape[1] == 1:
-            out = model(
-                inputs_embeds=embeds,
-                attention_mask=batch.attention_mask,
-                position_ids=_positions(batch.attention_mask),
-                logits_to_keep=1,
-            )
-            first = F.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n_cand, dim=0)
-            return _reduce(first.gather(1, ans_ids[:, :1]), ans_mask[:, :1], 0, reduction).view(-1, n_cand)
-        return _score_packed(backbone, embeds, batch, ans_ids, ans_mask, n_cand, skip, reduction)
+        encoded = model.get_encoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask)
+        hidden = encoded.last_hidden_state.repeat_interleave(n_cand, dim=0)
+        start = torch.full_like(ans_ids[:, :1], model.config.decoder_start_token_id)
+        out = model(
+            encoder_outputs=(hidden,),
+            attention_mask=batch.attention_mask.repeat_interleave(n_cand, dim=0),
+            decoder_input_ids=torch.cat([start, ans_ids[:, :-1]], dim=1),
+            decoder_attention_mask=torch.cat([torch.ones_like(start), ans_mask[:, :-1]], dim=1),
+        )
+        logp = F.log_softmax(out.logits.float(), dim=-1).gather(2, ans_ids[:, :, None])[..., 0]
+        return _reduce(logp, ans_mask, skip, reduction).view(-1, n_cand)
+
+
+def _score_decoder_only(
+    backbone: Backbone,
+    soft_prompt: SoftPrompt | None,
+    prompts: Sequence[EncodedPrompt],
+    answers: Sequence[Sequence[Sequence[int]]],
+    skip: int,
+    reduction: Reduction,
+    prefix: Prefix | None,
+) -> torch.Tensor:
+    """Packed scoring; without a given ``prefix`` the batch's shared prefix is run once for the batch."""
+    with backbone.autocast_ctx():
+        if prefix is None and len(prompts) > 1:
+            length = shared_prefix_length(prompts)
+            prefix = compute_prefix(backbone, soft_prompt, prompts[0], length) if length else None
+        return _score_packed(backbone, soft_prompt, prompts, answers, skip, reduction, prefix)
+
+
+@dataclass
+class Prefix:
+    """Keys and values of a prompt prefix shared by every prompt of a batch (or of a whole scoring run).
+
+    Every stage-2 (and distill) prompt starts with the same instruction and soft prompt: its keys and
+    values are computed once, with batch size 1, and read by every example, instead of once per example.
+    """
+
+    ids: tuple[int, ...]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv heads, length, head dim)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def shared_prefix_length(prompts: Sequence[EncodedPrompt]) -> int:
+    """Tokens every prompt starts with, short of each prompt's last token (whose output predicts the
+    answers' first tokens), not cutting a soft-prompt slot in two."""
+    first = prompts[0].ids
+    length = min(len(p.ids) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        ids = prompt.ids
+        same = 0
+        while same < length and ids[same] == first[same]:
+            same += 1
+        length = same
+    for prompt in prompts:
+        if prompt.n_soft and prompt.soft_start < length:
+            slot = (prompt.soft_start, prompt.n_soft)
+            # A slot inside the prefix must be the same slot in every prompt (the ids alone cannot tell).
+            if prompt.soft_start + prompt.n_soft > length or any(
+                (p.soft_start, p.n_soft) != slot for p in prompts
+            ):
+                length = min(length, prompt.soft_start)
+    return max(length, 0)
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer stack under the language-model head (LlamaModel, GPT2Model, ...)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def compute_prefix(
+    backbone: Backbone, soft_prompt: SoftPrompt | None, prompt: EncodedPrompt, length: int
+) -> Prefix:
+    """Run the first ``length`` tokens of ``prompt`` once and keep every layer's keys and values."""
+    from transformers import DynamicCache
+
+    device = backbone.device
+    ids = torch.tensor([prompt.ids[:length]], device=device)
+    soft = torch.zeros_like(ids, dtype=torch.bool)
+    if prompt.n_soft and prompt.soft_start < length:
+        soft[0, prompt.soft_start : prompt.soft_start + prompt.n_soft] = True
+    with backbone.autocast_ctx():
+        embeds = prompt_embeddings(backbone, soft_prompt, PromptBatch(ids, torch.ones_like(ids), soft, None))
+        cache = DynamicCache()
+        _decoder(backbone.base_model())(
+            inputs_embeds=embeds,
+            position_ids=torch.arange(length, device=device)[None],
+            cache=cache,
+            use_cache=True,
+        )
+    return Prefix(tuple(prompt.ids[:length]), [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def _mask_dtype(backbone: Backbone) -> torch.dtype:
+    if backbone.autocast:
+        return torch.bfloat16
+    return next(backbone.base_model().parameters()).dtype
 
 
 def _score_packed(
     backbone: Backbone,
-    prompt_embeds: torch.Tensor,
-    batch: PromptBatch,
-    ans_ids: torch.Tensor,
-    ans_mask: torch.Tensor,
-    n_cand: int,
+    soft_prompt: SoftPrompt | None,
+    prompts: Sequence[EncodedPrompt],
+    answers: Sequence[Sequence[Sequence[int]]],
     skip: int,
     reduction: Reduction,
+    prefix: Prefix | None,
 ) -> torch.Tensor:
     """Decoder-only scoring: each example's prompt and its candidates' answers in one sequence.
 
-    The answer blocks follow the prompt; a block attends to the prompt and to its own earlier tokens only
-    (a block-diagonal causal mask, with positions continuing from the prompt's end), so the prompt's keys
-    and values are computed once and shared by every candidate without being copied per candidate, the
-    copy that makes a per-candidate KV cache cost gigabytes under autograd.
+    Row ``b`` holds the prompt (after the shared ``prefix``, whose keys and values come from the cache)
+    followed by every candidate's fed answer tokens back to back (ragged: no padding between answers; rows
+    are padded at their end only). An answer block attends to the prefix, the prompt and its own earlier
+    tokens (a block-diagonal causal mask, additive: 0 or -inf, so eager attention masks too), with
+    positions continuing from the prompt's end. Logits are computed only where a scored token is
+    predicted: the prompt's last position (every candidate's first token) and the fed answer tokens.
     """
     model, device = backbone.base_model(), backbone.device
-    n_ex, prompt_len = batch.ids.shape
-    width = ans_ids.shape[1] - 1  # an answer's last token is only predicted, never fed
-    answers = ans_ids.view(n_ex, n_cand, -1)
-    fed = answers[:, :, :-1].reshape(n_ex, n_cand * width)
-    embeds = torch.cat([prompt_embeds, backbone.embed(fed)], dim=1)
-    total = prompt_len + n_cand * width
-    positions = torch.cat(
-        [
-            _positions(batch.attention_mask),
-            batch.lengths[:, None] + torch.arange(width, device=device).repeat(n_cand)[None],
-        ],
-        dim=1,
+    n_ex, n_cand = len(prompts), len(answers[0])
+    if any(len(row) != n_cand for row in answers):
+        raise ValueError(
+            f"every example needs the same number of candidates, got {sorted({len(r) for r in answers})}"
+        )
+    start = prefix.length if prefix is not None else 0
+    first_only = reduction == "first"
+    rows, block_ids, pos_rows, soft_rows = [], [], [], []
+    # Scored targets: (row, column of the predicting token, target id, candidate, index in the answer).
+    t_row, t_col, t_tok, t_owner = [], [], [], []
+    for b, (prompt, cands) in enumerate(zip(prompts, answers, strict=True)):
+        if tuple(prompt.ids[:start]) != (prefix.ids if prefix is not None else ()):
+            raise ValueError("prompt does not start with the cached prefix")
+        rest = list(prompt.ids[start:])
+        seq, blocks = rest[:], [-1] * len(rest)
+        pos = list(range(start, len(prompt.ids)))
+        soft = [False] * len(rest)
+        if prompt.n_soft and prompt.soft_start >= start:
+            for k in range(prompt.soft_start - start, prompt.soft_start - start + prompt.n_soft):
+                soft[k] = True
+        last = len(rest) - 1
+        for c, answer in enumerate(cands):
+            fed = answer[:skip] if first_only else answer[:-1]
+            offset = len(seq)
+            seq += fed
+            blocks += [c] * len(fed)
+            pos += range(len(prompt.ids), len(prompt.ids) + len(fed))
+            soft += [False] * len(fed)
+            targets = range(skip, skip + 1) if first_only else range(skip, len(answer))
+            for j in targets:
+                t_row.append(b)
+                t_col.append(last if j == 0 else offset + j - 1)
+                t_tok.append(answer[j])
+                t_owner.append(b * n_cand + c)
+        rows.append(seq)
+        block_ids.append(blocks)
+        pos_rows.append(pos)
+        soft_rows.append(soft)
+    width = max(len(r) for r in rows)
+    pad = backbone.pad_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    block = torch.tensor([r + [-2] * (width - len(r)) for r in block_ids], device=device)
+    positions = torch.tensor([r + [0] * (width - len(r)) for r in pos_rows], device=device)
+    soft_mask = torch.tensor([r + [False] * (width - len(r)) for r in soft_rows], device=device)
+    index = torch.arange(width, device=device)
+    # Keys a query may read: earlier-or-same tokens of the prompt (block -1) or of its own answer block;
+    # padding (block -2) reads only itself so that no row is all -inf.
+    allowed = (index[None, None, :] <= index[None, :, None]) & (
+        (block[:, None, :] == -1) | (block[:, None, :] == block[:, :, None])
     )
-    block = torch.cat(
-        [
-            torch.full((prompt_len,), -1, device=device),
-            torch.arange(n_cand, device=device).repeat_interleave(width),
-        ]
-    )
-    index = torch.arange(total, device=device)
-    allowed = (index[None, :] <= index[:, None]) & (
-        (block[None, :] == -1) | (block[None, :] == block[:, None])
-    )
-    real = torch.cat(
-        [batch.attention_mask.bool(), ans_mask.view(n_ex, n_cand, -1)[:, :, :-1].reshape(n_ex, -1).bool()], 1
-    )
-    # Every position also sees itself, so no row (a padding slot) is fully masked.
-    mask = (allowed[None] & real[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)[None]
-    keep = torch.cat(
-        [torch.tensor([prompt_len - 1], device=device), torch.arange(prompt_len, total, device=device)]
-    )
-    logits = model(
-        inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=positions, logits_to_keep=keep
-    ).logits
-    logp = F.log_softmax(logits.float(), dim=-1)
-    # The prompt's last position predicts every candidate's first token; block c position j its token j+1.
-    first = logp[:, 0].repeat_interleave(n_cand, dim=0).gather(1, ans_ids[:, :1])
-    rest = logp[:, 1:].reshape(n_ex, n_cand, width, -1).gather(3, answers[:, :, 1:, None])[..., 0]
-    token_logp = torch.cat([first, rest.reshape(n_ex * n_cand, width)], dim=1)
-    return _reduce(token_logp, ans_mask, skip, reduction).view(-1, n_cand)
+    allowed &= block[:, None, :] != -2
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
+    if prefix is not None:
+        allowed = torch.cat([allowed.new_ones(n_ex, width, start), allowed], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=_mask_dtype(backbone), device=device)
+    mask = mask.masked_fill(~allowed, float("-inf"))[:, None]
+    cache = None
+    if prefix is not None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(
+            ddp_cache_data=[(k.expand(n_ex, -1, -1, -1), v.expand(n_ex, -1, -1, -1)) for k, v in prefix.kv]
+        )
+    embeds = prompt_embeddings(backbone, soft_prompt, PromptBatch(ids, torch.ones_like(ids), soft_mask, None))
+    hidden = _decoder(model)(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
+    # Each predicting position once (the prompt's last one predicts every candidate's first token).
+    where = torch.tensor(t_row, device=device) * width + torch.tensor(t_col, device=device)
+    unique, inverse = torch.unique(where, return_inverse=True)
+    logits = model.get_output_embeddings()(hidden.reshape(n_ex * width, -1)[unique])
+    logp = torch.log_softmax(logits.float(), dim=-1)[inverse, torch.tensor(t_tok, device=device)]
+    owner = torch.tensor(t_owner, device=device)
+    total = logp.new_zeros(n_ex * n_cand).index_add(0, owner, logp)
+    if reduction == "mean":
+        total = total / logp.new_zeros(n_ex * n_cand).index_add(0, owner, torch.ones_like(logp))
+    return total.view(n_ex, n_cand)
 
 
 def score_naive(
@@ -256,16 +385,24 @@ def score_all(
     model.eval()
     try:
         with torch.no_grad():
+            prefix = None
+            if len(prompts) and not backbone.is_encoder_decoder:
+                # The prefix every prompt shares is run once for the whole run, not once per batch.
+                length = shared_prefix_length(prompts)
+                if length:
+                    with backbone.autocast_ctx():
+                        prefix = compute_prefix(backbone, soft_prompt, prompts[0], length)
             for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, mininterval=5):
                 idx = order[start : start + batch_size]
-                scores = score_candidates(
-                    backbone,
-                    soft_prompt,
-                    [prompts[i] for i in idx],
-                    [answers[i] for i in idx],
-                    reduction=reduction,
-                    skip=skip,
-                )
+                batch_prompts, batch_answers = [prompts[i] for i in idx], [answers[i] for i in idx]
+                if backbone.is_encoder_decoder:
+                    scores = score_candidates(
+                        backbone, soft_prompt, batch_prompts, batch_answers, reduction=reduction, skip=skip
+                    )
+                else:
+                    scores = _score_decoder_only(
+                        backbone, soft_prompt, batch_prompts, batch_answers, skip, reduction, prefix
+                    )
                 out[idx] = scores.float().cpu().numpy()
     finally:
         model.train(was_training)

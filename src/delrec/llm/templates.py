@@ -140,6 +140,9 @@ class PromptBuilder:
     def encode(self, text: str, n_soft: int) -> EncodedPrompt:
         """Split at the marker and put ``n_soft`` placeholder ids there (none if the text has no marker)."""
         head, marker, tail = text.partition(SOFT_MARKER)
+        if marker:
+            # "...is: [SOFT]" would leave a token that is a lone space before the soft slots.
+            head = head.rstrip()
         encode = self.tokenizer.encode
         ids = encode(head, add_special_tokens=False)
         soft_start = -1
