@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
+from delrec import layout
 from delrec.artifacts import (
     atomic_dir,
     load_checkpoint,
@@ -48,8 +49,8 @@ from delrec.teachers import load_topk
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "distill"
-PROMPT_JSON = "prompt.json"
+PRODUCER = layout.DISTILL
+PROMPT_JSON = layout.PROMPT_JSON
 
 
 class DistillConfig(StageConfig):
@@ -167,7 +168,7 @@ def distill(
         "backbone": backbone.fingerprint(),
     }
     partial = partial_dir(out)
-    state = load_checkpoint(partial, run_key, weights_only=False)
+    state = load_checkpoint(partial, run_key)
     step, best, history = 0, {"score": -1.0, "step": 0, "weight": soft.weight.detach().clone()}, []
     if state is not None:
         with torch.no_grad():

@@ -21,12 +21,11 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
+from delrec import layout
 from delrec.artifacts import atomic_dir, require_same_input, write_json_atomic, write_manifest
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
-from delrec.distill import PROMPT_JSON
 from delrec.errors import DelrecError
-from delrec.finetune import ADAPTER
 from delrec.llm.backbone import Backbone, stage_backbone
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
@@ -35,7 +34,9 @@ from delrec.metrics import bootstrap_intervals, metrics_from_ranks, target_ranks
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "evaluate"
+PRODUCER = layout.EVALUATE
+ADAPTER = layout.ADAPTER
+PROMPT_JSON = layout.PROMPT_JSON
 KS = (1, 5, 10)
 REPORTED = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
 LABELS = {

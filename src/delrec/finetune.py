@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
+from delrec import layout
 from delrec.artifacts import (
     atomic_dir,
     load_checkpoint,
@@ -32,7 +33,7 @@ from delrec.artifacts import (
 )
 from delrec.config import StageConfig
 from delrec.data import load_dataset
-from delrec.distill import PROMPT_JSON, read_prompt_config
+from delrec.distill import read_prompt_config
 from delrec.errors import DelrecError
 from delrec.llm.backbone import TINY, Backbone, stage_backbone
 from delrec.llm.optim import linear_warmup
@@ -47,8 +48,9 @@ from delrec.llm.training import (
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "finetune"
-ADAPTER = "adapter"
+PRODUCER = layout.FINETUNE
+ADAPTER = layout.ADAPTER
+PROMPT_JSON = layout.PROMPT_JSON
 # Attention query/value projections by model family (transformers module names).
 TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"]}
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -239,7 +241,7 @@ def finetune(
         "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
         "backbone": fingerprint,
     }
-    state = load_checkpoint(partial, run_key, weights_only=False)
+    state = load_checkpoint(partial, run_key)
     step, history = 0, []
     if state is not None:
         names = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
