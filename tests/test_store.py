@@ -58,7 +58,10 @@ def test_settings_tls_on_by_default_and_scheme_decides(monkeypatch):
     assert st.S3Settings.from_env("https://minio.local").secure is True
     monkeypatch.setenv("DELREC_S3_SECURE", "0")
     assert st.S3Settings.from_env("minio.local:9000").secure is False
-    assert st.S3Settings.from_env("http://minio.local:9000", secure=True).secure is False  # scheme wins
+    with pytest.raises(DelrecError, match="says http, but TLS was set on"):
+        st.S3Settings.from_env("http://minio.local:9000", secure=True)
+    with pytest.raises(DelrecError, match="says https, but TLS was set off"):
+        st.S3Settings.from_env("https://minio.local:9000", secure=False)
     monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)
     with pytest.raises(DelrecError, match="DELREC_S3_ENDPOINT"):
         st.S3Settings.from_env()

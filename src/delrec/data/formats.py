@@ -222,13 +222,11 @@ def check_values(
             row = int(pc.index(bad, True).as_py())
             value = column[row].as_py()
             what = (
-                "missing (empty, NaN or NULL)"
+                "missing value (empty, NaN or NULL)"
                 if value is None or (isinstance(value, str) and not value.strip())
                 else f"not a finite value ({value!r})"
             )
-            raise DelrecError(
-                f"{what} {name}", path=_where(path, row, text_file, header, encoding), field=name
-            )
+            raise DelrecError(what, path=_where(path, row, text_file, header, encoding), field=name)
         if name in times and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             warn_negative(column.to_numpy(), path, name)
 
