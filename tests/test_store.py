@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 
@@ -263,12 +264,11 @@ def test_store_cli_put_ls_latest(store, moto_endpoint, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- safety
 
 
-@pytest.mark.parametrize("key", ["raw//etc/evil", "raw/../../evil", "raw/./x"])
-def test_keys_that_would_land_outside_the_destination_are_refused(
-    store, moto_endpoint, tmp_path, capsys, key
-):
+def test_keys_that_would_land_outside_the_destination_are_refused(store, moto_endpoint, tmp_path, capsys):
+    # The minio client refuses '.'/'..' segments on upload (other tools do not: see test_local_path_...).
+    key = "raw//etc/evil"
     store.put_bytes(b"ok", f"s3://{BUCKET}/raw/good.txt")
-    store.client.put_object(BUCKET, key, __import__("io").BytesIO(b"evil"), 4)
+    store.client.put_object(BUCKET, key, io.BytesIO(b"evil"), 4)
     assert "/etc/evil" in store.list(f"s3://{BUCKET}/raw")
     dest = tmp_path / "dest"
     code = delrec_main(
@@ -316,7 +316,7 @@ def test_post_copy_check_reads_the_data_and_never_deletes_the_final_key(store, m
         removed.append(key)
         return real_remove(bucket, key, *args, **kwargs)
 
-    store.client.put_object(BUCKET, "other", __import__("io").BytesIO(b"XXXX"), 4)
+    store.client.put_object(BUCKET, "other", io.BytesIO(b"XXXX"), 4)
     monkeypatch.setattr(store.client, "copy_object", corrupting_copy)
     monkeypatch.setattr(store.client, "remove_object", recording_remove)
     with pytest.raises(st.ChecksumError, match="final object does not match"):
@@ -326,7 +326,7 @@ def test_post_copy_check_reads_the_data_and_never_deletes_the_final_key(store, m
 
 
 def test_old_temporary_objects_of_killed_uploads_are_swept(store):
-    store.client.put_object(BUCKET, ".delrec-tmp/dead/x.bin", __import__("io").BytesIO(b"x"), 1)
+    store.client.put_object(BUCKET, ".delrec-tmp/dead/x.bin", io.BytesIO(b"x"), 1)
     fresh = st.S3Store(store.settings, client=store.client, tmp_max_age_s=3600)
     fresh.put_bytes(b"a", f"s3://{BUCKET}/a.bin")
     assert ".delrec-tmp/dead/x.bin" in all_keys(store)  # younger than an hour: maybe a live upload
