@@ -491,7 +491,7 @@ class S3Store:
             raise DelrecError("no objects under this prefix", path=uri)
         with atomic_dir(dest, force=force) as tmp:
             for key in keys:
-                self.get_file(join_uri(uri, key), local_path(tmp, key, uri))
+                self.get_file(join_uri(uri, key), local_path(tmp, key, uri, shown=dest))
         return Path(dest)
 
     def fetch(self, uri: str, dest: str | os.PathLike, *, force: bool = False) -> Path:
@@ -501,15 +501,18 @@ class S3Store:
         return self.get_dir(uri, dest, force=force)
 
 
-def local_path(dest: str | os.PathLike, key: str, uri: str = "") -> Path:
+def local_path(
+    dest: str | os.PathLike, key: str, uri: str = "", shown: str | os.PathLike | None = None
+) -> Path:
     """Where object ``key`` (relative to a prefix) goes under ``dest``; refuses a key that would land
-    outside ``dest`` (``/abs/path`` from ``prefix//abs/path``, ``..`` segments, empty segments)."""
+    outside ``dest`` (``/abs/path`` from ``prefix//abs/path``, ``..`` segments, empty segments).
+    ``shown`` is the destination the message names (the user's, not a temporary folder)."""
     parts = key.split("/")
     root = Path(os.path.abspath(dest))
     target = Path(os.path.abspath(root.joinpath(*parts))) if key else root
     if not key or any(part in ("", ".", "..") for part in parts) or root not in target.parents:
         raise DelrecError(
-            f"object key {key!r} does not map to a file inside the destination {dest}: refused",
+            f"object key {key!r} does not map to a file inside the destination {shown or dest}: refused",
             path=uri or key,
         )
     return target
