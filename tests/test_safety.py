@@ -379,7 +379,9 @@ def test_generic_csv_and_parquet_bad_values(tmp_path, capsys):
         str(tmp_path / "o"),
         *SMALL,
     )
-    assert code == 2 and "interactions.parquet (data row 1): field 'timestamp': not a finite value (nan)" in err, err
+    assert (
+        code == 2 and "interactions.parquet (data row 1): field 'timestamp': not a finite value (nan)" in err
+    ), err
 
 
 def test_json_nan_timestamp_and_negative_warning(tmp_path, capsys, caplog):
