@@ -26,6 +26,7 @@ def preprocess(
 
     from delrec.data import PreprocessConfig
     from delrec.data import preprocess as run
+    from delrec.data.download import redact_url
 
     started = time.perf_counter()
     # delrec.store reads its endpoint from the environment (the credentials come from a secret).
@@ -42,4 +43,5 @@ def preprocess(
     for name, value in {**flat, "wall_seconds": seconds}.items():
         metrics.log_metric(name, float(value))
     dataset.metadata.update(flat)
-    dataset.metadata.update(source=str(settings.get("source") or ""), fingerprint=source_fingerprint)
+    source_text = redact_url(str(settings.get("source") or ""))  # no credentials in KFP metadata
+    dataset.metadata.update(source=source_text, fingerprint=source_fingerprint)

@@ -1,8 +1,23 @@
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from delrec.artifacts import atomic_dir, read_manifest, require_same_input, write_manifest
+from delrec import artifacts
+from delrec.artifacts import (
+    atomic_dir,
+    load_checkpoint,
+    read_manifest,
+    require_same_input,
+    save_checkpoint,
+    sweep_stale,
+    write_manifest,
+)
 from delrec.errors import DelrecError
 
 
@@ -15,10 +30,11 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_dir_replaces_existing_only_on_success(tmp_path):
+def test_atomic_dir_replaces_our_output_only_on_success(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    write_manifest(out, producer="preprocess", config={})
     with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
         (tmp / "new.txt").write_text("new")
         raise RuntimeError
@@ -26,6 +42,105 @@ def test_atomic_dir_replaces_existing_only_on_success(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old-* or .tmp-* left
+
+
+def test_atomic_dir_refuses_a_folder_that_is_not_ours_unless_forced(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_text("precious")
+    with pytest.raises(DelrecError, match="not a delrec output"), atomic_dir(out):
+        pass
+    assert (out / "cat.jpg").read_text() == "precious"
+    with (
+        pytest.raises(DelrecError, match="would replace the input"),
+        atomic_dir(out, force=True, protect=[out]),
+    ):
+        pass
+    with pytest.raises(DelrecError, match="would replace the input"):
+        with atomic_dir(tmp_path, force=True, protect=[out]):  # a parent of the input
+            pass
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "x").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["x"]
+
+
+def test_atomic_dir_takes_an_empty_folder_and_removes_parents_it_created(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as tmp:
+        (tmp / "a").write_text("a")
+    assert (empty / "a").is_file()
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "new" / "deep" / "out"):
+        raise RuntimeError
+    assert not (tmp_path / "new").exists()
+
+
+def test_stale_temporary_folders_of_dead_processes_are_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    pid = int(dead.stdout)
+    host = artifacts._safe_host()
+    stale = tmp_path / f".out.tmp-{host}-{pid}-abc"
+    live = tmp_path / f".out.tmp-{host}-{os.getppid()}-abc"
+    foreign_old = tmp_path / ".out.tmp-otherhost-7-abc"
+    foreign_new = tmp_path / ".out.tmp-otherhost-8-abc"
+    for folder in (stale, live, foreign_old, foreign_new):
+        folder.mkdir()
+    hour_ago = time.time() - 2 * artifacts.STALE_AFTER_S
+    os.utime(foreign_old, (hour_ago, hour_ago))
+    removed = sweep_stale(tmp_path / "out")
+    assert sorted(removed) == sorted([stale, foreign_old])
+    assert live.exists() and foreign_new.exists()
+
+
+def test_manifest_records_and_verifies_every_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model.bin").write_bytes(b"\x01" * 1000)
+    (tmp_path / "sub" / "a.txt").write_text("a")
+    manifest = write_manifest(tmp_path, producer="preprocess", config={})
+    assert manifest["files"]["model.bin"]["size"] == 1000
+    assert set(manifest["files"]) == {"model.bin", "sub/a.txt"}
+    read_manifest(tmp_path)
+    with open(tmp_path / "model.bin", "r+b") as handle:  # same size, overwritten bytes
+        handle.seek(500)
+        handle.write(b"\x02")
+    with pytest.raises(DelrecError, match=r"model.bin.*files.model.bin.*sha256 does not match"):
+        read_manifest(tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"\x01" * 10)
+    with pytest.raises(DelrecError, match="size 10 bytes, the manifest records 1000"):
+        read_manifest(tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"\x01" * 1000)
+    (tmp_path / "sub" / "a.txt").unlink()
+    with pytest.raises(DelrecError, match="a.txt.*missing"):
+        read_manifest(tmp_path, verify=True)
+
+
+def test_checkpoint_round_trip_and_run_key(tmp_path):
+    state = {"run_key": {"config": "a"}, "rng": torch.get_rng_state(), "history": [{"loss": 1.0}]}
+    save_checkpoint(tmp_path, state)
+    loaded = load_checkpoint(tmp_path, {"config": "a"})
+    assert torch.equal(loaded["rng"], state["rng"])
+    assert load_checkpoint(tmp_path, {"config": "b"}) is None
+    with pytest.raises(TypeError, match="plain types"):
+        save_checkpoint(tmp_path, {"run_key": {}, "bad": object()})
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"run_key": {"config": "a"}, "x": _Payload()}, tmp_path / "state.pt")
+    assert load_checkpoint(tmp_path, {"config": "a"}) is None
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_weights_only_false_in_the_package():
+    src = Path(artifacts.__file__).parent
+    offenders = [p for p in src.rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert offenders == []
 
 
 def test_manifest_round_trip_and_producer_check(tmp_path):

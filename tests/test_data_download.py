@@ -16,7 +16,7 @@ from test_data_formats import write_ml100k, zip_folder
 
 from delrec.artifacts import file_sha256
 from delrec.data import PreprocessConfig, load_dataset, preprocess
-from delrec.data import formats as formats_module
+from delrec.data import sources as sources_module
 from delrec.data.download import download, fetch_url, local_source
 from delrec.errors import DelrecError
 
@@ -62,13 +62,13 @@ def test_download_once_into_the_cache(tmp_path, server):
     assert not [p for p in (cache / "downloads").iterdir() if p.name.startswith(".")]  # no temporary files
 
     # The whole stage from a URL, with the dataset's known checksums set to this fixture's.
-    known = formats_module.DATASETS["ml-100k"]
+    known = sources_module.DATASETS["ml-100k"]
     patched = {
-        **formats_module.DATASETS,
+        **sources_module.DATASETS,
         "ml-100k": type(known)(known.format, known.domain, url=url, checksums=sums),
     }
     mp = pytest.MonkeyPatch()
-    mp.setattr(formats_module, "DATASETS", patched)
+    mp.setattr(sources_module, "DATASETS", patched)
     mp.setenv("DELREC_CACHE", str(cache))
     try:
         stats = preprocess(PreprocessConfig(dataset="ml-100k", num_candidates=5), tmp_path / "out")
@@ -101,7 +101,7 @@ def test_real_ml100k_files_pass_the_known_checksums(tmp_path, server):
         pytest.skip(f"{source} not present")
     base, root, _ = server
     zip_folder(source, root / "ml-100k.zip", "ml-100k")  # a temporary copy, as GroupLens lays it out
-    checksums = formats_module.DATASETS["ml-100k"].checksums
+    checksums = sources_module.DATASETS["ml-100k"].checksums
     folder = fetch_url(f"{base}/ml-100k.zip", cache=tmp_path / "cache", checksums=checksums)
     assert (folder / "ml-100k" / "u.item").is_file()
 

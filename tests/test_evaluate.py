@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import shared_dataset
 
+from delrec.artifacts import file_sha256
 from delrec.cli import main
 from delrec.data import PreprocessConfig, load_dataset, preprocess
 from delrec.distill import DistillConfig, distill
@@ -152,6 +153,10 @@ def test_refuses_an_ablation_on_other_base_weights(synthetic_dir, runs, tmp_path
     shutil.copytree(runs / "ablation", other)
     prompt = json.loads((other / "prompt.json").read_text())
     (other / "prompt.json").write_text(json.dumps({**prompt, "backbone_fingerprint": "0" * 16}))
+    manifest = json.loads((other / "manifest.json").read_text())  # re-signed: past the integrity check
+    size, sha = (other / "prompt.json").stat().st_size, file_sha256(other / "prompt.json")
+    manifest["files"]["prompt.json"] = {"sha256": sha, "size": size}
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DelrecError, match="other base weights"):
         evaluate(
             synthetic_dir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 
@@ -58,7 +59,10 @@ def test_settings_tls_on_by_default_and_scheme_decides(monkeypatch):
     assert st.S3Settings.from_env("https://minio.local").secure is True
     monkeypatch.setenv("DELREC_S3_SECURE", "0")
     assert st.S3Settings.from_env("minio.local:9000").secure is False
-    assert st.S3Settings.from_env("http://minio.local:9000", secure=True).secure is False  # scheme wins
+    with pytest.raises(DelrecError, match="says http, but TLS was set on"):
+        st.S3Settings.from_env("http://minio.local:9000", secure=True)
+    with pytest.raises(DelrecError, match="says https, but TLS was set off"):
+        st.S3Settings.from_env("https://minio.local:9000", secure=False)
     monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)
     with pytest.raises(DelrecError, match="DELREC_S3_ENDPOINT"):
         st.S3Settings.from_env()
@@ -255,3 +259,148 @@ def test_store_cli_put_ls_latest(store, moto_endpoint, tmp_path, capsys):
     assert delrec_main(["store", "latest", f"s3://{BUCKET}/delrec", *endpoint]) == 0
     out = capsys.readouterr().out
     assert "a.bin\n" in out and '"run": "r9"' in out
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+
+def test_keys_that_would_land_outside_the_destination_are_refused(store, moto_endpoint, tmp_path, capsys):
+    # The minio client refuses '.'/'..' segments on upload (other tools do not: see test_local_path_...).
+    key = "raw//etc/evil"
+    store.put_bytes(b"ok", f"s3://{BUCKET}/raw/good.txt")
+    store.client.put_object(BUCKET, key, io.BytesIO(b"evil"), 4)
+    assert "/etc/evil" in store.list(f"s3://{BUCKET}/raw")
+    dest = tmp_path / "dest"
+    code = delrec_main(
+        ["store", "get", f"s3://{BUCKET}/raw", str(dest), "--endpoint", f"http://{moto_endpoint}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "does not map to a file inside the destination" in err, err
+    assert not dest.exists() and not (tmp_path / "evil").exists() and not any(tmp_path.iterdir())
+
+
+def test_local_path_refuses_escapes(tmp_path):
+    assert st.local_path(tmp_path, "a/b.txt") == tmp_path / "a" / "b.txt"
+    for key in ("/abs/path", "../x", "a//b", "a/./b", ""):
+        with pytest.raises(DelrecError, match="inside the destination"):
+            st.local_path(tmp_path, key)
+
+
+def test_store_get_never_wipes_a_foreign_folder(store, moto_endpoint, tmp_path, capsys):
+    store.put_bytes(b"new", f"s3://{BUCKET}/m/a.bin")
+    dest = tmp_path / "home"
+    dest.mkdir()
+    (dest / "letters.txt").write_text("keep me")
+    argv = ["store", "get", f"s3://{BUCKET}/m", str(dest), "--endpoint", f"http://{moto_endpoint}"]
+    assert delrec_main(argv) == 2
+    assert "is not a delrec output" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["home"] and (
+        dest / "letters.txt"
+    ).read_text() == "keep me"
+    assert delrec_main([*argv, "--force"]) == 0
+    assert [p.name for p in dest.iterdir()] == ["a.bin"]
+
+
+def test_post_copy_check_reads_the_data_and_never_deletes_the_final_key(store, monkeypatch):
+    from minio.commonconfig import CopySource
+
+    real_copy = store.client.copy_object
+    removed: list[str] = []
+    real_remove = store.client.remove_object
+
+    def corrupting_copy(bucket, key, source, **kwargs):  # right metadata, wrong bytes
+        result = real_copy(bucket, key, CopySource(bucket, "other"), **kwargs)
+        return result
+
+    def recording_remove(bucket, key, *args, **kwargs):
+        removed.append(key)
+        return real_remove(bucket, key, *args, **kwargs)
+
+    store.client.put_object(BUCKET, "other", io.BytesIO(b"XXXX"), 4)
+    monkeypatch.setattr(store.client, "copy_object", corrupting_copy)
+    monkeypatch.setattr(store.client, "remove_object", recording_remove)
+    with pytest.raises(st.ChecksumError, match="final object does not match"):
+        store.put_bytes(b"good", f"s3://{BUCKET}/final.bin")
+    assert "final.bin" not in removed  # may be another writer's good object: never deleted
+    assert all(k.startswith(".delrec-tmp/") for k in removed)
+
+
+def test_old_temporary_objects_of_killed_uploads_are_swept(store):
+    store.client.put_object(BUCKET, ".delrec-tmp/dead/x.bin", io.BytesIO(b"x"), 1)
+    fresh = st.S3Store(store.settings, client=store.client, tmp_max_age_s=3600)
+    fresh.put_bytes(b"a", f"s3://{BUCKET}/a.bin")
+    assert ".delrec-tmp/dead/x.bin" in all_keys(store)  # younger than an hour: maybe a live upload
+    old = st.S3Store(store.settings, client=store.client, tmp_max_age_s=0)
+    old.put_bytes(b"b", f"s3://{BUCKET}/b.bin")
+    assert [k for k in all_keys(store) if k.startswith(".delrec-tmp/")] == []
+
+
+def test_fingerprint_does_not_match_a_sibling_prefix(store):
+    store.put_bytes(b"1", f"s3://{BUCKET}/raw/ml-100k/u.data")
+    first = store.fingerprint(f"s3://{BUCKET}/raw/ml-100k")
+    store.put_bytes(b"2", f"s3://{BUCKET}/raw/ml-100k-old/u.data")
+    store.put_bytes(b"3", f"s3://{BUCKET}/raw/ml-100k.zip")
+    assert store.fingerprint(f"s3://{BUCKET}/raw/ml-100k") == first
+    assert store.fingerprint(f"s3://{BUCKET}/raw/ml-100k.zip") != first  # a single object works too
+
+
+def _publish(store, tmp_path, run: str):
+    part = tmp_path / run
+    part.mkdir(exist_ok=True)
+    (part / "w.bin").write_bytes(run.encode())
+    good = {"delrec_HR@1": 0.5, "teacher_HR@1": 0.4}
+    return st.publish_bundle(
+        store, {"m": part}, base=f"s3://{BUCKET}", pipeline="p", run=run, metrics=good, gate=st.QualityGate()
+    )
+
+
+def test_latest_never_moves_back_to_an_older_run(store, tmp_path, monkeypatch):
+    clock = iter([2_000, 1_000])  # the newer run finishes first, the older one last
+    monkeypatch.setattr(st.time, "time_ns", lambda: next(clock))
+    _publish(store, tmp_path, "newer")
+    _publish(store, tmp_path, "older")
+    assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == "newer"
+
+
+def test_a_stale_conditional_write_rereads_instead_of_clobbering(store, tmp_path, monkeypatch):
+    _publish(store, tmp_path, "r1")
+    real = st._read_with_etag
+    calls = []
+
+    def stale_once(s, uri):
+        pointer, etag = real(s, uri)
+        calls.append(etag)
+        return (pointer | {"order": 0}, "0" * 32) if len(calls) == 1 else (pointer, etag)
+
+    monkeypatch.setattr(st, "_read_with_etag", stale_once)
+    _publish(store, tmp_path, "r2")
+    assert len(calls) >= 2  # the 412 made it read again
+    assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == "r2"
+
+
+def test_concurrent_publishers_converge_and_latest_never_disappears(store, tmp_path):
+    import threading
+
+    _publish(store, tmp_path, "r0")
+    missing, done = [], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                store.get_json(f"s3://{BUCKET}/p/latest.json")
+            except S3Error as exc:
+                missing.append(exc.code)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    writers = [threading.Thread(target=_publish, args=(store, tmp_path, f"r{i}")) for i in range(1, 5)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    watcher.join()
+    assert missing == []
+    records = store.list(f"s3://{BUCKET}/p/_runs")
+    newest = store.get_json(f"s3://{BUCKET}/p/_runs/{max(records)}")
+    assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == newest["run"]

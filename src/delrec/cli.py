@@ -1,8 +1,10 @@
 """The ``delrec`` command: one sub-command per pipeline stage, plus data and store utilities.
 
 Each stage module contributes its sub-commands through a ``register(subparsers)`` function; this
-module only assembles them, sets up logging and turns a DelrecError into a clear one-line message
-and exit status 2.
+module only assembles them, adds ``--force`` to every command that writes an output folder, checks
+that output before any work starts (an existing folder is replaced only if it is a delrec output,
+never if it is one of the command's inputs), and turns a DelrecError or an OS error into a clear
+one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from delrec import __version__
@@ -39,7 +42,50 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for command in _leaf_parsers(parser):
+        if any(action.dest == "out" for action in command._actions) and not any(
+            action.dest == "force" for action in command._actions
+        ):
+            command.add_argument(
+                "--force",
+                action="store_true",
+                help="replace --out even if it is not a delrec output (never one of the inputs)",
+            )
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (sub-)command parser that has no sub-commands of its own."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.extend(_leaf_parsers(child))
+    return found or [parser]
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """The command's arguments that name existing local paths other than its output: never replaced."""
+    found = []
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if name not in ("out", "dest") and isinstance(item, str) and item and os.path.exists(item):
+                found.append(item)
+    return found
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--out`` before any work is done, and record ``--force`` for the final write."""
+    from delrec.artifacts import allow_replace, check_out
+
+    force = bool(getattr(args, "force", False))
+    out = getattr(args, "out", None)
+    if isinstance(out, str):
+        check_out(out, force=force, protect=_inputs(args))
+    target = out if isinstance(out, str) else getattr(args, "dest", None)
+    if force and isinstance(target, str):
+        allow_replace(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,14 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    seed = getattr(args, "seed", None)
     try:
+        if isinstance(seed, int) and seed < 0:
+            raise DelrecError(f"must be 0 or more, got {seed}", field="seed")
+        _check_output(args)
         args.handler(args)
     except DelrecError as exc:
         print(f"delrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied, a path that vanished: no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"delrec {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"delrec {args.command}: interrupted; re-run to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(
+            f"delrec {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(a bug: please report it; -v shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

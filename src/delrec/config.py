@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from delrec.artifacts import config_hash
 from delrec.errors import DelrecError
@@ -25,6 +25,14 @@ class StageConfig(BaseModel):
     """Base of every stage config: strict keys, a stable hash, loading from a dict with clear errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _seed_not_negative(cls, value: int) -> int:
+        # numpy's generators refuse negative seeds, deep inside a stage: refuse them up front.
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        return value
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> Self:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from delrec import layout
 from delrec.artifacts import atomic_dir, partial_dir, read_manifest, write_json_atomic, write_manifest
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
@@ -34,9 +35,6 @@ from delrec.llm.training import LLMStageConfig, instance_ranks, task_loss
 from delrec.teachers import load_topk
 
 log = logging.getLogger(__name__)
-
-PRODUCER = "distill"
-PROMPT_JSON = "prompt.json"
 
 
 class DistillConfig(LLMStageConfig):
@@ -252,12 +250,12 @@ def _write_output(
             "backbone": backbone.name,
             "backbone_fingerprint": backbone.fingerprint(),
         }
-        write_json_atomic(tmp / PROMPT_JSON, prompt_config)
-        write_json_atomic(tmp / "metrics.json", metrics)
-        write_json_atomic(tmp / "history.json", history)
+        write_json_atomic(tmp / layout.PROMPT_JSON, prompt_config)
+        write_json_atomic(tmp / layout.METRICS_JSON, metrics)
+        write_json_atomic(tmp / layout.HISTORY_JSON, history)
         write_manifest(
             tmp,
-            producer=PRODUCER,
+            producer=layout.DISTILL,
             config=config.model_dump(mode="json"),
             inputs={"dataset": dataset_dir, "teacher": teacher_dir},
             rows={"steps": config.steps},
@@ -267,8 +265,8 @@ def _write_output(
 
 def read_prompt_config(distill_dir: str | os.PathLike) -> dict:
     """The prompt config a distill output carries (teacher name, domain, soft tokens, backbone)."""
-    read_manifest(distill_dir, producer=PRODUCER)
-    path = Path(distill_dir) / PROMPT_JSON
+    read_manifest(distill_dir, producer=layout.DISTILL)
+    path = Path(distill_dir) / layout.PROMPT_JSON
     if not path.is_file():
-        raise DelrecError(f"no {PROMPT_JSON}", path=distill_dir)
+        raise DelrecError(f"no {layout.PROMPT_JSON}", path=distill_dir)
     return json.loads(path.read_text())

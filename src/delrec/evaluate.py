@@ -24,13 +24,12 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
+from delrec import layout
 from delrec.adapter_io import load_adapter
 from delrec.artifacts import atomic_dir, require_same_input, write_json_atomic, write_manifest
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
-from delrec.distill import PROMPT_JSON
 from delrec.errors import DelrecError
-from delrec.finetune import ADAPTER
 from delrec.llm.backbone import Backbone, stage_backbone
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
@@ -39,7 +38,6 @@ from delrec.metrics import bootstrap_intervals, metrics_from_ranks, paired_boots
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "evaluate"
 KS = (1, 5, 10)
 REPORTED = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
 LABELS = {
@@ -58,7 +56,7 @@ CURVES = {
     "finetune_delrec": ("delrec", "loss", "valid_hr1"),
     "finetune_ablation": ("ablation", "loss", "valid_hr1"),
 }
-HISTORY = "history.json"
+HISTORY = layout.HISTORY_JSON
 
 
 class EvaluateConfig(StageConfig):
@@ -184,9 +182,11 @@ def _catalogue_ranks(item_scores: np.ndarray, examples, rows: np.ndarray) -> np.
 
 
 def _load_adapter(backbone: Backbone, folder: Path) -> None:
-    if not (folder / ADAPTER).is_dir():
-        raise DelrecError(f"no {ADAPTER}/ folder: expected the output of the finetune stage", path=folder)
-    backbone.model = load_adapter(backbone.model, folder / ADAPTER)
+    if not (folder / layout.ADAPTER).is_dir():
+        raise DelrecError(
+            f"no {layout.ADAPTER}/ folder: expected the output of the finetune stage", path=folder
+        )
+    backbone.model = load_adapter(backbone.model, folder / layout.ADAPTER)
 
 
 def _unload_adapter(backbone: Backbone) -> None:
@@ -195,10 +195,10 @@ def _unload_adapter(backbone: Backbone) -> None:
 
 def _finetuned_config(folder: str | os.PathLike, dataset_dir: str | os.PathLike, role: str) -> dict:
     require_same_input(folder, "dataset", dataset_dir, producer="finetune")
-    path = Path(folder) / PROMPT_JSON
+    path = Path(folder) / layout.PROMPT_JSON
     if not path.is_file():
         raise DelrecError(
-            f"no {PROMPT_JSON}: expected the output of the finetune stage ({role})", path=folder
+            f"no {layout.PROMPT_JSON}: expected the output of the finetune stage ({role})", path=folder
         )
     return json.loads(path.read_text())
 
@@ -226,7 +226,7 @@ def _prompt_configs(delrec_dir, ablation_dir, dataset_dir) -> tuple[dict, dict |
     if ablation_config["backbone_fingerprint"] != delrec_config["backbone_fingerprint"]:
         raise DelrecError(
             "the ablation was fine-tuned from other base weights than DELRec; re-run both on the same backbone",
-            path=Path(ablation_dir) / PROMPT_JSON,
+            path=Path(ablation_dir) / layout.PROMPT_JSON,
             field="backbone_fingerprint",
         )
     return delrec_config, ablation_config
@@ -248,7 +248,7 @@ def _llm_ranks(
     if backbone.fingerprint() != delrec_config["backbone_fingerprint"]:
         raise DelrecError(
             f"backbone {config.backbone!r} has other weights than the one DELRec was fine-tuned on",
-            path=delrec_dir / PROMPT_JSON,
+            path=delrec_dir / layout.PROMPT_JSON,
             field="backbone_fingerprint",
         )
     ranker = _LLMRanker(dataset, config, config.split, rows)
@@ -509,7 +509,7 @@ def evaluate(
     flat = _flat_metrics(results, paired)
     with atomic_dir(out) as tmp:
         write_json_atomic(
-            tmp / "metrics.json", {"meta": meta, "models": results, "paired": paired, "flat": flat}
+            tmp / layout.METRICS_JSON, {"meta": meta, "models": results, "paired": paired, "flat": flat}
         )
         write_json_atomic(tmp / "curves.json", curves)
         pq.write_table(
@@ -523,7 +523,7 @@ def evaluate(
         inputs |= {k: v for k, v in (("ablation", ablation_dir), ("distill", distill_dir)) if v is not None}
         write_manifest(
             tmp,
-            producer=PRODUCER,
+            producer=layout.EVALUATE,
             config=config.model_dump(mode="json"),
             inputs=inputs,
             rows={"examples": int(len(rows))},

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from delrec import layout
 from delrec.adapter_io import save_adapter
 from delrec.artifacts import atomic_dir, partial_dir, read_manifest, write_json_atomic, write_manifest
 from delrec.data import load_dataset
-from delrec.distill import PROMPT_JSON, read_prompt_config
+from delrec.distill import read_prompt_config
 from delrec.errors import DelrecError
 from delrec.llm.backbone import TINY, Backbone, stage_backbone
 from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
@@ -35,8 +36,6 @@ from delrec.llm.training import LLMStageConfig, instance_ranks, task_loss
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "finetune"
-ADAPTER = "adapter"
 # Attention query/value projections by model family (transformers module names).
 TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"]}
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -285,7 +284,7 @@ def _frozen_soft_prompt(distill_dir, prompt_config: dict, backbone: Backbone) ->
     if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
         raise DelrecError(
             "the backbone's weights differ from those the soft prompt was distilled on",
-            path=Path(distill_dir) / PROMPT_JSON,
+            path=Path(distill_dir) / layout.PROMPT_JSON,
             field="backbone_fingerprint",
         )
     soft = SoftPrompt.load(distill_dir, backbone.device)
@@ -322,13 +321,13 @@ def _write_output(
 ) -> None:
     """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest."""
     with atomic_dir(out) as tmp:
-        save_adapter(backbone.model, tmp / ADAPTER)
+        save_adapter(backbone.model, tmp / layout.ADAPTER)
         if soft is not None:
             soft.save(tmp, teacher=prompt_config["teacher"])
         if backbone.name in TINY:
             shutil.copytree(partial_dir(out) / "backbone", tmp / "backbone")
         write_json_atomic(
-            tmp / PROMPT_JSON,
+            tmp / layout.PROMPT_JSON,
             {
                 "teacher": prompt_config["teacher"],
                 "domain": dataset.domain,
@@ -341,12 +340,12 @@ def _write_output(
                 "backbone_fingerprint": backbone.fingerprint(),
             },
         )
-        write_json_atomic(tmp / "metrics.json", metrics)
-        write_json_atomic(tmp / "history.json", history)
+        write_json_atomic(tmp / layout.METRICS_JSON, metrics)
+        write_json_atomic(tmp / layout.HISTORY_JSON, history)
         inputs = {"dataset": dataset_dir} | ({"distill": distill_dir} if distill_dir is not None else {})
         write_manifest(
             tmp,
-            producer=PRODUCER,
+            producer=layout.FINETUNE,
             config=config.model_dump(mode="json"),
             inputs=inputs,
             rows={"steps": config.steps},

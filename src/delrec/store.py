@@ -5,10 +5,20 @@ publish a trained model bundle behind a quality gate.
 
 Writes are atomic: an object is first uploaded under a temporary key outside the destination prefix
 (``.delrec-tmp/<uuid>/...``), its ETag is checked against the locally computed MD5 (or the multipart
-ETag), then it is copied server-side to the final key with its SHA-256 in the object's metadata, and
-the temporary key is removed. A failure at any point leaves nothing new under the final key. Each
-object write and read is retried with exponential backoff on transient errors; downloads verify the
-SHA-256 (or the MD5 ETag for objects written by other tools) before the file appears at its path.
+ETag), then it is copied server-side to the final key with its SHA-256 in the object's metadata, read
+back and hashed, and the temporary key is removed. A final key is never deleted (after a mismatch it
+may hold another writer's good object). Temporary keys older than a day, left by killed uploads, are
+swept before the first upload to a bucket. Each object write and read is retried with exponential
+backoff on transient errors; downloads verify the SHA-256 (or the MD5 ETag for objects written by
+other tools) before the file appears at its path, and a key that would land outside the destination
+folder is refused.
+
+Publishing a bundle writes only keys of its own run, plus a per-run record under ``_runs/`` named by
+a monotonic order (the publish time in ns); ``latest.json`` is then moved to the highest-ordered record
+with a conditional write (``If-Match`` the ETag read, ``If-None-Match: *`` when absent) and re-checked
+until it names the newest run, so it never disappears and never ends on an older run. MinIO supports
+conditional PUTs; SeaweedFS since 3.97 (earlier ones ignore the headers, and a concurrent burst may
+still slip through: the re-check then restores the newest run).
 
 Credentials come only from the environment (``DELREC_S3_ACCESS_KEY`` / ``DELREC_S3_SECRET_KEY``, or
 the ``AWS_*`` names), which the pipeline fills from a Kubernetes secret.
@@ -43,6 +53,10 @@ SHA_META = "sha256"
 DEFAULT_PART_SIZE = 64 << 20
 LATEST = "latest.json"
 BUNDLE_INDEX = "bundle.json"
+RUNS = "_runs"
+TMP_MAX_AGE_S = 24 * 3600.0
+# Conditional-write answers that mean "someone else changed it first: read again".
+CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
 # S3 error codes worth retrying: the server is busy or the request timed out.
 TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"}
 
@@ -78,10 +92,26 @@ class S3Settings:
                 "or set DELREC_S3_ENDPOINT=host:port"
             )
         parsed = urlparse(endpoint if "://" in endpoint else f"//{endpoint}")
-        if parsed.scheme in ("http", "https"):  # an explicit scheme says it all
-            secure = parsed.scheme == "https"
+        env_secure = os.environ.get("DELREC_S3_SECURE")
+        if parsed.scheme in ("http", "https"):
+            by_scheme = parsed.scheme == "https"
+            if secure is not None and secure != by_scheme:
+                raise DelrecError(
+                    f"endpoint {endpoint!r} says {parsed.scheme}, but TLS was set "
+                    f"{'on' if secure else 'off'}: drop the scheme or make them agree",
+                    field="s3_secure",
+                )
+            if env_secure is not None and _env_flag(env_secure) != by_scheme:
+                log.warning(
+                    "endpoint %s uses %s although DELREC_S3_SECURE=%s: TLS is %s",
+                    endpoint,
+                    parsed.scheme,
+                    env_secure,
+                    "on" if by_scheme else "OFF",
+                )
+            secure = by_scheme
         elif secure is None:
-            secure = _env_flag(os.environ.get("DELREC_S3_SECURE", "1"))
+            secure = _env_flag(env_secure if env_secure is not None else "1")
         return cls(endpoint=parsed.netloc, secure=secure, region=os.environ.get("DELREC_S3_REGION") or None)
 
 
@@ -210,6 +240,7 @@ class S3Store:
         attempts: int = 5,
         base_delay: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        tmp_max_age_s: float = TMP_MAX_AGE_S,
     ):
         if client is None:
             from minio import Minio
@@ -226,6 +257,8 @@ class S3Store:
         self.client = client
         self.part_size = part_size
         self._retry_args = {"attempts": attempts, "base_delay": base_delay, "sleep": sleep}
+        self.tmp_max_age_s = tmp_max_age_s
+        self._swept: set[str] = set()
 
     @classmethod
     def from_env(cls, endpoint: str | None = None, secure: bool | None = None, **kwargs: Any) -> S3Store:
@@ -240,12 +273,50 @@ class S3Store:
         if not self._retry(lambda: self.client.bucket_exists(bucket), f"check bucket {bucket}"):
             self._retry(lambda: self.client.make_bucket(bucket), f"create bucket {bucket}")
 
+    def sweep_tmp(self, bucket: str, *, now: float | None = None) -> list[str]:
+        """Remove temporary objects of killed uploads (older than ``tmp_max_age_s``); returns their keys."""
+        now = time.time() if now is None else now
+
+        def listing() -> list[str]:
+            objects = self.client.list_objects(bucket, prefix=f"{TMP_PREFIX}/", recursive=True)
+            return [
+                o.object_name
+                for o in objects
+                if not o.is_dir
+                and o.last_modified is not None
+                and now - o.last_modified.timestamp() > self.tmp_max_age_s
+            ]
+
+        stale = self._retry(listing, f"list {bucket}/{TMP_PREFIX}")
+        for key in stale:
+            with contextlib.suppress(Exception):
+                self.client.remove_object(bucket, key)
+        if stale:
+            log.info("removed %d temporary object(s) left by killed uploads in %s", len(stale), bucket)
+        return stale
+
+    def _hash_remote(self, bucket: str, key: str) -> tuple[int, str]:
+        """Size and sha256 of an object's data as the store serves it now."""
+        sha, size = hashlib.sha256(), 0
+        response = self.client.get_object(bucket, key)
+        try:
+            for block in response.stream(1 << 20):
+                sha.update(block)
+                size += len(block)
+        finally:
+            response.close()
+            response.release_conn()
+        return size, sha.hexdigest()
+
     def _put(self, open_stream: Callable[[], BinaryIO], uri: str, content_type: str) -> Digest:
         from minio.commonconfig import REPLACE, CopySource
 
         bucket, key = parse_uri(uri)
         if not key:
             raise DelrecError(f"{uri!r} names a bucket, not an object")
+        if bucket not in self._swept:
+            self._swept.add(bucket)
+            self.sweep_tmp(bucket)
         with open_stream() as stream:
             digest = digest_stream(stream, self.part_size)
 
@@ -272,10 +343,10 @@ class S3Store:
                     metadata={SHA_META: digest.sha256},
                     metadata_directive=REPLACE,
                 )
-                stat = self.client.stat_object(bucket, key)
-                if stat.size != digest.size or _meta(stat, SHA_META) != digest.sha256:
-                    with contextlib.suppress(Exception):
-                        self.client.remove_object(bucket, key)
+                # Check the data now under the key, not the metadata just written. On a mismatch the
+                # key is left alone: it may hold another writer's good object; the retry rewrites it.
+                size, sha = self._hash_remote(bucket, key)
+                if size != digest.size or sha != digest.sha256:
                     raise ChecksumError("final object does not match the upload", path=uri)
             finally:
                 with contextlib.suppress(Exception):
@@ -340,12 +411,23 @@ class S3Store:
         return [k for k in self._retry(listing, f"list {uri}") if not k.startswith(f"{TMP_PREFIX}/")]
 
     def fingerprint(self, uri: str) -> str:
-        """A short hash of the keys and ETags under ``uri``: changes when any object there changes."""
-        bucket, prefix = parse_uri(uri)
+        """A short hash of the keys and ETags of the object ``uri`` or under the prefix ``uri/``.
+
+        ``raw/ml-100k`` covers ``raw/ml-100k`` and ``raw/ml-100k/...``, never ``raw/ml-100k-old/...``.
+        """
+        bucket, key = parse_uri(uri)
+        prefix = f"{key}/" if key else ""
 
         def listing() -> dict[str, str]:
-            objects = self.client.list_objects(bucket, prefix=prefix, recursive=True)
-            return {o.object_name: (o.etag or "").strip('"') for o in objects if not o.is_dir}
+            found = {}
+            objects = self.client.list_objects(bucket, prefix=key or None, recursive=False)
+            for o in objects:  # the object named exactly ``key`` (a single-file source)
+                if key and o.object_name == key and not o.is_dir:
+                    found[o.object_name] = (o.etag or "").strip('"')
+            for o in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                if not o.is_dir and not o.object_name.startswith(f"{TMP_PREFIX}/"):
+                    found[o.object_name] = (o.etag or "").strip('"')
+            return found
 
         found = self._retry(listing, f"list {uri}")
         if not found:
@@ -399,21 +481,41 @@ class S3Store:
     def get_json(self, uri: str) -> Any:
         return json.loads(self.get_bytes(uri))
 
-    def get_dir(self, uri: str, dest: str | os.PathLike) -> Path:
-        """Download every object under the prefix ``uri`` into ``dest`` (written atomically)."""
+    def get_dir(self, uri: str, dest: str | os.PathLike, *, force: bool = False) -> Path:
+        """Download every object under the prefix ``uri`` into ``dest`` (written atomically).
+
+        An existing ``dest`` is replaced only if it is empty or a delrec output (or ``force``).
+        """
         keys = self.list(uri)
         if not keys:
             raise DelrecError("no objects under this prefix", path=uri)
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest, force=force) as tmp:
             for key in keys:
-                self.get_file(join_uri(uri, key), tmp / key)
+                self.get_file(join_uri(uri, key), local_path(tmp, key, uri, shown=dest))
         return Path(dest)
 
-    def fetch(self, uri: str, dest: str | os.PathLike) -> Path:
-        """Download ``uri`` (one object, or a prefix as a folder) to ``dest``."""
+    def fetch(self, uri: str, dest: str | os.PathLike, *, force: bool = False) -> Path:
+        """Download ``uri`` (one object, or a prefix as a folder: see :meth:`get_dir`) to ``dest``."""
         if parse_uri(uri)[1] and self.exists(uri):
             return self.get_file(uri, Path(dest) / Path(parse_uri(uri)[1]).name)
-        return self.get_dir(uri, dest)
+        return self.get_dir(uri, dest, force=force)
+
+
+def local_path(
+    dest: str | os.PathLike, key: str, uri: str = "", shown: str | os.PathLike | None = None
+) -> Path:
+    """Where object ``key`` (relative to a prefix) goes under ``dest``; refuses a key that would land
+    outside ``dest`` (``/abs/path`` from ``prefix//abs/path``, ``..`` segments, empty segments).
+    ``shown`` is the destination the message names (the user's, not a temporary folder)."""
+    parts = key.split("/")
+    root = Path(os.path.abspath(dest))
+    target = Path(os.path.abspath(root.joinpath(*parts))) if key else root
+    if not key or any(part in ("", ".", "..") for part in parts) or root not in target.parents:
+        raise DelrecError(
+            f"object key {key!r} does not map to a file inside the destination {shown or dest}: refused",
+            path=uri or key,
+        )
+    return target
 
 
 def download_prefix(uri: str, dest: str | os.PathLike, store: S3Store | None = None) -> Path:
@@ -431,7 +533,7 @@ def download_prefix(uri: str, dest: str | os.PathLike, store: S3Store | None = N
     if not keys:
         raise DelrecError("no objects under this prefix", path=uri)
     for key in keys:
-        store.get_file(join_uri(uri, key), dest / key)
+        store.get_file(join_uri(uri, key), local_path(dest, key, uri))
     log.info("fetched %d object(s) from %s", len(keys), uri)
     return dest
 
@@ -495,32 +597,112 @@ def publish_bundle(
     move ``<base>/<pipeline>/latest.json`` to this run only if the quality gate passes.
 
     The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so a bundle
-    with an index is complete; the ``latest`` pointer only ever names complete bundles that passed.
+    with an index is complete; the ``latest`` pointer only ever names complete bundles that passed, and
+    never moves to a run older (by publish order) than the one it names.
     """
     passed, verdict = gate.check(metrics)
+    order = time.time_ns()  # the monotonic run order: a later publish wins, whatever finishes first
     run_uri = join_uri(base, pipeline, run)
     store.ensure_bucket(parse_uri(base)[0])
     files = {name: store.put_dir(folder, join_uri(run_uri, name)) for name, folder in parts.items()}
+    published = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     index = {
         "pipeline": pipeline,
         "run": run,
         "uri": run_uri,
+        "order": order,
         "files": files,
         "metrics": dict(metrics),
         "gate": {"passed": passed, "verdict": verdict, **gate.__dict__},
-        "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "published": published,
         **dict(extra or {}),
     }
     store.put_json(index, join_uri(run_uri, BUNDLE_INDEX))
+    latest_uri = join_uri(base, pipeline, LATEST)
     if passed:
-        store.put_json(
-            {"run": run, "uri": run_uri, "metrics": dict(metrics), "published": index["published"]},
-            join_uri(base, pipeline, LATEST),
-        )
-        log.info("published %s; gate %s; moved %s", run_uri, verdict, join_uri(base, pipeline, LATEST))
+        pointer = {
+            "run": run,
+            "uri": run_uri,
+            "order": order,
+            "metrics": dict(metrics),
+            "published": published,
+        }
+        store.put_json(pointer, join_uri(base, pipeline, RUNS, f"{order:020d}-{run}.json"))
+        final = advance_latest(store, join_uri(base, pipeline))
+        log.info("published %s; gate %s; %s names run %s", run_uri, verdict, latest_uri, final.get("run"))
     else:
         log.warning("published %s but the gate %s: %s left as it was", run_uri, verdict, LATEST)
     return index
+
+
+def _read_with_etag(store: S3Store, uri: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON object at ``uri`` and the ETag of exactly that content; (None, None) if absent."""
+    from minio.error import S3Error
+
+    bucket, key = parse_uri(uri)
+
+    def attempt() -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            response = store.client.get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                return None, None
+            raise
+        try:
+            data, etag = response.read(), (response.headers.get("ETag") or "").strip('"')
+        finally:
+            response.close()
+            response.release_conn()
+        try:
+            return json.loads(data), etag
+        except ValueError:
+            return {}, etag  # unreadable: replaced by the newest run
+
+    return store._retry(attempt, f"read {uri}")
+
+
+def _order(pointer: Mapping[str, Any] | None) -> int:
+    value = (pointer or {}).get("order", 0)
+    return value if isinstance(value, int) else 0
+
+
+def advance_latest(store: S3Store, pipeline_uri: str, *, rounds: int = 20) -> dict[str, Any]:
+    """Make ``<pipeline_uri>/latest.json`` name the highest-ordered run record under ``_runs/``.
+
+    Each write is conditional on the pointer not having changed since it was read (``If-Match`` its
+    ETag, or ``If-None-Match: *`` when there is none); the loop re-reads until the pointer is at least
+    as new as the newest record, so concurrent publishers converge on the newest run. The pointer is
+    only ever overwritten in one PUT, never deleted. Returns the pointer left in place.
+    """
+    from minio.error import S3Error
+
+    bucket, _ = parse_uri(pipeline_uri)
+    latest_uri = join_uri(pipeline_uri, LATEST)
+    for _ in range(rounds):
+        records = [k for k in store.list(join_uri(pipeline_uri, RUNS)) if k.endswith(".json")]
+        if not records:
+            raise DelrecError("no published run records", path=join_uri(pipeline_uri, RUNS))
+        newest = store.get_json(join_uri(pipeline_uri, RUNS, max(records)))
+        current, etag = _read_with_etag(store, latest_uri)
+        if current is not None and _order(current) >= _order(newest):
+            return current
+        blob = (json.dumps(newest, indent=2, sort_keys=True) + "\n").encode()
+        headers = {"Content-Type": "application/json"}
+        headers.update({"If-Match": etag} if etag else {"If-None-Match": "*"})
+        try:
+            store._retry(
+                lambda blob=blob, headers=headers: store.client._put_object(
+                    bucket, parse_uri(latest_uri)[1], blob, headers=headers
+                ),
+                f"update {latest_uri}",
+            )
+        except S3Error as exc:
+            if exc.code not in CONFLICT_CODES:
+                raise
+            log.info("%s changed while updating it (%s): reading it again", latest_uri, exc.code)
+    raise DelrecError(
+        f"could not settle the pointer after {rounds} rounds of concurrent updates", path=latest_uri
+    )
 
 
 def local_fingerprint(path: str | os.PathLike) -> str:

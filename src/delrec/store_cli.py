@@ -2,7 +2,8 @@
 
 The endpoint comes from ``--endpoint`` or ``DELREC_S3_ENDPOINT``; credentials only from the
 environment (``DELREC_S3_ACCESS_KEY`` / ``DELREC_S3_SECRET_KEY``). TLS is on unless ``--insecure``,
-``DELREC_S3_SECURE=0`` or an ``http://`` endpoint says otherwise.
+``DELREC_S3_SECURE=0`` or an ``http://`` endpoint says otherwise (``--insecure`` with ``https://`` is
+refused).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _ls(args: argparse.Namespace) -> None:
 
 
 def _get(args: argparse.Namespace) -> None:
-    print(_store(args).fetch(args.uri, args.dest))
+    print(_store(args).fetch(args.uri, args.dest, force=args.force))
 
 
 def _put(args: argparse.Namespace) -> None:
@@ -80,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=_ls)
     get = store_sub.add_parser("get", help="download an object or a prefix (verified)")
     get.add_argument("uri")
-    get.add_argument("dest", help="local folder")
+    get.add_argument("dest", help="local folder (replaced only if empty or a delrec output)")
+    get.add_argument("--force", action="store_true", help="replace DEST even if it is not a delrec output")
     get.set_defaults(handler=_get)
     put = store_sub.add_parser("put", help="upload a file or folder (atomic, verified)")
     put.add_argument("path")

@@ -37,7 +37,8 @@ def _preprocess(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from delrec.data.formats import DATASETS, FORMATS
+    from delrec.data.formats import FORMATS
+    from delrec.data.sources import DATASETS
 
     p = subparsers.add_parser(
         "preprocess",

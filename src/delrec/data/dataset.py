@@ -23,10 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from delrec import layout
 from delrec.artifacts import read_manifest
 from delrec.errors import DelrecError
 
-PRODUCER = "preprocess"
+PRODUCER = layout.PREPROCESS
 SPLITS = ("train", "valid", "test")
 EVAL_SPLITS = ("valid", "test")
 DOMAIN_VERBS = {"movies": "watched", "games": "played", "products": "bought"}
@@ -128,7 +129,7 @@ def write_dataset_files(
                 "title": pa.array(titles, pa.string()),
             }
         ),
-        folder / "items.parquet",
+        folder / layout.ITEMS,
     )
     pq.write_table(
         pa.table(
@@ -138,7 +139,7 @@ def write_dataset_files(
                 "group": pa.array(user_groups, pa.string()),
             }
         ),
-        folder / "users.parquet",
+        folder / layout.USERS,
     )
     pq.write_table(
         pa.table(
@@ -147,7 +148,7 @@ def write_dataset_files(
                 "items": _list_array(train_sequences),
             }
         ),
-        folder / "train_sequences.parquet",
+        folder / layout.TRAIN_SEQUENCES,
     )
     for split in SPLITS:
         pq.write_table(_examples_table(examples[split]), folder / f"{split}.parquet")
@@ -164,38 +165,84 @@ def write_dataset_files(
                 }
             )
         )
-    pq.write_table(pa.concat_tables(parts), folder / "candidates.parquet")
+    pq.write_table(pa.concat_tables(parts), folder / layout.CANDIDATES)
+
+
+def _int_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+# The columns every reader relies on, and the type each must have.
+_SCHEMAS: dict[str, dict[str, tuple[str, object]]] = {
+    layout.ITEMS: {"title": ("string", _is_str), "raw_id": ("string", _is_str)},
+    layout.TRAIN_SEQUENCES: {"items": ("list<int>", _int_list)},
+    **{
+        f"{split}.parquet": {
+            "user": ("integer", pa.types.is_integer),
+            "history": ("list<int>", _int_list),
+            "target": ("integer", pa.types.is_integer),
+        }
+        for split in SPLITS
+    },
+    layout.CANDIDATES: {
+        "split": ("string", _is_str),
+        "row": ("integer", pa.types.is_integer),
+        "candidates": ("list<int>", _int_list),
+    },
+}
+
+
+def _read_checked(path: Path) -> pa.Table:
+    """Read one Parquet file of a dataset folder and check its columns' names and types."""
+    try:
+        table = pq.read_table(path)
+    except (FileNotFoundError, pa.ArrowInvalid, OSError) as exc:
+        raise DelrecError(f"missing or unreadable dataset file ({exc})", path=path) from exc
+    for name, (kind, ok) in _SCHEMAS[path.name].items():
+        if name not in table.column_names:
+            raise DelrecError(
+                f"missing column (found: {', '.join(table.column_names)})", path=path, field=name
+            )
+        if not ok(table.schema.field(name).type):  # type: ignore[operator]
+            raise DelrecError(f"expected {kind}, got {table.schema.field(name).type}", path=path, field=name)
+    return table
 
 
 def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Load a dataset folder written by the preprocess stage, checking its manifest first."""
+    """Load a dataset folder written by the preprocess stage, checking its manifest, files and columns."""
     path = Path(path)
     manifest = read_manifest(path, producer=PRODUCER)
-    try:
-        items = pq.read_table(path / "items.parquet")
-        seq_table = pq.read_table(path / "train_sequences.parquet")
-        examples = {}
-        for split in SPLITS:
-            table = pq.read_table(path / f"{split}.parquet")
-            examples[split] = Examples(
-                users=table.column("user").to_numpy().astype(np.int64),
-                histories=_read_list_column(table, "history"),
-                targets=table.column("target").to_numpy().astype(np.int64),
-            )
-        cand_table = pq.read_table(path / "candidates.parquet")
-    except (FileNotFoundError, pa.ArrowInvalid, KeyError) as exc:
-        raise DelrecError(f"incomplete or corrupt dataset folder ({exc})", path=path) from exc
+    items = _read_checked(path / layout.ITEMS)
+    seq_table = _read_checked(path / layout.TRAIN_SEQUENCES)
+    examples = {}
+    for split in SPLITS:
+        table = _read_checked(path / f"{split}.parquet")
+        examples[split] = Examples(
+            users=table.column("user").to_numpy().astype(np.int64),
+            histories=_read_list_column(table, "history"),
+            targets=table.column("target").to_numpy().astype(np.int64),
+        )
+    cand_path = path / layout.CANDIDATES
+    cand_table = _read_checked(cand_path)
     candidates = {}
     for split in EVAL_SPLITS:
         part = cand_table.filter(pa.compute.equal(cand_table.column("split"), split))
         rows = part.column("row").to_numpy()
         lists = _read_list_column(part, "candidates")
+        if len({len(c) for c in lists}) > 1:
+            raise DelrecError(
+                f"{split}: candidate lists of different lengths", path=cand_path, field="candidates"
+            )
         matrix = np.stack(lists) if lists else np.zeros((0, 0), dtype=np.int64)
         order = np.argsort(rows)
         if len(rows) != len(examples[split]) or not np.array_equal(rows[order], np.arange(len(rows))):
             raise DelrecError(
                 f"candidate rows do not match the {len(examples[split])} {split} examples",
-                path=path / "candidates.parquet",
+                path=cand_path,
                 field="row",
             )
         candidates[split] = matrix[order]

@@ -71,13 +71,19 @@ def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float 
                     bar.update(len(block))
             size = out.tell()
         if expected_size is not None and size != expected_size:
-            raise DelrecError(f"download truncated: got {size} of {expected_size} bytes", path=url)
+            raise DelrecError(
+                f"download truncated: got {size} of {expected_size} bytes", path=redact_url(url)
+            )
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise DelrecError(f"sha256 {digest.hexdigest()} does not match the expected {sha256}", path=url)
+            raise DelrecError(
+                f"sha256 {digest.hexdigest()} does not match the expected {sha256}", path=redact_url(url)
+            )
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as exc:
         tmp.unlink(missing_ok=True)
-        raise DelrecError(f"download failed ({exc}); pass a local copy with --source", path=url) from exc
+        raise DelrecError(
+            f"download failed ({exc}); pass a local copy with --source", path=redact_url(url)
+        ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -115,16 +121,58 @@ def extract_zip(archive: Path, dest: Path, *, checksums: Mapping[str, str] | Non
     return dest
 
 
-def unzip(archive: Path, dest: Path) -> None:
-    """Extract a zip archive, turning a truncated or corrupt one into a clear error."""
+# Caps on what a zip archive may unpack to (a "zip bomb" expands a few KB into many GB).
+ZIP_MAX_BYTES = int(os.environ.get("DELREC_ZIP_MAX_BYTES", 8 << 30))
+ZIP_MAX_MEMBERS = int(os.environ.get("DELREC_ZIP_MAX_MEMBERS", 10_000))
+
+
+def unzip(archive: Path, dest: Path, *, max_bytes: int | None = None, max_members: int | None = None) -> None:
+    """Extract a zip archive, turning a truncated or corrupt one into a clear error.
+
+    Refuses an archive of more than ``max_bytes`` uncompressed (default :data:`ZIP_MAX_BYTES`,
+    ``$DELREC_ZIP_MAX_BYTES``) or ``max_members`` members (:data:`ZIP_MAX_MEMBERS`) before
+    decompressing anything; zipfile never writes more than a member's declared size.
+    """
+    max_bytes = ZIP_MAX_BYTES if max_bytes is None else max_bytes
+    max_members = ZIP_MAX_MEMBERS if max_members is None else max_members
     try:
         with zipfile.ZipFile(archive) as handle:
+            members = handle.infolist()
+            if len(members) > max_members:
+                raise DelrecError(
+                    f"{len(members)} members, more than the {max_members} allowed "
+                    "(DELREC_ZIP_MAX_MEMBERS raises the cap)",
+                    path=archive,
+                )
+            total = sum(m.file_size for m in members)
+            if total > max_bytes:
+                raise DelrecError(
+                    f"unpacks to {total} bytes, more than the {max_bytes} allowed "
+                    "(DELREC_ZIP_MAX_BYTES raises the cap)",
+                    path=archive,
+                )
             bad = handle.testzip()
             if bad is not None:
                 raise DelrecError(f"corrupt zip archive: member {bad} fails its CRC check", path=archive)
             handle.extractall(dest)  # extractall drops absolute paths and '..' from member names
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise DelrecError(f"not a readable zip archive ({exc})", path=archive) from exc
+
+
+def redact_url(source: str) -> str:
+    """``source`` with credentials removed: ``user:password@`` and every query value (presigned URLs
+    carry their signature and key id there). Local paths and plain URLs come back unchanged."""
+    parsed = urllib.parse.urlsplit(source)
+    if len(parsed.scheme) <= 1:  # a path (or a Windows drive letter)
+        return source
+    netloc = parsed.netloc
+    if "@" in netloc:
+        netloc = "REDACTED@" + netloc.rsplit("@", 1)[1]
+    query = parsed.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{urllib.parse.quote(key)}=REDACTED" for key, _ in pairs) or "REDACTED"
+    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, query, parsed.fragment))
 
 
 def _url_cache_name(url: str) -> str:
@@ -140,7 +188,7 @@ def fetch_url(url: str, *, cache: Path | None = None, checksums: Mapping[str, st
     if not zipfile.is_zipfile(archive):
         if checksums:
             archive.unlink()
-            raise DelrecError(f"expected a zip archive holding {', '.join(checksums)}", path=url)
+            raise DelrecError(f"expected a zip archive holding {', '.join(checksums)}", path=redact_url(url))
         return archive
     try:
         return extract_zip(archive, archive.with_name(archive.name.removesuffix(".zip")), checksums=checksums)

@@ -32,9 +32,8 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,53 +42,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from delrec.data.download import local_source, unzip
+from delrec.data.download import unzip
 from delrec.data.raw import RawData
 from delrec.errors import DelrecError
 
-if TYPE_CHECKING:
-    from delrec.data.preprocess import PreprocessConfig
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a dataset name means: its default format, domain, k-core and download."""
-
-    format: str
-    domain: str  # movies | games | products
-    kcore: int = 0  # default k-core filter (0: off)
-    url: str | None = None  # default source
-    checksums: Mapping[str, str] = field(default_factory=dict)  # sha256 of files inside the download
-
-
-GROUPLENS = "https://files.grouplens.org/datasets/movielens"
-DATASETS: dict[str, DatasetInfo] = {
-    "ml-100k": DatasetInfo(
-        "movielens",
-        "movies",
-        url=f"{GROUPLENS}/ml-100k.zip",
-        # The zip's own hash is not recorded here; these are the files GroupLens ships inside it.
-        checksums={
-            "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
-            "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
-        },
-    ),
-    "ml-1m": DatasetInfo("movielens", "movies", url=f"{GROUPLENS}/ml-1m.zip"),
-    "beauty": DatasetInfo("recbole", "products", kcore=5),
-    "home-kitchen": DatasetInfo("recbole", "products", kcore=5),
-    # Raw Steam reviews are very sparse; SASRec's preprocessing keeps users and items with 5+.
-    "steam": DatasetInfo("steam", "games", kcore=5),
-    "generic": DatasetInfo("generic", "products"),
-    "synthetic": DatasetInfo("synthetic", "movies"),
-}
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise DelrecError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}", field="dataset")
-    return DATASETS[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +132,11 @@ def _read_csv(
     try:
         return pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=names, encoding=encoding, block_size=1 << 24),
+            # use_threads=False: the threaded reader aborted the process ("terminate called without an
+            # active exception") on an empty latin-1 file once torch was imported.
+            read_options=pacsv.ReadOptions(
+                column_names=names, encoding=encoding, block_size=1 << 24, use_threads=False
+            ),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False),
             convert_options=pacsv.ConvertOptions(
                 column_types=dict(types or {}), include_columns=include, strings_can_be_null=False
@@ -200,6 +161,81 @@ def _require_columns(table: pa.Table, columns: tuple[str, ...], path: Path, what
                 path=path,
                 field=name,
             )
+
+
+def _row_line(path: Path, row: int, *, header: bool, encoding: str = "utf-8") -> int:
+    """The line number of data row ``row`` (0-based) of a delimited file, counted as pyarrow does
+    (blank lines skipped, the header not a row); only run to name a bad row."""
+    seen = -1
+    for lineno, text in _lines(path, encoding):
+        if (header and seen == -1 and lineno == 1) or not text.strip("\r\n"):
+            continue
+        seen += 1
+        if seen == row:
+            return lineno
+    return 0
+
+
+def _where(path: Path, row: int, text_file: bool, header: bool, encoding: str) -> str:
+    if text_file:
+        return f"{path}:{_row_line(path, row, header=header, encoding=encoding)}"
+    return f"{path} (data row {row + 1})"
+
+
+def check_values(
+    table: pa.Table,
+    path: Path,
+    *,
+    ids: tuple[str, ...] = (),
+    times: tuple[str, ...] = (),
+    text_file: bool = True,
+    header: bool = True,
+    encoding: str = "utf-8",
+) -> None:
+    """Refuse missing, empty or non-finite ids and timestamps, naming file, line (or row) and field.
+
+    Ids must be integers or strings; timestamps numbers (or dates). Negative timestamps are allowed
+    (dates before 1970) but counted in a warning: they are more often a broken export.
+    """
+    for name in (*ids, *times):
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column, kind = pc.cast(column, kind.value_type), kind.value_type
+        is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        if name in ids and not (is_text or pa.types.is_integer(kind)):
+            raise DelrecError(f"expected integer or string ids, got {kind}", path=path, field=name)
+        if name in times and not (
+            pa.types.is_integer(kind)
+            or pa.types.is_floating(kind)
+            or pa.types.is_timestamp(kind)
+            or pa.types.is_date(kind)
+            or is_text
+        ):
+            raise DelrecError(f"expected numbers or dates, got {kind}", path=path, field=name)
+        bad = pc.is_null(column, nan_is_null=True)
+        if is_text:
+            bad = pc.or_(bad, pc.equal(pc.utf8_trim_whitespace(column), ""))
+        if pa.types.is_floating(kind):
+            bad = pc.or_(bad, pc.invert(pc.is_finite(column)))
+        if pc.any(bad).as_py():
+            row = int(pc.index(bad, True).as_py())
+            value = column[row].as_py()
+            what = (
+                "missing value (empty, NaN or NULL)"
+                if value is None or (isinstance(value, str) and not value.strip())
+                else f"not a finite value ({value!r})"
+            )
+            raise DelrecError(what, path=_where(path, row, text_file, header, encoding), field=name)
+        if name in times and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            warn_negative(column.to_numpy(), path, name)
+
+
+def warn_negative(values: np.ndarray, path: Path | str, name: str) -> None:
+    """Log how many timestamps are negative (before 1970): allowed, but often a broken export."""
+    negative = int((np.asarray(values) < 0).sum())
+    if negative:
+        log.warning("%s: %d negative %s value(s) (before 1970?)", path, negative, name)
 
 
 def _strings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -237,9 +273,16 @@ def _records(path: Path, desc: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _field(record: Mapping[str, Any], name: str, path: Path, lineno: int) -> Any:
+    """A record's id or time value: present, not blank, a string or a finite number."""
     value = record.get(name)
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise DelrecError(f"record has no {name!r}", path=f"{path}:{lineno}", field=name)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DelrecError(
+            f"expected a string or a number, got {type(value).__name__}", path=f"{path}:{lineno}", field=name
+        )
+    if isinstance(value, float) and not np.isfinite(value):  # JSON allows NaN and Infinity
+        raise DelrecError(f"not a finite value ({value!r})", path=f"{path}:{lineno}", field=name)
     return value
 
 
@@ -302,6 +345,8 @@ def _movielens_ratings(path: Path, delimiter: str, split: Callable[[str], list[s
             path, names, split=split, int_fields=("user", "item", "timestamp"), encoding="latin-1"
         ),
     )
+    # pyarrow reads "", "NaN", "NULL" ... as null in an int64 column: refuse them, naming the line.
+    check_values(table, path, ids=("user", "item"), times=("timestamp",), header=False, encoding="latin-1")
     return RawData(
         users=_strings(table.column("user")),
         items=_strings(table.column("item")),
@@ -404,13 +449,10 @@ def read_recbole(path: Path) -> RawData:
     table = _read_csv(inter, delimiter="\t", quoting=False, explain=_check_against_header(inter, "\t", False))
     table = table.rename_columns([name.split(":")[0].strip() for name in table.column_names])
     _require_columns(table, ("user_id", "item_id"), inter, "a RecBole .inter file")
-    if "timestamp" in table.column_names:
+    has_time = "timestamp" in table.column_names
+    check_values(table, inter, ids=("user_id", "item_id"), times=("timestamp",) if has_time else ())
+    if has_time:
         column = table.column("timestamp")
-        if column.null_count:
-            row = int(pc.index(pc.is_null(column), True).as_py())
-            raise DelrecError(
-                f"empty timestamp (data row {row + 1})", path=f"{inter}:{row + 2}", field="timestamp"
-            )
         if not pa.types.is_integer(column.type) and not pa.types.is_floating(column.type):
             raise DelrecError(f"timestamps must be numbers, got {column.type}", path=inter, field="timestamp")
         times = _order_values(column.to_numpy())
@@ -483,6 +525,7 @@ def read_amazon_json(path: Path) -> RawData:
                 f"expected a number, got {stamp!r}", path=f"{reviews}:{lineno}", field="unixReviewTime"
             )
         times.append(int(stamp))
+    warn_negative(np.array(times, dtype=np.int64), reviews, "unixReviewTime")
     titles = {}
     for lineno, record in _records(meta, meta.name):
         asin = _field(record, "asin", meta, lineno)
@@ -552,15 +595,13 @@ def _read_table(
     _require_columns(table, columns, path, f"the generic format's {stem} table")
     if table.num_rows == 0:
         raise DelrecError("the table has no rows", path=path)
-    for name in columns:
-        column = table.column(name)
-        empty = pc.is_null(column)
-        if pa.types.is_string(column.type):
-            empty = pc.or_(empty, pc.equal(column, ""))
-        if name != "title" and pc.any(empty).as_py():
-            row = int(pc.index(empty, True).as_py())
-            where = f"{path}:{row + 2}" if path == csv_file else path  # a CSV line counts the header
-            raise DelrecError(f"empty value in data row {row + 1}", path=where, field=name)
+    check_values(
+        table,
+        path,
+        ids=tuple(c for c in columns if c in ("user", "item")),
+        times=tuple(c for c in columns if c == "timestamp"),
+        text_file=path == csv_file,
+    )
     return table, path
 
 
@@ -632,43 +673,4 @@ def read_path(reader: Callable[[Path], RawData], path: Path) -> RawData:
         except DelrecError as exc:  # name the member inside the archive, not the temporary copy
             raise DelrecError(str(exc).replace(tmp, f"{path}!")) from None
     raw.source = str(path)
-    return raw
-
-
-def resolve_format(config: PreprocessConfig) -> str:
-    """The format to read: ``config.format`` or the dataset's default; raises on unknown names."""
-    info = dataset_info(config.dataset)
-    fmt = config.format or info.format
-    if fmt not in FORMATS and fmt != "synthetic":
-        raise DelrecError(
-            f"unknown format {fmt!r}; known: {', '.join([*FORMATS, 'synthetic'])}", field="format"
-        )
-    return fmt
-
-
-def read_raw(config: PreprocessConfig, *, cache: Path | None = None) -> RawData:
-    """Read the configured dataset, fetching its source first if it is a URL or s3:// URI."""
-    from delrec.data.synthetic import synthetic_raw
-
-    info = dataset_info(config.dataset)
-    fmt = resolve_format(config)
-    if fmt == "synthetic":
-        raw = synthetic_raw(
-            num_users=config.synthetic_users,
-            num_items=config.synthetic_items,
-            num_themes=config.synthetic_themes,
-            seed=config.seed,
-        )
-    else:
-        source = config.source or info.url
-        if source is None:
-            raise DelrecError(
-                f"dataset {config.dataset!r} has no default download: pass --source", field="source"
-            )
-        # A download (from any URL) named after a known release must be that release; local copies
-        # are taken as they are, so a path works offline and edited copies stay usable.
-        with local_source(source, cache=cache, checksums=info.checksums) as path:
-            raw = read_path(FORMATS[fmt], path)
-        raw.source = source
-    raw.domain = config.domain or info.domain
     return raw

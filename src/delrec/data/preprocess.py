@@ -6,45 +6,20 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
+from delrec import layout
 from delrec.artifacts import atomic_dir, write_json_atomic, write_manifest
-from delrec.config import StageConfig
+from delrec.data.config import PreprocessConfig
 from delrec.data.dataset import PRODUCER, Examples, write_dataset_files
-from delrec.data.formats import dataset_info, read_raw
+from delrec.data.download import redact_url
 from delrec.data.raw import RawData
+from delrec.data.sources import dataset_info, read_raw
 from delrec.data.titles import clean_title
 from delrec.errors import DelrecError
 
 log = logging.getLogger(__name__)
-
-
-class PreprocessConfig(StageConfig):
-    """Config of the preprocess stage."""
-
-    dataset: str = "synthetic"
-    """ml-100k | ml-1m | beauty | home-kitchen | steam | generic | synthetic"""
-    source: str | None = None
-    """local path, http(s)/file URL or s3:// URI; None: the dataset's default download (cached)"""
-    format: str | None = None
-    """movielens | recbole | amazon-json | steam | sequences | generic | synthetic; None: the dataset's"""
-    domain: Literal["movies", "games", "products"] | None = None
-    """what the items are (sets the prompt verb); None: the dataset's (generic: products)"""
-    split: Literal["loo", "user"] = "loo"
-    seed: int = 42
-    num_candidates: int = Field(20, ge=2)
-    max_history: int = Field(50, ge=1)
-    """examples keep this many most recent history items"""
-    kcore: int | None = Field(None, ge=0)
-    """k-core filter on users and items; None: the dataset's default (5 for Amazon and Steam, else off)"""
-    min_user_interactions: int = Field(3, ge=3)
-    """users with fewer interactions (after filtering) are dropped: they give no test example"""
-    synthetic_users: int = Field(200, ge=1)
-    synthetic_items: int = Field(120, ge=2)
-    synthetic_themes: int = Field(6, ge=1, le=8)
 
 
 def _kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
@@ -100,7 +75,8 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
     Returns the stats written to ``stats.json``.
     """
     started = time.perf_counter()
-    stats: dict = {"dataset": config.dataset, "source": raw.source, "raw_interactions": int(len(raw.users))}
+    source = redact_url(raw.source)  # stats and manifest never carry credentials
+    stats: dict = {"dataset": config.dataset, "source": source, "raw_interactions": int(len(raw.users))}
     dropped = dict(raw.dropped)
     titles = {str(key): clean_title(value) for key, value in raw.titles.items() if value and value.strip()}
     titles = {key: value for key, value in titles.items() if value}
@@ -235,7 +211,9 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
         kcore=kcore,
         num_candidates=config.num_candidates,
     )
-    with atomic_dir(out) as tmp:
+    # A local source folder is never replaced, whatever --force says.
+    local = [raw.source] if raw.source and "://" not in raw.source else []
+    with atomic_dir(out, protect=local) as tmp:
         write_dataset_files(
             tmp,
             titles=[titles[r] for r in item_raw.tolist()],
@@ -247,13 +225,16 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
             candidates=candidates,
         )
         stats["seconds"] = round(time.perf_counter() - started, 3)
-        write_json_atomic(tmp / "stats.json", stats)
+        write_json_atomic(tmp / layout.STATS_JSON, stats)
+        settings = config.model_dump(mode="json")
+        if settings.get("source"):
+            settings["source"] = redact_url(settings["source"])
         write_manifest(
             tmp,
             producer=PRODUCER,
-            config=config.model_dump(mode="json"),
+            config=settings,
             rows={"items": num_items, "users": num_users, **{s: len(e) for s, e in final.items()}},
-            extra={"dataset": config.dataset, "domain": raw.domain, "source": raw.source},
+            extra={"dataset": config.dataset, "domain": raw.domain, "source": source},
         )
     log.info(
         "wrote %s: %d users, %d items, %d interactions", out, num_users, num_items, stats["interactions"]

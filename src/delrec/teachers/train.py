@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from delrec import layout
 from delrec.artifacts import (
     atomic_dir,
     load_checkpoint,
@@ -50,7 +51,7 @@ from delrec.teachers.models import Caser, GRU4Rec, SASRec, last_hidden
 
 log = logging.getLogger(__name__)
 
-PRODUCER = "train_teacher"
+PRODUCER = layout.TRAIN_TEACHER
 FULL_KS = (10,)
 CANDIDATE_KS = (1, 5, 10)
 
@@ -514,12 +515,13 @@ def train_teacher(
         "device": str(device),
     }
     with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in best_state.items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in best_state.items()}, tmp / layout.TEACHER_WEIGHTS)
         write_json_atomic(
-            tmp / "config.json", {"teacher": config.model_dump(mode="json"), "num_items": dataset.num_items}
+            tmp / layout.CONFIG_JSON,
+            {"teacher": config.model_dump(mode="json"), "num_items": dataset.num_items},
         )
-        write_json_atomic(tmp / "metrics.json", metrics)
-        pq.write_table(table, tmp / "topk.parquet")
+        write_json_atomic(tmp / layout.METRICS_JSON, metrics)
+        pq.write_table(table, tmp / layout.TOPK)
         write_manifest(
             tmp,
             producer=PRODUCER,
@@ -545,10 +547,10 @@ def load_teacher(teacher_dir: str | os.PathLike) -> tuple[nn.Module, TeacherConf
     """The trained model (in eval mode, on CPU) and its config from a teacher folder."""
     teacher_dir = Path(teacher_dir)
     read_manifest(teacher_dir, producer=PRODUCER)
-    saved = json.loads((teacher_dir / "config.json").read_text())
-    config = TeacherConfig.from_dict(saved["teacher"], source=str(teacher_dir / "config.json"))
+    saved = json.loads((teacher_dir / layout.CONFIG_JSON).read_text())
+    config = TeacherConfig.from_dict(saved["teacher"], source=str(teacher_dir / layout.CONFIG_JSON))
     model = build_model(config, saved["num_items"])
-    model.load_state_dict(load_file(teacher_dir / "model.safetensors"))
+    model.load_state_dict(load_file(teacher_dir / layout.TEACHER_WEIGHTS))
     return model.eval(), config
 
 
@@ -558,7 +560,7 @@ def load_topk(teacher_dir: str | os.PathLike, dataset_dir: str | os.PathLike) ->
     Refuses a teacher trained on another dataset than ``dataset_dir``.
     """
     manifest = require_same_input(teacher_dir, "dataset", dataset_dir, producer=PRODUCER)
-    path = Path(teacher_dir) / "topk.parquet"
+    path = Path(teacher_dir) / layout.TOPK
     try:
         table = pq.read_table(path, columns=["split", "row", "items"])
     except (FileNotFoundError, pa.ArrowInvalid) as exc:

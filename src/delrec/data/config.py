@@ -1,0 +1,34 @@
+"""The preprocess stage's config (its own module: the source resolution and the stage both read it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from delrec.config import StageConfig
+
+
+class PreprocessConfig(StageConfig):
+    """Config of the preprocess stage."""
+
+    dataset: str = "synthetic"
+    """ml-100k | ml-1m | beauty | home-kitchen | steam | generic | synthetic"""
+    source: str | None = None
+    """local path, http(s)/file URL or s3:// URI; None: the dataset's default download (cached)"""
+    format: str | None = None
+    """movielens | recbole | amazon-json | steam | sequences | generic | synthetic; None: the dataset's"""
+    domain: Literal["movies", "games", "products"] | None = None
+    """what the items are (sets the prompt verb); None: the dataset's (generic: products)"""
+    split: Literal["loo", "user"] = "loo"
+    seed: int = Field(42, ge=0)
+    num_candidates: int = Field(20, ge=2)
+    max_history: int = Field(50, ge=1)
+    """examples keep this many most recent history items"""
+    kcore: int | None = Field(None, ge=0)
+    """k-core filter on users and items; None: the dataset's default (5 for Amazon and Steam, else off)"""
+    min_user_interactions: int = Field(3, ge=3)
+    """users with fewer interactions (after filtering) are dropped: they give no test example"""
+    synthetic_users: int = Field(200, ge=1)
+    synthetic_items: int = Field(120, ge=2)
+    synthetic_themes: int = Field(6, ge=1, le=8)
