@@ -124,7 +124,10 @@ def main() -> None:
     parser.add_argument("--history-items", type=int, default=10)
     parser.add_argument("--score-examples", type=int, default=16)
     parser.add_argument("--score-batch-size", type=int, default=4)
-    parser.add_argument("--plain-examples", type=int, default=4, help="examples the plain loop scores")
+    parser.add_argument("--plain-examples", type=int, default=2, help="examples the plain loop scores")
+    parser.add_argument(
+        "--plain-train-examples", type=int, default=1, help="examples of the batch the plain loop trains on"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="training examples per step (the preset's)")
     parser.add_argument("--train-steps", type=int, default=2, help="timed training steps (best one counts)")
     parser.add_argument("--init-r", type=int, default=64, help="AdaLoRA's initial rank (the preset's)")
@@ -203,7 +206,10 @@ def main() -> None:
     results["plain_scoring_examples_per_s"] = m / timed(
         lambda: [plain_scores(backbone, soft, inst, builder, False) for inst in instances[:m]], 1
     )
-    score_flops = count_flops(score_ours)
+    k = min(args.score_batch_size, n)
+    score_flops = (
+        count_flops(lambda: score_all(backbone, soft, prompts[:k], answers[:k], batch_size=k)) * n / k
+    )
 
     backbone.model.train()
     train = dataset.examples["train"]
@@ -221,12 +227,14 @@ def main() -> None:
 
     def step_plain():
         target = torch.tensor([inst.answer for inst in batch])
-        for k, inst in enumerate(batch):
+        for k, inst in enumerate(batch[: args.plain_train_examples]):
             scores = plain_scores(backbone, soft, inst, builder, True)[None]
             (F.cross_entropy(scores, target[k : k + 1]) / len(batch)).backward()
 
     results["training_examples_per_s"] = len(batch) / timed(step_ours, args.train_steps)
-    results["plain_training_examples_per_s"] = len(batch) / timed(step_plain, 1)
+    results["plain_training_examples_per_s"] = min(args.plain_train_examples, len(batch)) / timed(
+        step_plain, 1
+    )
     train_flops = count_flops(step_ours)
     if args.old_scoring:
         old = load_module(args.old_scoring)
