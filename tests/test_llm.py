@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from delrec.errors import DelrecError
-from delrec.llm.backbone import SENTINEL, build_tiny, load_backbone
+from delrec.llm.backbone import SENTINEL, build_tiny, load_backbone, store_bf16_weights
 from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.scoring import score_all, score_candidates, score_naive
 from delrec.llm.soft_prompt import SoftPrompt
@@ -174,3 +174,16 @@ def test_lion_moves_by_sign_and_warmup_is_linear():
     param.grad = torch.tensor([2.0, -0.5, 0.0])
     opt.step()
     torch.testing.assert_close(param.detach(), torch.tensor([-0.025, 0.025, 0.0]))
+
+
+def test_bf16_weight_storage_is_lossless_and_keeps_the_embedding(synthetic):
+    model, _ = build_tiny("tiny-llama", synthetic.titles)
+    exact = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        exact.copy_(exact.to(torch.bfloat16).float())
+    for param in model.parameters():
+        param.requires_grad_(False)
+    assert store_bf16_weights(model) == 1  # only the weight bf16 holds exactly
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32

@@ -272,6 +272,27 @@ def _load_pretrained(path: str | os.PathLike) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def store_bf16_weights(model: nn.Module) -> int:
+    """Store frozen linear weights in bf16 where that loses nothing (SmolLM2's weights are bf16 values).
+
+    Under bf16 autocast every linear layer would otherwise cast its fp32 weight to bf16 at every call;
+    the result is the same, so scores do not change. The tied input embedding stays fp32 (the soft
+    prompt is spliced into its output), as do weights bf16 cannot hold exactly (random tiny models).
+    Returns the number of weights converted.
+    """
+    tied = model.get_input_embeddings().weight
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight is tied or module.weight.requires_grad:
+            continue
+        weight = module.weight.data
+        low = weight.to(torch.bfloat16)
+        if module.bias is None and weight.dtype == torch.float32 and torch.equal(low.float(), weight):
+            module.weight.data = low
+            converted += 1
+    return converted
+
+
 def saved_backbone_name(folder: str | os.PathLike) -> str | None:
     """The name recorded in a saved backbone folder, or None if ``folder`` holds no saved backbone."""
     path = Path(folder) / BACKBONE_JSON
@@ -307,6 +328,8 @@ def load_backbone(
     for param in model.parameters():
         param.requires_grad_(False)
     use_bf16 = autocast and bf16_supported(dev)
+    if use_bf16:
+        store_bf16_weights(model)
     log.info(
         "backbone %s: %.1fM parameters, %s, bf16 autocast %s",
         name,
