@@ -301,6 +301,24 @@ def test_store_get_never_wipes_a_foreign_folder(store, moto_endpoint, tmp_path, 
     assert [p.name for p in dest.iterdir()] == ["a.bin"]
 
 
+def test_store_get_of_one_object_never_overwrites_a_file(store, moto_endpoint, tmp_path, capsys):
+    store.put_bytes(b"new", f"s3://{BUCKET}/one/a.bin")
+    (tmp_path / "a.bin").write_bytes(b"mine")
+    argv = [
+        "store",
+        "get",
+        f"s3://{BUCKET}/one/a.bin",
+        str(tmp_path),
+        "--endpoint",
+        f"http://{moto_endpoint}",
+    ]
+    assert delrec_main(argv) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "a.bin").read_bytes() == b"mine"
+    assert delrec_main([*argv, "--force"]) == 0
+    assert (tmp_path / "a.bin").read_bytes() == b"new"
+
+
 def test_post_copy_check_reads_the_data_and_never_deletes_the_final_key(store, monkeypatch):
     from minio.commonconfig import CopySource
 

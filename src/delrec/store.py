@@ -495,9 +495,17 @@ class S3Store:
         return Path(dest)
 
     def fetch(self, uri: str, dest: str | os.PathLike, *, force: bool = False) -> Path:
-        """Download ``uri`` (one object, or a prefix as a folder: see :meth:`get_dir`) to ``dest``."""
+        """Download ``uri`` (one object into the folder ``dest``, or a prefix as a folder: see
+        :meth:`get_dir`). An existing file of the object's name is replaced only with ``force``."""
         if parse_uri(uri)[1] and self.exists(uri):
-            return self.get_file(uri, Path(dest) / Path(parse_uri(uri)[1]).name)
+            target = Path(dest) / Path(parse_uri(uri)[1]).name
+            if target.exists() and not force:
+                raise DelrecError(
+                    f"{target} exists: refusing to overwrite it (pass --force to replace it)",
+                    path=target,
+                    field="dest",
+                )
+            return self.get_file(uri, target)
         return self.get_dir(uri, dest, force=force)
 
 
