@@ -352,7 +352,8 @@ def pipeline_arguments(
     arguments: dict[str, Any] = {f"{stage}_config": configs[stage] for stage in STAGES}
     if data:
         run_params["source"] = str(Path(data).resolve()) if not data.startswith("s3://") else data
-    source = run_params.get("source", "")
+    # A source set in the preprocess config (not --data) needs a fingerprint as much.
+    source = run_params.get("source") or str(configs["preprocess"].get("source") or "")
     if source and "source_fingerprint" not in run_params:
         run_params["source_fingerprint"] = _fingerprint(
             source, run_params.get("s3_endpoint", options.s3_endpoint)

@@ -134,6 +134,12 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
     assert (
         pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"] != args["source_fingerprint"]
     )
+    # The same when the source comes in the preprocess config rather than --data.
+    by_config = pipeline.pipeline_arguments("demo", None, [f"preprocess.source={data}"])[1]
+    assert (
+        by_config["source_fingerprint"]
+        == pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"]
+    )
 
 
 def test_s3_source_fingerprint_follows_the_objects(store, moto_endpoint):  # noqa: F811
