@@ -627,7 +627,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     clock = TaskClock()
     root_logger = logging.getLogger()
     level = root_logger.level
-    root_logger.setLevel(min(level, logging.INFO) or logging.INFO)  # the clock reads kfp's INFO records
+    if not root_logger.isEnabledFor(logging.INFO):  # the clock reads kfp's INFO records
+        root_logger.setLevel(logging.INFO)
     root_logger.addFilter(clock)
     before = {p for p in root.iterdir() if p.is_dir()}
     started = time.perf_counter()
