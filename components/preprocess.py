@@ -21,12 +21,15 @@ def preprocess(
     ``source_fingerprint`` (a hash of a local source's contents) is only there to change the cache key
     when the files behind an unchanged path change.
     """
+    import json
     import os
     import time
+    from pathlib import Path
 
     from delrec.data import PreprocessConfig
     from delrec.data import preprocess as run
     from delrec.data.download import redact_url
+    from delrec.store import local_fingerprint
 
     started = time.perf_counter()
     # delrec.store reads its endpoint from the environment (the credentials come from a secret).
@@ -42,6 +45,12 @@ def preprocess(
     flat.update({f"examples/{split}": n for split, n in stats["examples"].items()})
     for name, value in {**flat, "wall_seconds": seconds}.items():
         metrics.log_metric(name, float(value))
+    # A file as well as the metadata: kfp.local never serves a task from its cache when an output
+    # artifact has no file, and the local run's table reads the metrics from it.
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, indent=2, sort_keys=True) + "\n")
     dataset.metadata.update(flat)
-    source_text = redact_url(str(settings.get("source") or ""))  # no credentials in KFP metadata
-    dataset.metadata.update(source=source_text, fingerprint=source_fingerprint)
+    dataset.metadata.update(
+        source=redact_url(str(settings.get("source") or "")),  # no credentials in KFP metadata
+        fingerprint=source_fingerprint,
+        content_fingerprint=local_fingerprint(dataset.path),
+    )

@@ -12,7 +12,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
 
 from delrec.artifacts import read_manifest
-from delrec.store import upload_dataset
+from delrec.store import local_fingerprint, upload_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,6 +52,9 @@ def test_preprocess_component(tmp_path):
     assert metrics.metadata["users"] == ds.metadata["users"] > 0
     assert metrics.metadata["wall_seconds"] > 0
     assert ds.metadata["fingerprint"] == "abc"
+    # The metrics also in the Metrics artifact's file (kfp.local caches only outputs with a file).
+    assert json.loads(Path(metrics.path).read_text()) == metrics.metadata
+    assert ds.metadata["content_fingerprint"] == local_fingerprint(ds.path)
 
 
 def test_preprocess_component_reads_an_s3_source(tmp_path, store, moto_endpoint):  # noqa: F811
@@ -185,3 +188,9 @@ def test_llm_stage_components(tmp_path, synthetic_dir):
     assert {k: metrics.metadata[k] for k in flat} == flat
     assert Path(report.path).read_text().strip()
     assert Path(html.path).read_text().startswith("<!doctype html>")
+    # Every stage leaves its metrics in its Metrics file and a fingerprint of each output's files.
+    for i in range(5):
+        logged = json.loads((tmp_path / f"m{i}").read_text())
+        assert logged["wall_seconds"] > 0 and len(logged) > 1
+    for output in (teacher, soft, tuned, ablation, report, html):
+        assert output.metadata["content_fingerprint"] == local_fingerprint(output.path)

@@ -1,4 +1,5 @@
-"""pipeline.py: the committed compiled YAML, its Kubernetes settings, overrides, submit and schedule."""
+"""pipeline.py: the committed compiled YAML, its Kubernetes settings, overrides, submit and schedule,
+and the local task cache."""
 
 from __future__ import annotations
 
@@ -132,6 +133,12 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
     (data / "u.data").write_text("1\t1\t5\t2\n")  # new content, same path: a new cache key
     assert (
         pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"] != args["source_fingerprint"]
+    )
+    # The same when the source comes in the preprocess config rather than --data.
+    by_config = pipeline.pipeline_arguments("demo", None, [f"preprocess.source={data}"])[1]
+    assert (
+        by_config["source_fingerprint"]
+        == pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"]
     )
 
 
@@ -285,3 +292,90 @@ def test_paired_table_marks_intervals_that_exclude_zero():
     assert untuned.startswith("DELRec - LLM, untuned") and "+0.050 [+0.010, +0.090]*" in untuned
     assert "+0.010 [-0.020, +0.040] " in untuned and "*" not in untuned.split("|")[2]
     assert popularity.startswith("DELRec - popularity") and popularity.count("*") == 2
+
+
+# --------------------------------------------------------------------------- the local task cache
+
+
+def cached_dataset(tmp_path: Path, cache: pipeline.VerifiedCache, key: str = "k1"):
+    """An entry in ``cache`` whose output is a Dataset folder with its content fingerprint."""
+    from kfp import dsl
+
+    from delrec.store import local_fingerprint
+
+    folder = tmp_path / "run" / "preprocess" / "dataset"
+    folder.mkdir(parents=True)
+    (folder / "data.json").write_text('{"users": 3}')
+    dataset = dsl.Dataset(name="dataset", uri=str(folder), metadata={"users": 3})
+    dataset.metadata["content_fingerprint"] = local_fingerprint(folder)
+    cache.put(key, {"dataset": dataset, "Output": 1.5})
+    return folder
+
+
+def test_cache_entry_round_trips_and_is_recorded_as_a_hit(tmp_path):
+    cache = pipeline.VerifiedCache(str(tmp_path / "cache"))
+    cached_dataset(tmp_path, cache)
+    outputs = cache.get("k1")
+    assert outputs["Output"] == 1.5 and outputs["dataset"].metadata["users"] == 3
+    assert cache.hits == {"k1": outputs}
+    assert cache.get("other") is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda entry, data: entry.write_text("{not json"), id="unreadable"),
+        pytest.param(lambda entry, data: entry.write_text("[1, 2]"), id="wrong-shape"),
+        pytest.param(lambda entry, data: entry.write_text(entry.read_text()[:-20]), id="truncated"),
+        pytest.param(
+            lambda entry, data: entry.write_text(entry.read_text().replace("1.5", "2.5")), id="edited"
+        ),
+        pytest.param(lambda entry, data: (data / "data.json").write_text('{"users": 4}'), id="files-changed"),
+        pytest.param(lambda entry, data: (data / "data.json").unlink(), id="file-gone"),
+        pytest.param(lambda entry, data: __import__("shutil").rmtree(data), id="artifact-gone"),
+    ],
+)
+def test_a_damaged_cache_entry_is_a_miss_never_an_error(tmp_path, damage, caplog):
+    cache = pipeline.VerifiedCache(str(tmp_path / "cache"))
+    data = cached_dataset(tmp_path, cache)
+    damage(Path(cache._entry_path("k1")), data)
+    assert cache.get("k1") is None and not cache.hits
+    assert "a miss" in caplog.text
+
+
+def test_cache_key_follows_the_library_code(tmp_path):
+    args = ("preprocess", "image:1", ["python", "-c", "x"], {"config": {"seed": 1}})
+    one = pipeline.VerifiedCache(str(tmp_path), code="aaa")
+    assert one.compute_key(*args) == pipeline.VerifiedCache(str(tmp_path), code="aaa").compute_key(*args)
+    assert one.compute_key(*args) != pipeline.VerifiedCache(str(tmp_path), code="bbb").compute_key(*args)
+    changed = ("preprocess", "image:1", ["python", "-c", "x"], {"config": {"seed": 2}})
+    assert one.compute_key(*args) != one.compute_key(*changed)
+
+
+def test_code_fingerprint_follows_the_library_sources_not_compiled_files(tmp_path, monkeypatch):
+    package = tmp_path / "delrec"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    monkeypatch.setattr(pipeline.delrec, "__file__", str(package / "__init__.py"))
+    before = pipeline.code_fingerprint()
+    (package / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"\0")
+    assert pipeline.code_fingerprint() == before
+    (package / "__init__.py").write_text("x = 2\n")
+    assert pipeline.code_fingerprint() != before
+
+
+@pytest.mark.parametrize("flag, cached", [([], True), (["--no-cache"], False)])
+def test_run_caches_unless_told_not_to(tmp_path, flag, cached):
+    class Stop(Exception):
+        pass
+
+    init = mock.Mock()
+    with (
+        mock.patch("kfp.local.init", init),
+        mock.patch.object(pipeline, "build_pipeline", side_effect=Stop),
+        pytest.raises(Stop),
+    ):
+        pipeline.main(["run", "--preset", "demo", "--pipeline-root", str(tmp_path), *flag])
+    kwargs = init.call_args.kwargs
+    assert kwargs["enable_caching"] is cached
+    assert kwargs["cache_root"] == str(tmp_path / pipeline.CACHE_DIR)
