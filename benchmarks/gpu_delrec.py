@@ -35,18 +35,17 @@ from delrec.teachers import TeacherConfig, train_teacher
 
 
 class TokenCounter:
-    """Counts tokens through every backbone forward, split by whether autograd records it."""
+    """Counts the tokens of every backbone pass, split by whether autograd records it."""
 
     def __init__(self) -> None:
         self.grad_tokens = 0
         self.nograd_tokens = 0
         self.params = 0
 
-    def hook(self, module, args, kwargs) -> None:
-        embeds = kwargs.get("inputs_embeds")
-        ids = kwargs.get("input_ids") if embeds is None else None
-        shape = (embeds if embeds is not None else ids).shape
-        tokens = int(shape[0] * shape[1])
+    def hook(self, module, args) -> None:
+        # Every token a model pass processes is embedded first (the scorers embed prompts, shared
+        # prefixes and answers themselves), so the embedding's input counts the tokens.
+        tokens = int(args[0].numel())
         if torch.is_grad_enabled():
             self.grad_tokens += tokens
         else:
@@ -67,7 +66,7 @@ def instrument(counter: TokenCounter) -> None:
         backbone = original(*args, **kwargs)
         model = backbone.base_model()
         counter.params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-        model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+        model.get_input_embeddings().register_forward_pre_hook(counter.hook)
         return backbone
 
     backbone_module.stage_backbone = counted
