@@ -14,7 +14,8 @@ key changes whenever a config or an input changes. ``param=value`` overrides tak
 (``teacher.max_epochs=5``), a pipeline parameter (``publish_to=s3://models``), ``teacher=gru4rec``, or a
 field name shared by stage configs (``seed=7``, ``backbone=...`` set it in every stage that has it).
 Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
-(images, GPU scheduling, resources, retries, timeouts, secrets, publishing).
+(images, GPU scheduling, resources, retries, timeouts, secrets, publishing); ``gpus=N`` (or
+``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder.
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
@@ -69,8 +70,11 @@ CONFIG_CLASSES = {
 
 # Run parameters whose defaults come from the preset's pipeline: section.
 OPTION_RUN_PARAMS = (
-    "cpu_image", "gpu_image", "gpus", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
+    "cpu_image", "gpu_image", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
 )  # fmt: skip
+# Options that are baked into the compiled spec (no run parameter), settable as ``name=value`` too: KFP's
+# driver fills pod-spec placeholders with a parameter's *string* value, so an int GPU count would be lost.
+COMPILE_TIME_OPTIONS = ("gpus",)
 
 log = logging.getLogger("pipeline")
 
@@ -99,16 +103,17 @@ class PipelineOptions(StageConfig):
     """The preset's ``pipeline:`` section: how the graph is scheduled and where things go."""
 
     cpu_image: str = Field(default_factory=images.cpu_image)
-    """image of preprocess, teacher, evaluate and publish (a run parameter too)"""
+    """image of preprocess, teacher and publish (a run parameter too)"""
     gpu_image: str = Field(default_factory=images.gpu_image)
-    """image of distill and finetune (a run parameter too)"""
+    """image of distill, finetune and evaluate, the stages that load the LLM (a run parameter too)"""
     accelerator: str = "nvidia.com/gpu"
     gpus: int = Field(1, ge=0)
-    """GPUs per GPU task (a run parameter too)"""
+    """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks"""
     gpu_toleration: str = "nvidia.com/gpu"
     """taint key the GPU tasks tolerate (operator Exists, effect NoSchedule)"""
-    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
-    """e.g. {"nvidia.com/gpu.present": "true"}; empty: none"""
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    """node labels a GPU task requires (the default is the one NVIDIA's GPU operator sets); tolerating
+    the GPU taint only allows a GPU node, this keeps the task off CPU nodes; {}: none"""
     shm_size: str = "16Gi"
     """memory-backed /dev/shm of the GPU tasks (PyTorch data loaders and NCCL need more than 64M)"""
     gpu_timeout_s: int = Field(6 * 3600, ge=0)
@@ -178,12 +183,14 @@ def build_pipeline(options: PipelineOptions | None = None):
         kubernetes.set_timeout(task, o.cpu_timeout_s)
         return task.set_display_name(stage)
 
-    def gpu_task(task: dsl.PipelineTask, stage: str, image, gpus) -> dsl.PipelineTask:
+    def gpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
         cpu_task(task, stage, image)
-        task.set_accelerator_type(o.accelerator).set_accelerator_limit(gpus)
-        kubernetes.add_toleration(task, key=o.gpu_toleration, operator="Exists", effect="NoSchedule")
-        for key, value in o.gpu_node_selector.items():
-            kubernetes.add_node_selector(task, key, value)
+        if o.gpus:
+            # A literal, not a parameter: the driver would resolve an int parameter to "" (no GPU).
+            task.set_accelerator_type(o.accelerator).set_accelerator_limit(o.gpus)
+            kubernetes.add_toleration(task, key=o.gpu_toleration, operator="Exists", effect="NoSchedule")
+            for key, value in o.gpu_node_selector.items():
+                kubernetes.add_node_selector(task, key, value)
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=o.shm_size)
         kubernetes.set_timeout(task, o.gpu_timeout_s)
         return task
@@ -211,7 +218,6 @@ def build_pipeline(options: PipelineOptions | None = None):
         source_fingerprint: str = "",
         cpu_image: str = o.cpu_image,
         gpu_image: str = o.gpu_image,
-        gpus: int = o.gpus,
         s3_secret: str = o.s3_secret,
         s3_endpoint: str = o.s3_endpoint,
         s3_secure: bool = o.s3_secure,
@@ -235,15 +241,15 @@ def build_pipeline(options: PipelineOptions | None = None):
         cpu_task(teacher, "teacher", cpu_image)
 
         soft = distill(config=distill_config, dataset=data, teacher=teacher.outputs["teacher"])
-        gpu_task(soft, "distill", gpu_image, gpus)
+        gpu_task(soft, "distill", gpu_image)
         hf_token(soft)
 
         tuned = finetune(config=finetune_config, dataset=data, soft_prompt=soft.outputs["soft_prompt"])
-        gpu_task(tuned, "finetune", gpu_image, gpus).set_display_name("finetune")
+        gpu_task(tuned, "finetune", gpu_image).set_display_name("finetune")
         hf_token(tuned)
         # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
         ablation = finetune(config=finetune_config, dataset=data)
-        gpu_task(ablation, "finetune", gpu_image, gpus).set_display_name("finetune-ablation")
+        gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
         hf_token(ablation)
 
         ev = evaluate(
@@ -254,7 +260,7 @@ def build_pipeline(options: PipelineOptions | None = None):
             ablation=ablation.outputs["model"],
             distill=soft.outputs["soft_prompt"],
         )
-        cpu_task(ev, "evaluate", cpu_image)
+        gpu_task(ev, "evaluate", gpu_image)
         hf_token(ev)
 
         with dsl.If(publish_to != "", name="publish-configured"):
@@ -334,6 +340,8 @@ def pipeline_arguments(
             run_params[key] = raw if key.startswith("source") else value
             if key in option_fields:
                 pipeline_section[key] = value
+        elif key in COMPILE_TIME_OPTIONS:
+            pipeline_section[key] = value
         elif key == "teacher":
             configs["teacher"]["model"] = value
         else:
