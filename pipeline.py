@@ -46,7 +46,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
 from kfp.local import cache as kfp_cache
 from kfp.local.cache import LocalCache
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import delrec
 from components import distill, evaluate, finetune, preprocess, publish, train_teacher
@@ -107,6 +107,15 @@ class PipelineOptions(StageConfig):
     gpu_image: str = Field(default_factory=images.gpu_image)
     """image of distill, finetune and evaluate, the stages that load the LLM (a run parameter too)"""
     accelerator: str = "nvidia.com/gpu"
+
+    @field_validator("cpu_image", "gpu_image")
+    @classmethod
+    def _immutable(cls, image: str) -> str:
+        # KFP's cache key holds the image string: a tag rebuilt in place serves stale results.
+        if problem := images.immutable_reference(image):
+            raise ValueError(f"{problem}; use the tag `make images` builds or a digest (name@sha256:...)")
+        return image
+
     gpus: int = Field(1, ge=0)
     """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks"""
     gpu_toleration: str = "nvidia.com/gpu"
