@@ -147,7 +147,8 @@ class PipelineOptions(StageConfig):
     publish_to: str = ""
     """s3://bucket[/prefix] of the model registry; empty: no publish step"""
     gate: dict[str, Any] = Field(default_factory=dict)
-    """quality gate (delrec.store.QualityGate fields): candidate, baseline, margin"""
+    """quality gate (delrec.store.QualityGate fields): candidate, baseline, margin, paired (the bootstrap
+    interval must clear the margin), against_champion, champion_margin"""
     model_cache_pvc: str = "delrec-model-cache"
     """claim mounted at /cache (HF_HOME, DELREC_CACHE) on the tasks that load data or the LLM, so a backbone
     or dataset downloads once per cluster; empty: none. ReadWriteOnce suffices on one node; use
@@ -285,6 +286,9 @@ def build_pipeline(options: PipelineOptions | None = None):
                 evaluation=ev.outputs["evaluation"],
                 destination=publish_to,
                 pipeline_name=PIPELINE_NAME,
+                # The job id, not the name: a recurring run from an inline package has an empty name, and
+                # every scheduled run would write (and overwrite) the same bundle.
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 gate=gate,
                 s3_endpoint=s3_endpoint,

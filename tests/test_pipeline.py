@@ -93,6 +93,9 @@ def test_compiled_yaml_caching_retries_and_publish_condition():
     assert "publish_to" in condition["triggerPolicy"]["condition"]
     publish = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]["publish"]
     assert publish["cachingOptions"] == {}  # never from cache: a re-run must push again
+    # The bundle's folder is the job id: a recurring run's name is empty, its id never is.
+    params = publish["inputs"]["parameters"]
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
 def gpu_counts(spec: dict) -> dict[str, str]:
