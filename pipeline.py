@@ -39,7 +39,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from kfp import compiler, dsl, kubernetes
@@ -151,8 +151,11 @@ class PipelineOptions(StageConfig):
     interval must clear the margin), against_champion, champion_margin"""
     model_cache_pvc: str = "delrec-model-cache"
     """claim mounted at /cache (HF_HOME, DELREC_CACHE) on the tasks that load data or the LLM, so a backbone
-    or dataset downloads once per cluster; empty: none. ReadWriteOnce suffices on one node; use
-    ReadWriteMany where the two finetune tasks may run on different nodes"""
+    or dataset downloads once per cluster; empty: none"""
+    model_cache_access: Literal["ReadWriteMany", "ReadWriteOnce"] = "ReadWriteMany"
+    """the claim's access mode. ReadWriteMany (manifests/overlays/gpu): the LLM tasks run side by side.
+    ReadWriteOnce (the kind overlay): a volume attaches to one node at a time (two pods on two nodes:
+    Multi-Attach error), so the tasks that mount it run one after another"""
     local_root: str = "local_outputs/pipeline_root"
     """pipeline root of ``run`` (kfp.local)"""
 
@@ -261,6 +264,11 @@ def build_pipeline(options: PipelineOptions | None = None):
         ablation = finetune(config=finetune_config, dataset=data)
         gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
         hf_token(ablation)
+
+        if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":
+            # The ablation would run beside distill and finetune: with a ReadWriteOnce cache, on another
+            # node it never starts. One mounting pod at a time instead.
+            ablation.after(tuned)
 
         ev = evaluate(
             config=evaluate_config,

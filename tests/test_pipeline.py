@@ -321,6 +321,41 @@ def test_model_cache_mounted_and_nothing_installed_at_run_time(tmp_path):
     assert not any("pvcMount" in executor for executor in k8s.values())
 
 
+CACHE_TASKS = ("preprocess", "distill", "finetune", "finetune-2", "evaluate")
+
+
+def ancestors(tasks: dict) -> dict[str, set[str]]:
+    """Task -> every task it (transitively) waits for, from the compiled DAG's dependentTasks."""
+    seen: dict[str, set[str]] = {}
+
+    def up(name: str) -> set[str]:
+        if name not in seen:
+            direct = set(tasks[name].get("dependentTasks", []))
+            seen[name] = direct.union(*(up(d) for d in direct))
+        return seen[name]
+
+    return {name: up(name) for name in tasks}
+
+
+@pytest.mark.parametrize(
+    ("preset", "access", "serial"), [("demo", "ReadWriteOnce", True), ("ml-100k", "ReadWriteMany", False)]
+)
+def test_a_read_write_once_model_cache_is_never_mounted_by_two_pods_at_once(tmp_path, preset, access, serial):
+    options = pipeline.pipeline_arguments(preset)[0]
+    assert options.model_cache_access == access
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    tasks, up = spec["root"]["dag"]["tasks"], ancestors(spec["root"]["dag"]["tasks"])
+    pairs = [(a, b) for i, a in enumerate(CACHE_TASKS) for b in CACHE_TASKS[i + 1 :]]
+    assert all(
+        k8s[tasks[t]["componentRef"]["name"].replace("comp-", "exec-")]["pvcMount"] for t in CACHE_TASKS
+    )
+    # Two tasks can run at once unless one waits for the other.
+    concurrent = [(a, b) for a, b in pairs if a not in up[b] and b not in up[a]]
+    assert (concurrent == []) is serial, concurrent
+    if not serial:  # the side-by-side graph needs the shared claim of the gpu overlay
+        assert ("distill", "finetune-2") in concurrent
+
+
 def test_paired_table_marks_intervals_that_exclude_zero():
     cell = lambda d, lo, hi: {"diff": d, "lo": lo, "hi": hi}  # noqa: E731
     table = pipeline.format_paired_table(
