@@ -625,6 +625,40 @@ def format_paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+class LastError:
+    """A stdout wrapper that passes everything through and keeps the last exception line a task printed
+    (kfp.local prints each task's output, traceback included, to stdout)."""
+
+    LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Za-z_]\w*(?:Error|Exception)): (?P<why>.+)$")
+
+    def __init__(self, stream) -> None:
+        self.stream, self.last, self._partial = stream, "", ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            if match := self.LINE.match(TaskClock.ANSI.sub("", line).strip()):
+                self.last = f"{match['name']}: {match['why']}"
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def failure_line(error: RuntimeError, why: str) -> str:
+    """One line for a failed kfp.local run: the task, the reason, and what a newcomer can do."""
+    message = TaskClock.ANSI.sub("", str(error))
+    task = re.search(r"Inner task failed: '([^']+)'", message)
+    name = TASK_LABELS.get(task[1], task[1]) if task else "a task"
+    hint = (
+        "no network? run on a local copy: make run DATA=path/to/ml-100k"
+        if name == "preprocess"
+        else "its log is above"
+    )
+    return f"task {name} failed: {why or message}; {hint}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
@@ -661,9 +695,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     root_logger.addFilter(clock)
     before = {p for p in root.iterdir() if p.is_dir()}
     started = time.perf_counter()
+    errors = LastError(sys.stdout)
+    sys.stdout = errors
     try:
         result = build_pipeline(options)(**arguments)
+    except RuntimeError as exc:  # kfp.local: a task failed (its traceback is above)
+        raise DelrecError(failure_line(exc, errors.last)) from None
     finally:
+        sys.stdout = errors.stream
         root_logger.removeFilter(clock)
         root_logger.setLevel(level)
     total = time.perf_counter() - started

@@ -456,3 +456,20 @@ def test_run_caches_unless_told_not_to(tmp_path, flag, cached):
     kwargs = init.call_args.kwargs
     assert kwargs["enable_caching"] is cached
     assert kwargs["cache_root"] == str(tmp_path / pipeline.CACHE_DIR)
+
+
+def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tmp_path, capsys):
+    def failing(**_):
+        print("Traceback (most recent call last):\n  ...\ndelrec.errors.DelrecError: cannot download ml-100k")
+        raise RuntimeError("Pipeline \x1b[95m'delrec'\x1b[0m finished with status FAILURE. "
+                           "Inner task failed: \x1b[96m'preprocess'\x1b[0m.")  # fmt: skip
+
+    with mock.patch("kfp.local.init"), mock.patch.object(pipeline, "build_pipeline", return_value=failing):
+        code = pipeline.main(["run", "--preset", "demo", "--pipeline-root", str(tmp_path)])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "task preprocess failed: DelrecError: cannot download ml-100k" in line
+    assert "make run DATA=path/to/ml-100k" in line
+    assert pipeline.failure_line(RuntimeError("Inner task failed: 'finetune-2'."), "").startswith(
+        "task finetune (ablation) failed"
+    )
