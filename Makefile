@@ -7,7 +7,6 @@ PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 PRESET ?= ml-100k
 DATA ?=
-IMAGE_TAG ?= $(shell $(PYTHON) -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])")-$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
 .PHONY: help run demo test lint format clean clean-cache compile
 
@@ -55,11 +54,13 @@ clean-cache:  ## forget the local task cache only (the next `make run` runs ever
 # ---- Container images and the local kind cluster (docs/cluster.md) ----
 # docker where its daemon answers, else podman.
 ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; else echo docker; fi)
-# Image names come from src/delrec/images.py, as in the compiled pipeline (DELREC_IMAGE_REGISTRY overrides).
+# Image names come from src/delrec/images.py, as in the compiled pipeline (DELREC_IMAGE_REGISTRY overrides):
+# the tag is <version>-<hash of the build inputs>, so a rebuilt image with other contents has another name
+# and KFP's cache (keyed on the image string) never serves results of older code.
 IMAGES = $(shell PYTHONPATH=src $(PYTHON) -m delrec.images)
 CPU_IMAGE = $(word 1,$(IMAGES))
 GPU_IMAGE = $(word 2,$(IMAGES))
-# A second tag per image names the commit (with -dirty when the working tree has uncommitted changes).
+# The commit (with -dirty when the working tree has uncommitted changes), as an OCI label on the images.
 GIT_REV = $(shell git rev-parse --short HEAD 2>/dev/null || echo nogit)$(shell git status --porcelain 2>/dev/null | grep -q . && echo -dirty)
 BUILD_ARGS ?=
 KIND ?= kind
@@ -72,15 +73,18 @@ EXPERIMENT ?=
 PIPELINE_ROOT ?=
 PARAMS ?=
 
-.PHONY: images image-cpu image-gpu kind-up kind-down kind-load submit
+.PHONY: images image-cpu image-gpu image-names kind-up kind-down kind-load submit
 
 images: image-cpu image-gpu  ## build both container images (ENGINE=docker|podman, BUILD_ARGS=...)
 
-image-cpu:  ## build the CPU image, tagged with the version and the commit
-	$(ENGINE) build -f docker/Dockerfile $(BUILD_ARGS) -t $(CPU_IMAGE) -t $(CPU_IMAGE)-$(GIT_REV) .
+image-cpu:  ## build the CPU image, tagged with the version and the hash of its sources
+	$(ENGINE) build -f docker/Dockerfile $(BUILD_ARGS) --label org.opencontainers.image.revision=$(GIT_REV) -t $(CPU_IMAGE) .
 
-image-gpu:  ## build the CUDA image, tagged with the version and the commit
-	$(ENGINE) build -f docker/Dockerfile.gpu $(BUILD_ARGS) -t $(GPU_IMAGE) -t $(GPU_IMAGE)-$(GIT_REV) .
+image-gpu:  ## build the CUDA image, tagged with the version and the hash of its sources
+	$(ENGINE) build -f docker/Dockerfile.gpu $(BUILD_ARGS) --label org.opencontainers.image.revision=$(GIT_REV) -t $(GPU_IMAGE) .
+
+image-names:  ## print the CPU and GPU image names the pipeline is compiled with
+	@echo $(CPU_IMAGE) $(GPU_IMAGE)
 
 kind-up:  ## kind cluster + KFP (KFP_VERSION) + our manifests (OVERLAY=kind|gpu); prints the UI address
 	KIND="$(KIND)" KIND_CLUSTER=$(KIND_CLUSTER) KIND_CONFIG=$(KIND_CONFIG) OVERLAY=$(OVERLAY) \

@@ -14,7 +14,8 @@ key changes whenever a config or an input changes. ``param=value`` overrides tak
 (``teacher.max_epochs=5``), a pipeline parameter (``publish_to=s3://models``), ``teacher=gru4rec``, or a
 field name shared by stage configs (``seed=7``, ``backbone=...`` set it in every stage that has it).
 Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
-(images, GPU scheduling, resources, retries, timeouts, secrets, publishing).
+(images, GPU scheduling, resources, retries, timeouts, secrets, publishing); ``gpus=N`` (or
+``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder.
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
@@ -38,14 +39,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
 from kfp.local import cache as kfp_cache
 from kfp.local.cache import LocalCache
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import delrec
 from components import distill, evaluate, finetune, preprocess, publish, train_teacher
@@ -69,8 +70,11 @@ CONFIG_CLASSES = {
 
 # Run parameters whose defaults come from the preset's pipeline: section.
 OPTION_RUN_PARAMS = (
-    "cpu_image", "gpu_image", "gpus", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
+    "cpu_image", "gpu_image", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
 )  # fmt: skip
+# Options that are baked into the compiled spec (no run parameter), settable as ``name=value`` too: KFP's
+# driver fills pod-spec placeholders with a parameter's *string* value, so an int GPU count would be lost.
+COMPILE_TIME_OPTIONS = ("gpus",)
 
 log = logging.getLogger("pipeline")
 
@@ -99,16 +103,26 @@ class PipelineOptions(StageConfig):
     """The preset's ``pipeline:`` section: how the graph is scheduled and where things go."""
 
     cpu_image: str = Field(default_factory=images.cpu_image)
-    """image of preprocess, teacher, evaluate and publish (a run parameter too)"""
+    """image of preprocess, teacher and publish (a run parameter too)"""
     gpu_image: str = Field(default_factory=images.gpu_image)
-    """image of distill and finetune (a run parameter too)"""
+    """image of distill, finetune and evaluate, the stages that load the LLM (a run parameter too)"""
     accelerator: str = "nvidia.com/gpu"
+
+    @field_validator("cpu_image", "gpu_image")
+    @classmethod
+    def _immutable(cls, image: str) -> str:
+        # KFP's cache key holds the image string: a tag rebuilt in place serves stale results.
+        if problem := images.immutable_reference(image):
+            raise ValueError(f"{problem}; use the tag `make images` builds or a digest (name@sha256:...)")
+        return image
+
     gpus: int = Field(1, ge=0)
-    """GPUs per GPU task (a run parameter too)"""
+    """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks"""
     gpu_toleration: str = "nvidia.com/gpu"
     """taint key the GPU tasks tolerate (operator Exists, effect NoSchedule)"""
-    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
-    """e.g. {"nvidia.com/gpu.present": "true"}; empty: none"""
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    """node labels a GPU task requires (the default is the one NVIDIA's GPU operator sets); tolerating
+    the GPU taint only allows a GPU node, this keeps the task off CPU nodes; {}: none"""
     shm_size: str = "16Gi"
     """memory-backed /dev/shm of the GPU tasks (PyTorch data loaders and NCCL need more than 64M)"""
     gpu_timeout_s: int = Field(6 * 3600, ge=0)
@@ -133,11 +147,15 @@ class PipelineOptions(StageConfig):
     publish_to: str = ""
     """s3://bucket[/prefix] of the model registry; empty: no publish step"""
     gate: dict[str, Any] = Field(default_factory=dict)
-    """quality gate (delrec.store.QualityGate fields): candidate, baseline, margin"""
+    """quality gate (delrec.store.QualityGate fields): candidate, baseline, margin, paired (the bootstrap
+    interval must clear the margin), against_champion, champion_margin"""
     model_cache_pvc: str = "delrec-model-cache"
     """claim mounted at /cache (HF_HOME, DELREC_CACHE) on the tasks that load data or the LLM, so a backbone
-    or dataset downloads once per cluster; empty: none. ReadWriteOnce suffices on one node; use
-    ReadWriteMany where the two finetune tasks may run on different nodes"""
+    or dataset downloads once per cluster; empty: none"""
+    model_cache_access: Literal["ReadWriteMany", "ReadWriteOnce"] = "ReadWriteMany"
+    """the claim's access mode. ReadWriteMany (manifests/overlays/gpu): the LLM tasks run side by side.
+    ReadWriteOnce (the kind overlay): a volume attaches to one node at a time (two pods on two nodes:
+    Multi-Attach error), so the tasks that mount it run one after another"""
     local_root: str = "local_outputs/pipeline_root"
     """pipeline root of ``run`` (kfp.local)"""
 
@@ -178,12 +196,14 @@ def build_pipeline(options: PipelineOptions | None = None):
         kubernetes.set_timeout(task, o.cpu_timeout_s)
         return task.set_display_name(stage)
 
-    def gpu_task(task: dsl.PipelineTask, stage: str, image, gpus) -> dsl.PipelineTask:
+    def gpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
         cpu_task(task, stage, image)
-        task.set_accelerator_type(o.accelerator).set_accelerator_limit(gpus)
-        kubernetes.add_toleration(task, key=o.gpu_toleration, operator="Exists", effect="NoSchedule")
-        for key, value in o.gpu_node_selector.items():
-            kubernetes.add_node_selector(task, key, value)
+        if o.gpus:
+            # A literal, not a parameter: the driver would resolve an int parameter to "" (no GPU).
+            task.set_accelerator_type(o.accelerator).set_accelerator_limit(o.gpus)
+            kubernetes.add_toleration(task, key=o.gpu_toleration, operator="Exists", effect="NoSchedule")
+            for key, value in o.gpu_node_selector.items():
+                kubernetes.add_node_selector(task, key, value)
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=o.shm_size)
         kubernetes.set_timeout(task, o.gpu_timeout_s)
         return task
@@ -211,7 +231,6 @@ def build_pipeline(options: PipelineOptions | None = None):
         source_fingerprint: str = "",
         cpu_image: str = o.cpu_image,
         gpu_image: str = o.gpu_image,
-        gpus: int = o.gpus,
         s3_secret: str = o.s3_secret,
         s3_endpoint: str = o.s3_endpoint,
         s3_secure: bool = o.s3_secure,
@@ -235,16 +254,21 @@ def build_pipeline(options: PipelineOptions | None = None):
         cpu_task(teacher, "teacher", cpu_image)
 
         soft = distill(config=distill_config, dataset=data, teacher=teacher.outputs["teacher"])
-        gpu_task(soft, "distill", gpu_image, gpus)
+        gpu_task(soft, "distill", gpu_image)
         hf_token(soft)
 
         tuned = finetune(config=finetune_config, dataset=data, soft_prompt=soft.outputs["soft_prompt"])
-        gpu_task(tuned, "finetune", gpu_image, gpus).set_display_name("finetune")
+        gpu_task(tuned, "finetune", gpu_image).set_display_name("finetune")
         hf_token(tuned)
         # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
         ablation = finetune(config=finetune_config, dataset=data)
-        gpu_task(ablation, "finetune", gpu_image, gpus).set_display_name("finetune-ablation")
+        gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
         hf_token(ablation)
+
+        if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":
+            # The ablation would run beside distill and finetune: with a ReadWriteOnce cache, on another
+            # node it never starts. One mounting pod at a time instead.
+            ablation.after(tuned)
 
         ev = evaluate(
             config=evaluate_config,
@@ -254,7 +278,7 @@ def build_pipeline(options: PipelineOptions | None = None):
             ablation=ablation.outputs["model"],
             distill=soft.outputs["soft_prompt"],
         )
-        cpu_task(ev, "evaluate", cpu_image)
+        gpu_task(ev, "evaluate", gpu_image)
         hf_token(ev)
 
         with dsl.If(publish_to != "", name="publish-configured"):
@@ -270,6 +294,9 @@ def build_pipeline(options: PipelineOptions | None = None):
                 evaluation=ev.outputs["evaluation"],
                 destination=publish_to,
                 pipeline_name=PIPELINE_NAME,
+                # The job id, not the name: a recurring run from an inline package has an empty name, and
+                # every scheduled run would write (and overwrite) the same bundle.
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 gate=gate,
                 s3_endpoint=s3_endpoint,
@@ -334,6 +361,8 @@ def pipeline_arguments(
             run_params[key] = raw if key.startswith("source") else value
             if key in option_fields:
                 pipeline_section[key] = value
+        elif key in COMPILE_TIME_OPTIONS:
+            pipeline_section[key] = value
         elif key == "teacher":
             configs["teacher"]["model"] = value
         else:
@@ -596,6 +625,40 @@ def format_paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+class LastError:
+    """A stdout wrapper that passes everything through and keeps the last exception line a task printed
+    (kfp.local prints each task's output, traceback included, to stdout)."""
+
+    LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Za-z_]\w*(?:Error|Exception)): (?P<why>.+)$")
+
+    def __init__(self, stream) -> None:
+        self.stream, self.last, self._partial = stream, "", ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            if match := self.LINE.match(TaskClock.ANSI.sub("", line).strip()):
+                self.last = f"{match['name']}: {match['why']}"
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def failure_line(error: RuntimeError, why: str) -> str:
+    """One line for a failed kfp.local run: the task, the reason, and what a newcomer can do."""
+    message = TaskClock.ANSI.sub("", str(error))
+    task = re.search(r"Inner task failed: '([^']+)'", message)
+    name = TASK_LABELS.get(task[1], task[1]) if task else "a task"
+    hint = (
+        "no network? run on a local copy: make run DATA=path/to/ml-100k"
+        if name == "preprocess"
+        else "its log is above"
+    )
+    return f"task {name} failed: {why or message}; {hint}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
@@ -632,9 +695,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     root_logger.addFilter(clock)
     before = {p for p in root.iterdir() if p.is_dir()}
     started = time.perf_counter()
+    errors = LastError(sys.stdout)
+    sys.stdout = errors
     try:
         result = build_pipeline(options)(**arguments)
+    except RuntimeError as exc:  # kfp.local: a task failed (its traceback is above)
+        raise DelrecError(failure_line(exc, errors.last)) from None
     finally:
+        sys.stdout = errors.stream
         root_logger.removeFilter(clock)
         root_logger.setLevel(level)
     total = time.perf_counter() - started

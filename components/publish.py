@@ -21,12 +21,17 @@ def publish(
     evaluation: Input[Artifact],
     destination: str,
     pipeline_name: str,
-    run_name: str,
+    run_id: str,
     gate: dict,
+    run_name: str = "",
     s3_endpoint: str = "",
     s3_secure: bool = True,
 ) -> NamedTuple("PublishOutputs", [("uri", str), ("passed", bool)]):
-    """Upload model + soft prompt + evaluation + the stage configs to ``<destination>/<pipeline>/<run>/``.
+    """Upload model + soft prompt + evaluation + the stage configs to ``<destination>/<pipeline>/<run_id>/``.
+
+    ``run_id`` is the KFP job id (never empty, unique per run, unlike the run name of a recurring run);
+    ``run_name`` is only recorded in the bundle index. ``latest`` moves only if this run beats the teacher
+    and the published champion (``delrec.store.QualityGate``).
 
     (The configs come as separate parameters: kfp.local cannot pass a dict literal built from pipeline
     parameters.)
@@ -58,9 +63,10 @@ def publish(
             },
             base=destination,
             pipeline=pipeline_name,
-            run=run_name,
+            run=run_id,
             metrics=metrics,
             gate=QualityGate.from_dict(gate),
+            extra={"run_name": run_name},
         )
     print(index["gate"]["verdict"])
     return namedtuple("PublishOutputs", ["uri", "passed"])(index["uri"], index["gate"]["passed"])

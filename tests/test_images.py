@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from delrec import __version__
-from delrec.images import cpu_image, gpu_image
+from delrec.images import cpu_image, gpu_image, immutable_reference, source_tag
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "gpu": REPO / "docker" / "Dockerfile.gpu"}
@@ -189,15 +189,63 @@ def make_images_tags() -> dict[str, list[str]]:
     return tags
 
 
-def test_make_images_tags_version_and_commit():
+def test_make_images_tags_the_source_addressed_names_and_labels_the_commit():
     tags = make_images_tags()
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     assert set(tags) == {"docker/Dockerfile", "docker/Dockerfile.gpu"}
     for dockerfile, image in (("docker/Dockerfile", cpu_image()), ("docker/Dockerfile.gpu", gpu_image())):
-        version_tag, commit_tag = tags[dockerfile]
-        assert version_tag == image and image.endswith(f":{__version__}")
-        if rev.returncode == 0:
-            assert re.fullmatch(re.escape(f"{image}-{rev.stdout.strip()}") + "(-dirty)?", commit_tag)
+        assert tags[dockerfile] == [image]
+        assert re.fullmatch(rf".+:{re.escape(__version__)}-[0-9a-f]{{12}}", image), image
+        assert immutable_reference(image) is None
+    out = subprocess.run(
+        ["make", "-n", "image-cpu", "ENGINE=docker"], cwd=REPO, capture_output=True, text=True
+    )
+    assert "--label org.opencontainers.image.revision=" in out.stdout
+
+
+def build_tree(root: Path) -> Path:
+    """A minimal checkout: what the images are built from, plus a test file they are not."""
+    for name, text in {
+        "pyproject.toml": "[project]\n",
+        "README.md": "hi\n",
+        "docker/Dockerfile": "FROM x\n",
+        "src/delrec/__init__.py": "x = 1\n",
+        "tests/test_x.py": "y = 1\n",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("change", "new_tag"),
+    [
+        ("src/delrec/__init__.py", True),
+        ("docker/Dockerfile", True),
+        ("pyproject.toml", True),
+        ("tests/test_x.py", False),  # not in the image: the cache stays valid
+        ("src/delrec/__pycache__/__init__.cpython-311.pyc", False),
+    ],
+)
+def test_image_tag_changes_exactly_when_the_image_contents_do(tmp_path, change, new_tag):
+    root = build_tree(tmp_path)
+    before = source_tag(root)
+    (root / change).parent.mkdir(parents=True, exist_ok=True)
+    (root / change).write_text("changed\n")
+    assert (source_tag(root) != before) is new_tag
+
+
+@pytest.mark.parametrize(
+    ("image", "mutable"),
+    [
+        ("ghcr.io/delrec/delrec-cpu:0.1.0-0123456789ab", False),
+        ("registry:5000/delrec-gpu@sha256:" + "a" * 64, False),
+        (f"ghcr.io/delrec/delrec-cpu:{__version__}", True),
+        ("ghcr.io/delrec/delrec-cpu:latest", True),
+        ("registry:5000/delrec-cpu", True),
+    ],
+)
+def test_mutable_image_references_are_named(image, mutable):
+    assert (immutable_reference(image) is not None) is mutable
 
 
 def pipeline_images(spec: dict) -> set[str]:
@@ -226,3 +274,17 @@ def test_compiled_pipeline_uses_the_images_make_builds(tmp_path):
     assert images == built, f"pipeline runs {sorted(images)}, make images builds {sorted(built)}"
     committed = REPO / "pipeline.yaml"
     assert pipeline_images(next(yaml.safe_load_all(committed.read_text()))) == built
+
+
+def test_a_digest_is_compiled_in_and_a_rebuilt_tag_is_refused(tmp_path):
+    sys.path.insert(0, str(REPO))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO))
+    digest = "registry.example.com/ml/delrec-gpu@sha256:" + "b" * 64
+    options = pipeline.pipeline_arguments("demo", None, [f"gpu_image={digest}"])[0]
+    spec = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "p.yaml", options).read_text()))
+    assert digest in pipeline_images(spec)
+    with pytest.raises(pipeline.DelrecError, match="rebuilt in place"):
+        pipeline.pipeline_arguments("demo", None, [f"cpu_image=ghcr.io/delrec/delrec-cpu:{__version__}"])

@@ -255,6 +255,22 @@ def test_gpu_overlay_runs_the_device_plugin_on_gpu_nodes():
     )
 
 
+@pytest.mark.parametrize(
+    ("overlay", "preset"), [("overlays/kind", "demo"), ("overlays/gpu", "ml-100k"), ("base", "demo")]
+)
+def test_model_cache_access_mode_matches_the_pipeline_compiled_for_it(overlay, preset):
+    """kind keeps a ReadWriteOnce cache and its preset serialises the tasks that mount it; the gpu overlay
+    shares it ReadWriteMany, as the LLM tasks of the ml-100k preset run side by side on several nodes."""
+    sys.path.insert(0, str(REPO))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO))
+    pvc = find(rendered(overlay), "PersistentVolumeClaim", "delrec-model-cache")
+    options = pipeline.pipeline_arguments(preset)[0]
+    assert pvc["spec"]["accessModes"] == [options.model_cache_access]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_images_are_pinned(overlay):
     for doc in rendered(overlay):

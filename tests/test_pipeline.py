@@ -17,7 +17,8 @@ from test_store import BUCKET, moto_endpoint, store  # noqa: E402, F401 (fixture
 
 import pipeline  # noqa: E402
 
-GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2")
+# The stages that load the LLM: distill, both finetunes, and evaluate (it scores three LLM variants).
+GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2", "exec-evaluate")
 
 
 def load_compiled(path: Path) -> tuple[dict, dict]:
@@ -52,10 +53,10 @@ def test_compiled_yaml_gpu_scheduling_secrets_and_resources():
     for name in GPU_EXECUTORS:
         accelerator = executors[name]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu"
-        assert "gpus" in accelerator["resourceCount"]  # the run parameter
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[name][
             "tolerations"
         ]
+        assert k8s[name]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
         shm = k8s[name]["emptyDirMounts"]
         assert shm == [
             {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
@@ -64,6 +65,8 @@ def test_compiled_yaml_gpu_scheduling_secrets_and_resources():
         assert int(k8s[name]["activeDeadlineSeconds"]) == pipeline.PipelineOptions().gpu_timeout_s
     s3_env = [{"envVar": "DELREC_S3_ACCESS_KEY", "secretKey": "accesskey"},
               {"envVar": "DELREC_S3_SECRET_KEY", "secretKey": "secretkey"}]  # fmt: skip
+    for name in set(executors) - set(GPU_EXECUTORS):
+        assert "nodeSelector" not in k8s[name], name
     for name in ("exec-preprocess", "exec-publish"):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["keyToEnv"] == s3_env
@@ -90,26 +93,65 @@ def test_compiled_yaml_caching_retries_and_publish_condition():
     assert "publish_to" in condition["triggerPolicy"]["condition"]
     publish = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]["publish"]
     assert publish["cachingOptions"] == {}  # never from cache: a re-run must push again
+    # The bundle's folder is the job id: a recurring run's name is empty, its id never is.
+    params = publish["inputs"]["parameters"]
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
+def gpu_counts(spec: dict) -> dict[str, str]:
+    """GPU executor -> its compiled accelerator count (the value the driver puts in the pod's limits)."""
+    counts = {}
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        if accelerator := executor["container"]["resources"].get("accelerator"):
+            counts[name] = accelerator["resourceCount"]
+    return counts
+
+
+@pytest.mark.parametrize("preset", [None, "demo", "ml-100k"])
+def test_every_gpu_executor_requests_a_literal_gpu_count_and_a_gpu_node(tmp_path, preset):
+    options = pipeline.pipeline_arguments(preset)[0] if preset else None
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    counts = gpu_counts(spec)
+    assert set(counts) == set(GPU_EXECUTORS)
+    for name, count in counts.items():
+        # KFP 2.17's driver fills a placeholder from a parameter's string value: an int parameter
+        # resolves to "" and the pod gets no GPU. Only a literal survives.
+        assert "{{" not in str(count) and int(count) >= 1, (name, count)
+        assert k8s[name]["nodeSelector"]["labels"]["nvidia.com/gpu.present"] == "true", name
+    # No run parameter the driver could resolve to "" anywhere in the graph.
+    assert "gpus" not in spec["root"]["inputDefinitions"]["parameters"]
+    assert "accelerator_count" not in str(spec["root"])
+
+
+def test_gpus_zero_runs_the_llm_stages_as_cpu_tasks(tmp_path):
+    options = pipeline.pipeline_arguments("demo", None, ["gpus=0"])[0]
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    assert gpu_counts(spec) == {}
+    assert not any("tolerations" in e or "nodeSelector" in e for e in k8s.values())
 
 
 def test_options_change_the_kubernetes_settings(tmp_path):
     options = pipeline.PipelineOptions(
-        gpu_node_selector={"nvidia.com/gpu.present": "true"},
+        gpus=2,
+        gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
         shm_size="2Gi",
         gpu_timeout_s=60,
         resources={"distill": {"cpu": "7", "memory": "3Gi"}},
     )
     _, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
     spec, _ = load_compiled(tmp_path / "p.yaml")
+    assert set(gpu_counts(spec).values()) == {"2"}
     for name in GPU_EXECUTORS:
-        assert k8s[name]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+        assert k8s[name]["nodeSelector"] == {
+            "labels": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+        }
         assert k8s[name]["emptyDirMounts"][0]["sizeLimit"] == "2Gi"
         assert k8s[name]["activeDeadlineSeconds"] == "60"
-    assert "nodeSelector" not in k8s["exec-evaluate"]
+    assert "nodeSelector" not in k8s["exec-train-teacher"]
     resources = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
     assert resources["resourceCpuRequest"] == "7" and resources["resourceMemoryRequest"] == "3Gi"
     # Stages not named keep a request (the defaults of Resources).
-    assert spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"][
+    assert spec["deploymentSpec"]["executors"]["exec-train-teacher"]["container"]["resources"][
         "resourceCpuRequest"
     ]
 
@@ -129,7 +171,7 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
     assert args["teacher_config"]["model"] == "gru4rec"
     assert args["finetune_config"]["steps"] == 3
     assert args["publish_to"] == "s3://models" and options.publish_to == "s3://models"
-    assert options.gpus == 2 and args["gpus"] == 2
+    assert options.gpus == 2 and "gpus" not in args  # compiled in, not a run argument
     (data / "u.data").write_text("1\t1\t5\t2\n")  # new content, same path: a new cache key
     assert (
         pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"] != args["source_fingerprint"]
@@ -279,6 +321,41 @@ def test_model_cache_mounted_and_nothing_installed_at_run_time(tmp_path):
     assert not any("pvcMount" in executor for executor in k8s.values())
 
 
+CACHE_TASKS = ("preprocess", "distill", "finetune", "finetune-2", "evaluate")
+
+
+def ancestors(tasks: dict) -> dict[str, set[str]]:
+    """Task -> every task it (transitively) waits for, from the compiled DAG's dependentTasks."""
+    seen: dict[str, set[str]] = {}
+
+    def up(name: str) -> set[str]:
+        if name not in seen:
+            direct = set(tasks[name].get("dependentTasks", []))
+            seen[name] = direct.union(*(up(d) for d in direct))
+        return seen[name]
+
+    return {name: up(name) for name in tasks}
+
+
+@pytest.mark.parametrize(
+    ("preset", "access", "serial"), [("demo", "ReadWriteOnce", True), ("ml-100k", "ReadWriteMany", False)]
+)
+def test_a_read_write_once_model_cache_is_never_mounted_by_two_pods_at_once(tmp_path, preset, access, serial):
+    options = pipeline.pipeline_arguments(preset)[0]
+    assert options.model_cache_access == access
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    tasks, up = spec["root"]["dag"]["tasks"], ancestors(spec["root"]["dag"]["tasks"])
+    pairs = [(a, b) for i, a in enumerate(CACHE_TASKS) for b in CACHE_TASKS[i + 1 :]]
+    assert all(
+        k8s[tasks[t]["componentRef"]["name"].replace("comp-", "exec-")]["pvcMount"] for t in CACHE_TASKS
+    )
+    # Two tasks can run at once unless one waits for the other.
+    concurrent = [(a, b) for a, b in pairs if a not in up[b] and b not in up[a]]
+    assert (concurrent == []) is serial, concurrent
+    if not serial:  # the side-by-side graph needs the shared claim of the gpu overlay
+        assert ("distill", "finetune-2") in concurrent
+
+
 def test_paired_table_marks_intervals_that_exclude_zero():
     cell = lambda d, lo, hi: {"diff": d, "lo": lo, "hi": hi}  # noqa: E731
     table = pipeline.format_paired_table(
@@ -379,3 +456,20 @@ def test_run_caches_unless_told_not_to(tmp_path, flag, cached):
     kwargs = init.call_args.kwargs
     assert kwargs["enable_caching"] is cached
     assert kwargs["cache_root"] == str(tmp_path / pipeline.CACHE_DIR)
+
+
+def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tmp_path, capsys):
+    def failing(**_):
+        print("Traceback (most recent call last):\n  ...\ndelrec.errors.DelrecError: cannot download ml-100k")
+        raise RuntimeError("Pipeline \x1b[95m'delrec'\x1b[0m finished with status FAILURE. "
+                           "Inner task failed: \x1b[96m'preprocess'\x1b[0m.")  # fmt: skip
+
+    with mock.patch("kfp.local.init"), mock.patch.object(pipeline, "build_pipeline", return_value=failing):
+        code = pipeline.main(["run", "--preset", "demo", "--pipeline-root", str(tmp_path)])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "task preprocess failed: DelrecError: cannot download ml-100k" in line
+    assert "make run DATA=path/to/ml-100k" in line
+    assert pipeline.failure_line(RuntimeError("Inner task failed: 'finetune-2'."), "").startswith(
+        "task finetune (ablation) failed"
+    )

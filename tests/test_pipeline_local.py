@@ -106,10 +106,10 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
     for task in ("preprocess", "train-teacher", "distill", "finetune", "finetune-2", "evaluate", "publish"):
         assert (run_dir / task / "executor_output.json").is_file(), task
 
-    # The bundle is in the registry under <pipeline>/<run>/, and `latest` follows the gate's verdict.
+    # The bundle is in the registry under <pipeline>/<job id>/, and `latest` follows the gate's verdict.
     (bundle_key,) = [k for k in store.list(REGISTRY) if k.endswith("/bundle.json")]
     run_uri = f"{REGISTRY}/{bundle_key.rsplit('/', 1)[0]}"
-    assert bundle_key.split("/")[1] == run_dir.name  # the run's own name
+    assert bundle_key.split("/")[1] and bundle_key.split("/")[1] != run_dir.name  # the id, not the name
     keys = store.list(run_uri)
     for expected in (
         "configs/configs.json",
@@ -121,6 +121,7 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
     assert any(k.startswith("model/") for k in keys) and any(k.startswith("soft_prompt/") for k in keys)
     bundle = store.get_json(f"{run_uri}/bundle.json")
     assert math.isfinite(bundle["metrics"]["delrec_HR@1"])
+    assert bundle["run_name"] == run_dir.name  # the name is recorded, for people
     latest = f"{REGISTRY}/delrec/latest.json"
     assert store.exists(latest) == bundle["gate"]["passed"]
 

@@ -248,6 +248,76 @@ def test_publish_moves_latest_only_when_gate_passes(store, tmp_path):
     assert json.loads(json.dumps(index))  # JSON-serialisable
 
 
+def _bundle(tmp_path, name: bytes = b"weights"):
+    part = tmp_path / "finetune"
+    part.mkdir(exist_ok=True)
+    (part / "adapter.safetensors").write_bytes(name)
+    return {"finetune": part}
+
+
+def test_a_published_bundle_is_never_overwritten(store, tmp_path):
+    base = f"s3://{BUCKET}"
+    good = {"delrec_HR@1": 0.5, "teacher_HR@1": 0.4}
+    kw = {"base": base, "pipeline": "delrec", "gate": st.QualityGate()}
+    st.publish_bundle(store, _bundle(tmp_path), run="job-1", metrics=good, **kw)
+    worse = {"delrec_HR@1": 0.1, "teacher_HR@1": 0.4}
+    with pytest.raises(DelrecError, match="refusing to overwrite"):
+        st.publish_bundle(store, _bundle(tmp_path, b"other"), run="job-1", metrics=worse, **kw)
+    assert store.get_bytes(f"{base}/delrec/job-1/finetune/adapter.safetensors") == b"weights"
+    assert store.get_json(f"{base}/delrec/job-1/bundle.json")["metrics"] == good
+    for bad_run in ("", "a/b", "latest.json", "_runs"):  # an empty job name would share one prefix
+        with pytest.raises(DelrecError, match="cannot name a bundle"):
+            st.publish_bundle(store, _bundle(tmp_path), run=bad_run, metrics=good, **kw)
+
+
+def test_a_challenger_must_beat_the_published_champion_too(store, tmp_path):
+    base = f"s3://{BUCKET}"
+    kw = {"base": base, "pipeline": "delrec", "gate": st.QualityGate()}
+    st.publish_bundle(
+        store, _bundle(tmp_path), run="champ", metrics={"delrec_HR@1": 0.5, "teacher_HR@1": 0.4}, **kw
+    )
+    # Beats the teacher, loses to the champion: published for inspection, latest stays.
+    index = st.publish_bundle(
+        store, _bundle(tmp_path), run="weaker", metrics={"delrec_HR@1": 0.45, "teacher_HR@1": 0.4}, **kw
+    )
+    assert not index["gate"]["passed"] and index["gate"]["champion"] == "champ"
+    assert "champion champ" in index["gate"]["verdict"]
+    assert store.get_json(f"{base}/delrec/latest.json")["run"] == "champ"
+    index = st.publish_bundle(
+        store, _bundle(tmp_path), run="better", metrics={"delrec_HR@1": 0.6, "teacher_HR@1": 0.4}, **kw
+    )
+    assert index["gate"]["passed"]
+    assert store.get_json(f"{base}/delrec/latest.json")["run"] == "better"
+    # A tolerance for newer data, or no champion comparison at all, are settings.
+    loose = st.QualityGate(champion_margin=-0.2)
+    assert loose.check(
+        {"delrec_HR@1": 0.45, "teacher_HR@1": 0.4}, {"run": "c", "metrics": {"delrec_HR@1": 0.6}}
+    )[0]
+    alone = st.QualityGate(against_champion=False)
+    assert alone.check(
+        {"delrec_HR@1": 0.45, "teacher_HR@1": 0.4}, {"run": "c", "metrics": {"delrec_HR@1": 0.9}}
+    )[0]
+    # A champion without the candidate metric is kept rather than replaced blindly.
+    assert not st.QualityGate().check({"delrec_HR@1": 0.9, "teacher_HR@1": 0.4}, {"run": "c", "metrics": {}})[
+        0
+    ]
+
+
+def test_the_paired_gate_needs_the_bootstrap_interval_to_clear_the_margin():
+    metrics = {"delrec_HR@1": 0.5, "teacher_HR@1": 0.4, "delrec_minus_teacher_HR@1_lo": -0.01}
+    assert st.QualityGate().check(metrics)[0]  # the point estimates alone pass
+    passed, verdict = st.QualityGate(paired=True).check(metrics)
+    assert not passed and "delrec_minus_teacher_HR@1_lo" in verdict
+    assert st.QualityGate(paired=True).check({**metrics, "delrec_minus_teacher_HR@1_lo": 0.02})[0]
+    assert not st.QualityGate(paired=True, margin=0.05).check(
+        {**metrics, "delrec_minus_teacher_HR@1_lo": 0.02}
+    )[0]
+    with pytest.raises(DelrecError, match="paired gate compares"):
+        st.QualityGate.from_dict({"paired": True, "candidate": "delrec_HR@1", "baseline": "teacher_NDCG@5"})
+    with pytest.raises(DelrecError, match="needs metric"):
+        st.QualityGate(paired=True).check({"delrec_HR@1": 0.5, "teacher_HR@1": 0.4})
+
+
 def test_store_cli_put_ls_latest(store, moto_endpoint, tmp_path, capsys):
     endpoint = ["--endpoint", f"http://{moto_endpoint}"]
     model = tmp_path / "model"

@@ -565,29 +565,81 @@ def upload_dataset(store: S3Store, dataset: str, source: str | os.PathLike, to: 
 
 @dataclass(frozen=True)
 class QualityGate:
-    """Publish only if ``metrics[candidate] >= metrics[baseline] + margin`` (flat evaluate metrics)."""
+    """When a challenger (this run's flat evaluate metrics) may replace the published model.
+
+    - against the baseline: ``metrics[candidate] >= metrics[baseline] + margin``;
+    - ``paired``: stricter, the lower end of the paired bootstrap interval of candidate minus baseline
+      (``delrec_minus_<model>_<metric>_lo``, same users resampled for both) must exceed ``margin``: the
+      challenger beats the baseline beyond evaluation noise;
+    - ``against_champion``: ``metrics[candidate] >= champion[candidate] + champion_margin``, where the
+      champion is the run ``latest.json`` names; the first publish has no champion. The two were scored in
+      different runs (possibly on newer data): a negative ``champion_margin`` tolerates that noise.
+    """
 
     candidate: str = "delrec_HR@1"
     baseline: str = "teacher_HR@1"
     margin: float = 0.0
+    paired: bool = False
+    against_champion: bool = True
+    champion_margin: float = 0.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> QualityGate:
-        unknown = set(data or {}) - {"candidate", "baseline", "margin"}
+        unknown = set(data or {}) - set(cls.__dataclass_fields__)
         if unknown:
             raise DelrecError(f"unknown quality-gate key(s) {sorted(unknown)}", field="gate")
-        return cls(**(data or {}))
+        gate = cls(**(data or {}))
+        if gate.paired:
+            gate.paired_key()  # fail at submit time, not after training
+        return gate
 
-    def check(self, metrics: Mapping[str, float]) -> tuple[bool, str]:
-        missing = [k for k in (self.candidate, self.baseline) if k not in metrics]
+    def paired_key(self) -> str:
+        """The flat metric holding the lower interval end of candidate minus baseline."""
+        model, _, metric = self.baseline.partition("_")
+        if self.candidate != f"delrec_{metric}" or not metric:
+            raise DelrecError(
+                f"a paired gate compares delrec_<metric> with <model>_<metric> (evaluate's paired section); "
+                f"got candidate {self.candidate!r}, baseline {self.baseline!r}",
+                field="gate",
+            )
+        return f"delrec_minus_{model}_{metric}_lo"
+
+    def check(
+        self, metrics: Mapping[str, float], champion: Mapping[str, Any] | None = None
+    ) -> tuple[bool, str]:
+        """(passed, verdict); ``champion``: the published run's pointer (``run``, ``metrics``) or None."""
+        needed = [self.candidate, self.baseline] + ([self.paired_key()] if self.paired else [])
+        missing = [k for k in needed if k not in metrics]
         if missing:
             raise DelrecError(
                 f"quality gate needs metric(s) {missing}; evaluate gave {sorted(metrics)}", field="gate"
             )
         got, base = float(metrics[self.candidate]), float(metrics[self.baseline])
-        passed = got >= base + self.margin
-        verdict = "passed" if passed else "failed"
-        return passed, f"{verdict}: {self.candidate}={got:.4f} vs {self.baseline}={base:.4f} + {self.margin}"
+        checks = [
+            (
+                got >= base + self.margin,
+                f"{self.candidate}={got:.4f} vs {self.baseline}={base:.4f} + {self.margin}",
+            )
+        ]
+        if self.paired:
+            lo = float(metrics[self.paired_key()])
+            checks.append(
+                (lo > self.margin, f"paired interval lower end {self.paired_key()}={lo:.4f} > {self.margin}")
+            )
+        if self.against_champion and champion:
+            best = (champion.get("metrics") or {}).get(self.candidate)
+            name = f"champion {champion.get('run', '?')}"
+            if best is None:  # a champion scored otherwise cannot be beaten knowingly: keep it
+                checks.append((False, f"{name} has no {self.candidate}"))
+            else:
+                checks.append(
+                    (got >= float(best) + self.champion_margin,
+                     f"{self.candidate}={got:.4f} vs {name}={float(best):.4f} + {self.champion_margin}")
+                )  # fmt: skip
+        passed = all(ok for ok, _ in checks)
+        failed = [text for ok, text in checks if not ok]
+        detail = "; ".join(text for _, text in checks)
+        return passed, ("passed: " + detail) if passed else ("failed: " + "; ".join(failed))
 
 
 def publish_bundle(
@@ -602,16 +654,26 @@ def publish_bundle(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Upload each folder in ``parts`` to ``<base>/<pipeline>/<run>/<part>/``, then the bundle index, and
-    move ``<base>/<pipeline>/latest.json`` to this run only if the quality gate passes.
+    move ``<base>/<pipeline>/latest.json`` to this run only if the quality gate passes (against the
+    baseline and against the champion ``latest.json`` names).
 
-    The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so a bundle
-    with an index is complete; the ``latest`` pointer only ever names complete bundles that passed, and
-    never moves to a run older (by publish order) than the one it names.
+    ``run`` must be unique per run (the pipeline passes the KFP job id): a complete bundle (one with an
+    index) is never overwritten, so a failed challenger can never replace the files of the published model.
+    A partial upload under ``run`` (a publish pod killed before its index) is the same run retried and is
+    completed. The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so
+    a bundle with an index is complete; the ``latest`` pointer only ever names complete bundles that
+    passed, and never moves to a run older (by publish order) than the one it names.
     """
-    passed, verdict = gate.check(metrics)
-    order = time.time_ns()  # the monotonic run order: a later publish wins, whatever finishes first
+    if not run or "/" in run or run in (".", "..", RUNS) or run == LATEST:
+        raise DelrecError(f"run id {run!r} cannot name a bundle (empty, a path, or reserved)", field="run")
     run_uri = join_uri(base, pipeline, run)
+    if store.exists(join_uri(run_uri, BUNDLE_INDEX)):
+        raise DelrecError("a bundle is already published here: refusing to overwrite it", path=run_uri)
     store.ensure_bucket(parse_uri(base)[0])
+    latest_uri = join_uri(base, pipeline, LATEST)
+    champion = _read_with_etag(store, latest_uri)[0]
+    passed, verdict = gate.check(metrics, champion)
+    order = time.time_ns()  # the monotonic run order: a later publish wins, whatever finishes first
     files = {name: store.put_dir(folder, join_uri(run_uri, name)) for name, folder in parts.items()}
     published = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     index = {
@@ -621,12 +683,16 @@ def publish_bundle(
         "order": order,
         "files": files,
         "metrics": dict(metrics),
-        "gate": {"passed": passed, "verdict": verdict, **gate.__dict__},
+        "gate": {
+            "passed": passed,
+            "verdict": verdict,
+            "champion": (champion or {}).get("run"),
+            **gate.__dict__,
+        },
         "published": published,
         **dict(extra or {}),
     }
     store.put_json(index, join_uri(run_uri, BUNDLE_INDEX))
-    latest_uri = join_uri(base, pipeline, LATEST)
     if passed:
         pointer = {
             "run": run,
