@@ -206,3 +206,24 @@ def test_train_tail_keeps_each_users_latest_training_targets(synthetic):
         lengths = sorted(len(train.histories[r]) for r in np.flatnonzero(train.users == user))
         kept = sorted(len(train.histories[r]) for r in rows if train.users[r] == user)
         assert kept == lengths[-2:]
+
+
+def test_orthogonal_adalora_factors_leave_the_base_model_unchanged_at_step_zero(synthetic):
+    from peft import get_peft_model
+
+    from delrec.finetune import adapter_config, orthogonal_factors
+    from delrec.llm.backbone import stage_backbone
+
+    backbone = stage_backbone("tiny-llama", None, titles=synthetic.titles, device="cpu", autocast=False)
+    backbone.model.eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = backbone.model(input_ids=ids).logits
+    peft_model = get_peft_model(backbone.model, adapter_config(tiny_finetune_config(), backbone))
+    orthogonal_factors(peft_model)
+    factors = {n: p for n, p in peft_model.named_parameters() if "lora_A" in n or "lora_B" in n}
+    assert factors
+    for name, p in factors.items():
+        gram = p @ p.T if "lora_A" in name else p.T @ p  # P's rows, Q's columns orthonormal
+        assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5), name
+    peft_model.eval()
+    assert torch.allclose(peft_model(input_ids=ids).logits, before, atol=1e-6)  # E = 0: no change yet

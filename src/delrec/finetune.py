@@ -63,6 +63,10 @@ class FinetuneConfig(LLMStageConfig):
     delta_t: int = Field(1, ge=1)
     """AdaLoRA steps between rank re-allocations"""
     orth_reg_weight: float = Field(0.5, ge=0)
+    adalora_init: Literal["peft", "orthogonal"] = "peft"
+    """peft: P and Q ~ N(0, 0.02) (the authors'); orthogonal: P's rows and Q's columns orthonormal, the
+    shape AdaLoRA's regulariser pulls them to. E starts at 0 either way (the base model is unchanged at
+    step 0); with N(0, 0.02) factors a change of E moves a layer's output ~4x less"""
     optimizer: Literal["lion", "adamw"] = "lion"
     """the authors' code: Lion (8-bit), lr 1e-4, weight decay 1e-6"""
     steps: int = Field(1400, ge=1)
@@ -113,6 +117,14 @@ def adapter_config(config: FinetuneConfig, backbone: Backbone):
         orth_reg_weight=config.orth_reg_weight,
         **common,
     )
+
+
+def orthogonal_factors(model: torch.nn.Module) -> None:
+    """Re-initialise AdaLoRA's P (``lora_A``: orthonormal rows) and Q (``lora_B``: orthonormal columns)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                torch.nn.init.orthogonal_(param)
 
 
 def orthogonal_regulariser(model: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
@@ -191,6 +203,8 @@ def finetune(
     if backbone.name in TINY:  # saved now: the base weights are harder to get back once peft wraps them
         backbone.save(partial / "backbone")
     peft_model = get_peft_model(backbone.model, adapter_config(config, backbone))
+    if config.adapter == "adalora" and config.adalora_init == "orthogonal":
+        orthogonal_factors(peft_model)
     backbone.model = peft_model
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     log.info("%s: %.2fM trainable parameters", config.adapter, sum(p.numel() for p in params.values()) / 1e6)
