@@ -35,6 +35,13 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return code, err
 
 
+def preprocess_generic(capsys, source, out):
+    """``delrec preprocess --dataset generic`` on ``source``: (exit code, stderr)."""
+    return run(
+        capsys, "preprocess", "--dataset", "generic", "--source", str(source), "--out", str(out), *SMALL
+    )
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones included) with its content."""
     return {
@@ -328,17 +335,7 @@ def test_generic_csv_and_parquet_bad_values(tmp_path, capsys):
     lines = inter.read_text().splitlines()
     lines[2] = "   ," + lines[2].split(",", 1)[1]
     inter.write_text("\n".join(lines) + "\n")
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "generic",
-        "--source",
-        str(folder),
-        "--out",
-        str(tmp_path / "o"),
-        *SMALL,
-    )
+    code, err = preprocess_generic(capsys, folder, tmp_path / "o")
     assert code == 2 and "interactions.csv:3: field 'user': missing" in err, err
 
     folder = write_generic(tmp_path / "p", "parquet")
@@ -347,17 +344,7 @@ def test_generic_csv_and_parquet_bad_values(tmp_path, capsys):
     pq.write_table(
         table.set_column(table.column_names.index("user"), "user", users), folder / "interactions.parquet"
     )
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "generic",
-        "--source",
-        str(folder),
-        "--out",
-        str(tmp_path / "o"),
-        *SMALL,
-    )
+    code, err = preprocess_generic(capsys, folder, tmp_path / "o")
     assert (
         code == 2 and "interactions.parquet: field 'user': expected integer or string ids, got list<" in err
     ), err
@@ -368,17 +355,7 @@ def test_generic_csv_and_parquet_bad_values(tmp_path, capsys):
         pa.array([float("nan")] + [1.0] * (len(table) - 1)),
     )
     pq.write_table(table, folder / "interactions.parquet")
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "generic",
-        "--source",
-        str(folder),
-        "--out",
-        str(tmp_path / "o"),
-        *SMALL,
-    )
+    code, err = preprocess_generic(capsys, folder, tmp_path / "o")
     assert (
         code == 2 and "interactions.parquet (data row 1): field 'timestamp': not a finite value (nan)" in err
     ), err
