@@ -86,43 +86,10 @@ def distill(
         max_prompt_tokens=config.max_prompt_tokens,
         max_title_chars=config.max_title_chars,
     )
-    tasks = _Tasks(dataset, topk, builder, config)
-    valid_ta, valid_rps = tasks.validation()
     soft = SoftPrompt.initialised(
         config.soft_tokens, backbone.input_embeddings, config.soft_init, config.seed
     )
-    optimizer = Lion([soft.weight], lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = linear_warmup(optimizer, config.warmup_steps, config.steps)
-    params = {"soft": soft.weight}
-
-    def step(index: int, rng: np.random.Generator) -> dict:
-        losses, grads = [], []
-        for batch in (tasks.ta_batch(rng, "train"), tasks.rps_batch(rng, "train")):
-            loss = task_loss(backbone, soft, builder, batch, config.objective, config.scoring)
-            losses.append(loss.item())
-            grads.append(torch.autograd.grad(loss, soft.weight)[0])
-        w_ta, w_rps = gradnorm_weights(grads, config.gradnorm_alpha)
-        soft.weight.grad = w_ta * grads[0] + w_rps * grads[1]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([soft.weight], config.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss_ta": losses[0],
-            "loss_rps": losses[1],
-            "w_ta": w_ta,
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[0],
-        }
-
-    def evaluate_now() -> dict:
-        kw = {"reduction": config.scoring, "batch_size": config.eval_batch_size}
-        acc = {}
-        for name, instances in (("valid_ta_acc", valid_ta), ("valid_rps_acc", valid_rps)):
-            ranks = instance_ranks(backbone, soft, builder, instances, desc=name, **kw)
-            acc[name] = float((ranks == 0).mean()) if len(ranks) else 0.0
-        return acc
-
+    training = _PromptTraining(_Tasks(dataset, topk, builder, config), backbone, soft)
     backbone.model.eval()  # frozen: dropout off
     result = TrainLoop(
         name="distill",
@@ -136,10 +103,10 @@ def distill(
             "backbone": backbone.fingerprint(),
         },
         partial=partial_dir(out),
-        step=step,
-        state=lambda: optimiser_state(params, optimizer, scheduler),
-        restore=lambda saved: restore_optimiser_state(saved, params, optimizer, scheduler),
-        evaluate=evaluate_now,
+        step=training.step,
+        state=training.state,
+        restore=training.restore,
+        evaluate=training.evaluate,
         score=lambda record: (record["valid_ta_acc"] + record["valid_rps_acc"]) / 2,
         snapshot=lambda: {"soft": soft.weight.detach().cpu().clone()},
         eval_every=config.eval_every,
@@ -178,6 +145,52 @@ def distill(
         result.best_step,
     )
     return metrics
+
+
+class _PromptTraining:
+    """Stage 1's optimisation step (TA + RPS, GradNorm-weighted), validation and checkpoint state."""
+
+    def __init__(self, tasks: _Tasks, backbone, soft: SoftPrompt):
+        self.tasks, self.backbone, self.soft, self.config = tasks, backbone, soft, tasks.config
+        self.valid_ta, self.valid_rps = tasks.validation()
+        self.optimizer = Lion([soft.weight], lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.scheduler = linear_warmup(self.optimizer, self.config.warmup_steps, self.config.steps)
+        self.params = {"soft": soft.weight}
+
+    def step(self, index: int, rng: np.random.Generator) -> dict:
+        config, soft, builder = self.config, self.soft, self.tasks.builder
+        losses, grads = [], []
+        for batch in (self.tasks.ta_batch(rng, "train"), self.tasks.rps_batch(rng, "train")):
+            loss = task_loss(self.backbone, soft, builder, batch, config.objective, config.scoring)
+            losses.append(loss.item())
+            grads.append(torch.autograd.grad(loss, soft.weight)[0])
+        w_ta, w_rps = gradnorm_weights(grads, config.gradnorm_alpha)
+        soft.weight.grad = w_ta * grads[0] + w_rps * grads[1]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([soft.weight], config.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss_ta": losses[0],
+            "loss_rps": losses[1],
+            "w_ta": w_ta,
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def evaluate(self) -> dict:
+        kw = {"reduction": self.config.scoring, "batch_size": self.config.eval_batch_size}
+        acc = {}
+        for name, instances in (("valid_ta_acc", self.valid_ta), ("valid_rps_acc", self.valid_rps)):
+            ranks = instance_ranks(self.backbone, self.soft, self.tasks.builder, instances, desc=name, **kw)
+            acc[name] = float((ranks == 0).mean()) if len(ranks) else 0.0
+        return acc
+
+    def state(self) -> dict:
+        return optimiser_state(self.params, self.optimizer, self.scheduler)
+
+    def restore(self, saved: dict) -> None:
+        restore_optimiser_state(saved, self.params, self.optimizer, self.scheduler)
 
 
 class _Tasks:

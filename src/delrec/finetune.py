@@ -181,7 +181,7 @@ def finetune(
     backbone = stage_backbone(
         config.backbone, distill_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
     )
-    fingerprint = backbone.fingerprint()
+    backbone.fingerprint()  # computed (and kept) now: peft renames the base weights it wraps
     soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone)
     builder = PromptBuilder(
         backbone,
@@ -193,69 +193,16 @@ def finetune(
         max_prompt_tokens=config.max_prompt_tokens,
         max_title_chars=config.max_title_chars,
     )
-    train = dataset.examples["train"]
-    train_rows = tail_rows(train, config.train_tail)
-    if not len(train_rows):
-        raise DelrecError("no training examples", path=dataset_dir)
-    valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
-
     partial = partial_dir(out)
     if backbone.name in TINY:  # saved now: the base weights are harder to get back once peft wraps them
         backbone.save(partial / "backbone")
-    peft_model = get_peft_model(backbone.model, adapter_config(config, backbone))
+    backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
     if config.adapter == "adalora" and config.adalora_init == "orthogonal":
-        orthogonal_factors(peft_model)
-    backbone.model = peft_model
-    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    log.info("%s: %.2fM trainable parameters", config.adapter, sum(p.numel() for p in params.values()) / 1e6)
-    optimizer = make_optimizer(config.optimizer, list(params.values()), config.lr, config.weight_decay)
-    scheduler = linear_warmup(optimizer, config.warmup_steps, config.steps)
-    adalora = config.adapter == "adalora"
-
-    def step(index: int, rng: np.random.Generator) -> dict:
-        batch = [
-            stage2_instance(
-                builder,
-                train.histories[r],
-                int(train.targets[r]),
-                rng=rng,
-                num_items=dataset.num_items,
-                num_candidates=config.num_candidates,
-                soft=soft is not None,
-            )
-            for r in rng.choice(train_rows, size=config.batch_size)
-        ]
-        task = task_loss(backbone, soft, builder, batch, config.objective, config.scoring)
-        loss = task + config.orth_reg_weight * orthogonal_regulariser(peft_model) if adalora else task
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        if adalora:
-            peft_model.base_model.update_and_allocate(index)
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": task.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
-
-    def evaluate_now() -> dict:
-        ranks = instance_ranks(
-            backbone,
-            soft,
-            builder,
-            valid,
-            reduction=config.scoring,
-            batch_size=config.eval_batch_size,
-            desc="valid",
-        )
-        return {"valid_hr1": float((ranks == 0).mean())}
-
-    def state() -> dict:
-        return optimiser_state(params, optimizer, scheduler) | {"allocator": _allocator_state(peft_model)}
-
-    def restore(saved: dict) -> None:
-        restore_optimiser_state(saved, params, optimizer, scheduler)
-        _restore_allocator(peft_model, saved["allocator"])
-
-    peft_model.train()
+        orthogonal_factors(backbone.model)
+    training = _AdapterTraining(config, dataset, backbone, soft, builder)
+    if not len(training.train_rows):
+        raise DelrecError("no training examples", path=dataset_dir)
+    backbone.model.train()
     result = TrainLoop(
         name="finetune",
         steps=config.steps,
@@ -265,17 +212,17 @@ def finetune(
             "config": config.hash(),
             "dataset": read_manifest(dataset_dir)["id"],
             "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
-            "backbone": fingerprint,
+            "backbone": backbone.fingerprint(),
         },
         partial=partial,
-        step=step,
-        state=state,
-        restore=restore,
-        evaluate=evaluate_now if valid else None,
+        step=training.step,
+        state=training.state,
+        restore=training.restore,
+        evaluate=training.evaluate if training.valid else None,
         eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every,
     ).run()
-    peft_model.eval()
+    backbone.model.eval()
     evaluated = [r for r in result.history if "valid_hr1" in r]
     metrics = {
         "valid_hr1": evaluated[-1]["valid_hr1"] if evaluated else 0.0,
@@ -289,6 +236,81 @@ def finetune(
     shutil.rmtree(partial, ignore_errors=True)
     log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
     return metrics
+
+
+class _AdapterTraining:
+    """Stage 2's optimisation step, validation and checkpoint state, for :class:`TrainLoop`."""
+
+    def __init__(self, config: FinetuneConfig, dataset, backbone: Backbone, soft, builder: PromptBuilder):
+        self.config, self.dataset, self.backbone, self.soft, self.builder = (
+            config,
+            dataset,
+            backbone,
+            soft,
+            builder,
+        )
+        self.peft_model = backbone.model
+        self.train_rows = tail_rows(dataset.examples["train"], config.train_tail)
+        self.valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
+        self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        log.info(
+            "%s: %.2fM trainable parameters",
+            config.adapter,
+            sum(p.numel() for p in self.params.values()) / 1e6,
+        )
+        self.optimizer = make_optimizer(
+            config.optimizer, list(self.params.values()), config.lr, config.weight_decay
+        )
+        self.scheduler = linear_warmup(self.optimizer, config.warmup_steps, config.steps)
+        self.adalora = config.adapter == "adalora"
+
+    def step(self, index: int, rng: np.random.Generator) -> dict:
+        config, train = self.config, self.dataset.examples["train"]
+        batch = [
+            stage2_instance(
+                self.builder,
+                train.histories[r],
+                int(train.targets[r]),
+                rng=rng,
+                num_items=self.dataset.num_items,
+                num_candidates=config.num_candidates,
+                soft=self.soft is not None,
+            )
+            for r in rng.choice(self.train_rows, size=config.batch_size)
+        ]
+        task = task_loss(self.backbone, self.soft, self.builder, batch, config.objective, config.scoring)
+        loss = (
+            task + config.orth_reg_weight * orthogonal_regulariser(self.peft_model) if self.adalora else task
+        )
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.adalora:
+            self.peft_model.base_model.update_and_allocate(index)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": task.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self) -> dict:
+        ranks = instance_ranks(
+            self.backbone,
+            self.soft,
+            self.builder,
+            self.valid,
+            reduction=self.config.scoring,
+            batch_size=self.config.eval_batch_size,
+            desc="valid",
+        )
+        return {"valid_hr1": float((ranks == 0).mean())}
+
+    def state(self) -> dict:
+        return optimiser_state(self.params, self.optimizer, self.scheduler) | {
+            "allocator": _allocator_state(self.peft_model)
+        }
+
+    def restore(self, saved: dict) -> None:
+        restore_optimiser_state(saved, self.params, self.optimizer, self.scheduler)
+        _restore_allocator(self.peft_model, saved["allocator"])
 
 
 def _frozen_soft_prompt(distill_dir, prompt_config: dict, backbone: Backbone) -> SoftPrompt | None:
