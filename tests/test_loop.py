@@ -30,7 +30,7 @@ def _make_loop(partial, steps=6, crash_at=None, scores=None):
 
     def evaluate():
         evaluated.append(len(evaluated))
-        return {"acc": scores[len(evaluated) - 1] if scores else float(-weight.abs().sum())}
+        return {"acc": scores[len(evaluated) - 1] if scores else float(-weight.detach().abs().sum())}
 
     loop = TrainLoop(
         name="t",
