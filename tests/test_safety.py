@@ -35,6 +35,13 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return code, err
 
 
+def preprocess_ml100k(capsys, source, out):
+    """``delrec preprocess --dataset ml-100k`` on ``source``: (exit code, stderr)."""
+    return run(
+        capsys, "preprocess", "--dataset", "ml-100k", "--source", str(source), "--out", str(out), *SMALL
+    )
+
+
 def preprocess_generic(capsys, source, out):
     """``delrec preprocess --dataset generic`` on ``source``: (exit code, stderr)."""
     return run(
@@ -292,17 +299,7 @@ def test_movielens_missing_values(tmp_path, capsys, edit, field):
     source = write_ml100k(tmp_path / "ml")
     source.joinpath("u.data").write_text("\n" + source.joinpath("u.data").read_text())  # a blank first line
     _edit_udata(source, 5, edit)
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "ml-100k",
-        "--source",
-        str(source),
-        "--out",
-        str(tmp_path / "o"),
-        *SMALL,
-    )
+    code, err = preprocess_ml100k(capsys, source, tmp_path / "o")
     assert code == 2 and f"u.data:5: field '{field}': missing" in err, err
     assert not (tmp_path / "o").exists() and hidden_leftovers(tmp_path) == []
 
@@ -430,31 +427,11 @@ def test_zip_over_the_size_cap_is_refused(tmp_path, capsys, monkeypatch):
             handle.write(p, f"ml-100k/{p.name}")
         handle.writestr("ml-100k/padding.bin", b"\0" * 200_000)  # compresses to almost nothing
     monkeypatch.setattr(download, "ZIP_MAX_BYTES", 100_000)
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "ml-100k",
-        "--source",
-        str(archive),
-        "--out",
-        str(tmp_path / "o"),
-        *SMALL,
-    )
+    code, err = preprocess_ml100k(capsys, archive, tmp_path / "o")
     assert code == 2 and "ml.zip: unpacks to" in err and "more than the 100000 allowed" in err, err
     monkeypatch.setattr(download, "ZIP_MAX_BYTES", 1 << 30)
     monkeypatch.setattr(download, "ZIP_MAX_MEMBERS", 2)
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "ml-100k",
-        "--source",
-        str(archive),
-        "--out",
-        str(tmp_path / "o"),
-        *SMALL,
-    )
+    code, err = preprocess_ml100k(capsys, archive, tmp_path / "o")
     assert code == 2 and "3 members, more than the 2 allowed" in err, err
 
 
