@@ -35,10 +35,19 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return code, err
 
 
-def preprocess_ml100k(capsys, source, out):
-    """``delrec preprocess --dataset ml-100k`` on ``source``: (exit code, stderr)."""
+def preprocess_ml100k(capsys, source, out, *extra: str):
+    """``delrec preprocess --dataset ml-100k`` on ``source`` (plus ``extra`` options): (exit code, stderr)."""
     return run(
-        capsys, "preprocess", "--dataset", "ml-100k", "--source", str(source), "--out", str(out), *SMALL
+        capsys,
+        "preprocess",
+        "--dataset",
+        "ml-100k",
+        "--source",
+        str(source),
+        "--out",
+        str(out),
+        *SMALL,
+        *extra,
     )
 
 
@@ -61,18 +70,7 @@ def hidden_leftovers(folder: Path) -> list[str]:
 
 
 def preprocess_ok(capsys, source: Path, out: Path, *extra: str) -> None:
-    code, err = run(
-        capsys,
-        "preprocess",
-        "--dataset",
-        "ml-100k",
-        "--source",
-        str(source),
-        "--out",
-        str(out),
-        *SMALL,
-        *extra,
-    )
+    code, err = preprocess_ml100k(capsys, source, out, *extra)
     assert code == 0, err
 
 
@@ -85,9 +83,7 @@ def test_out_holding_someone_elses_files_is_refused_and_kept(tmp_path, capsys):
     out.mkdir()
     (out / "chapter1.tex").write_text("years of work")
     before = snapshot(tmp_path)
-    code, err = run(
-        capsys, "preprocess", "--dataset", "ml-100k", "--source", str(source), "--out", str(out), *SMALL
-    )
+    code, err = preprocess_ml100k(capsys, source, out)
     assert code == 2
     assert f"{out}: field 'out': exists and is not a delrec output" in err and "--force" in err
     assert snapshot(tmp_path) == before
@@ -98,18 +94,7 @@ def test_force_replaces_a_foreign_folder_but_never_the_source(tmp_path, capsys):
     source = write_ml100k(tmp_path / "ml")
     before = snapshot(source)
     for out in (source, tmp_path):  # the source itself, and a folder holding it
-        code, err = run(
-            capsys,
-            "preprocess",
-            "--dataset",
-            "ml-100k",
-            "--source",
-            str(source),
-            "--out",
-            str(out),
-            "--force",
-            *SMALL,
-        )
+        code, err = preprocess_ml100k(capsys, source, out, "--force")
         assert code == 2 and "would replace the input" in err, err
     code, err = run(
         capsys, "preprocess", "--dataset", "ml-100k", "--source", str(source), "--out", str(source), *SMALL

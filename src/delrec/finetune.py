@@ -242,13 +242,8 @@ class _AdapterTraining:
     """Stage 2's optimisation step, validation and checkpoint state, for :class:`TrainLoop`."""
 
     def __init__(self, config: FinetuneConfig, dataset, backbone: Backbone, soft, builder: PromptBuilder):
-        self.config, self.dataset, self.backbone, self.soft, self.builder = (
-            config,
-            dataset,
-            backbone,
-            soft,
-            builder,
-        )
+        self.config, self.dataset, self.backbone = config, dataset, backbone
+        self.soft, self.builder = soft, builder
         self.peft_model = backbone.model
         self.train_rows = tail_rows(dataset.examples["train"], config.train_tail)
         self.valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
