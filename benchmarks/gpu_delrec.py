@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from delrec.config import parse_assignments
 from delrec.data import PreprocessConfig, preprocess
 from delrec.distill import DistillConfig, distill
 from delrec.evaluate import EvaluateConfig, evaluate
@@ -91,10 +92,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--init-r", type=int, default=320)
     parser.add_argument("--eval-examples", type=int, default=None, help="test users scored (default all)")
+    parser.add_argument(
+        "--valid-examples",
+        type=int,
+        default=200,
+        help="validation users scored at each of 4 evaluation points",
+    )
     parser.add_argument("--teacher-epochs", type=int, default=200)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.FIELD=VALUE",
+        help="override a distill/finetune/evaluate field, e.g. finetune.lr=2e-3 finetune.adalora_init=orthogonal",
+    )
     args = parser.parse_args(argv)
+    overrides: dict[str, dict] = {"distill": {}, "finetune": {}, "evaluate": {}}
+    for key, value in parse_assignments(args.set).items():
+        stage, _, field = key.partition(".")
+        if stage not in overrides or not field:
+            parser.error(f"--set {key}: expected distill.FIELD, finetune.FIELD or evaluate.FIELD")
+        overrides[stage][field] = value
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     counter = TokenCounter()
@@ -120,10 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
         tflops = counter.flops() / max(seconds, 1e-9) / 1e12
         stages[name] = {
             "seconds": round(seconds, 1),
+            "tflop": counter.flops() / 1e12,
             "tflops": round(tflops, 3),
             "mfu": tflops / args.peak_tflops,
         }
         print(f"[{name}] {seconds:.1f} s, {tflops:.2f} TFLOP/s, MFU {100 * tflops / args.peak_tflops:.1f}%")
+        if args.json is not None:  # after every stage, so a run stopped at a deadline keeps its figures
+            args.json.write_text(json.dumps({"stages": stages}, indent=1))
 
     run(
         "preprocess",
@@ -137,25 +160,31 @@ def main(argv: list[str] | None = None) -> dict:
     )
     teacher_config = TeacherConfig(model="sasrec", max_epochs=args.teacher_epochs, device=args.device)
     run("teacher", teacher, lambda: train_teacher(data, teacher_config, teacher))
-    distill_config = DistillConfig(
-        **llm,
-        **cadence,
-        soft_tokens=args.soft_tokens,
-        soft_init="vocab",
-        steps=args.distill_steps,
-        warmup_steps=args.distill_steps // 2,
-        eval_examples=8 if small else 200,
+    distill_config = DistillConfig.from_dict(
+        {
+            **llm,
+            **cadence,
+            "soft_tokens": args.soft_tokens,
+            "soft_init": "vocab",
+            "steps": args.distill_steps,
+            "warmup_steps": args.distill_steps // 2,
+            "eval_examples": 8 if small else args.valid_examples,
+            **overrides["distill"],
+        }
     )
     run("distill", work / "distill", lambda: distill(data, teacher, distill_config, work / "distill"))
-    finetune_config = FinetuneConfig(
-        **llm,
-        checkpoint_every=100,
-        eval_every=max(1, args.finetune_steps // 4),
-        steps=args.finetune_steps,
-        warmup_steps=args.finetune_steps * 4 // 7,
-        init_r=args.init_r,
-        target_r=min(8, args.init_r - 1),
-        eval_examples=8 if small else 200,
+    finetune_config = FinetuneConfig.from_dict(
+        {
+            **llm,
+            "checkpoint_every": 100,
+            "eval_every": max(1, args.finetune_steps // 4),
+            "steps": args.finetune_steps,
+            "warmup_steps": args.finetune_steps * 4 // 7,
+            "init_r": args.init_r,
+            "target_r": min(8, args.init_r - 1),
+            "eval_examples": 8 if small else args.valid_examples,
+            **overrides["finetune"],
+        }
     )
     run(
         "finetune",
@@ -163,16 +192,27 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: finetune(data, finetune_config, work / "delrec", work / "distill"),
     )
     run("ablation", work / "ablation", lambda: finetune(data, finetune_config, work / "ablation"))
-    eval_config = EvaluateConfig(
-        backbone=args.backbone,
-        device=args.device,
-        batch_size=args.batch_size,
-        max_examples=args.eval_examples,
+    eval_config = EvaluateConfig.from_dict(
+        {
+            "backbone": args.backbone,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "max_examples": args.eval_examples,
+            **overrides["evaluate"],
+        }
     )
     run(
         "evaluate",
         work / "evaluate",
-        lambda: evaluate(data, teacher, eval_config, work / "evaluate", work / "delrec", work / "ablation"),
+        lambda: evaluate(
+            data,
+            teacher,
+            eval_config,
+            work / "evaluate",
+            work / "delrec",
+            work / "ablation",
+            work / "distill",
+        ),
     )
     figures = {
         "stages": stages,

@@ -23,10 +23,29 @@ def test_gpu_recipe_runs_on_cpu_with_a_tiny_model(tmp_path):
             "--dataset", "synthetic", "--backbone", "tiny-llama", "--device", "cpu", "--work", str(tmp_path / "w"),
             "--soft-tokens", "4", "--distill-steps", "2", "--finetune-steps", "6", "--batch-size", "2",
             "--init-r", "4", "--eval-examples", "10", "--teacher-epochs", "1", "--json", str(tmp_path / "f.json"),
+            "--set", "finetune.lr=0.003", "--set", "finetune.adalora_init=orthogonal",
         ]
     )  # fmt: skip
     assert set(figures["stages"]) == {"preprocess", "teacher", "distill", "finetune", "ablation", "evaluate"}
-    # the LLM stages ran forwards through the backbone, so their FLOP rate is positive
-    assert all(figures["stages"][s]["tflops"] > 0 for s in ("distill", "finetune", "ablation", "evaluate"))
+    # the LLM stages ran forwards through the backbone, so their FLOP counts are positive
+    assert all(figures["stages"][s]["tflop"] > 0 for s in ("distill", "finetune", "ablation", "evaluate"))
     assert 0 <= figures["metrics"]["delrec_HR@1"] <= 1
     assert json.loads((tmp_path / "f.json").read_text())["stages"] == figures["stages"]
+    # --set reached the stage's config (the next GPU run tries the CPU preset's stage-2 recipe this way)
+    trained = json.loads((tmp_path / "w" / "delrec" / "manifest.json").read_text())["config"]
+    assert (trained["lr"], trained["adalora_init"]) == (0.003, "orthogonal")
+    # the report draws all four learning curves, distill's two tasks included
+    curves = json.loads((tmp_path / "w" / "evaluate" / "curves.json").read_text())
+    assert set(curves) == {"distill_rps", "distill_ta", "finetune_delrec", "finetune_ablation"}
+
+
+def test_gpu_recipe_refuses_an_override_of_an_unknown_stage(tmp_path, capsys):
+    script = _load_script()
+    try:
+        script.main(["--backbone", "tiny-llama", "--work", str(tmp_path / "w"), "--set", "teacher.lr=1"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("an unknown stage in --set was accepted")
+    assert "teacher.lr" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -146,3 +146,19 @@ def test_no_lone_space_token_before_the_soft_prompt(synthetic):
             before = backbone.tokenizer.decode(prompt.ids[prompt.soft_start - 1])
             assert before.strip(), (backbone.name, before)
             assert backbone.tokenizer.decode(prompt.ids[: prompt.soft_start]).endswith("pattern is:")
+
+
+def test_the_prefix_cache_goes_under_the_name_the_decoder_declares():
+    # transformers <= 5.17 declares past_key_values, later versions cache; a wrong name is swallowed by **kwargs
+    from delrec.llm.scoring import _cache_kwargs
+
+    class OldDecoder(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    class NewDecoder(torch.nn.Module):
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None, **kwargs): ...
+
+    marker = object()
+    assert _cache_kwargs(OldDecoder(), marker) == {"past_key_values": marker, "use_cache": True}
+    assert _cache_kwargs(NewDecoder(), marker) == {"cache": marker, "use_cache": True}
+    assert _cache_kwargs(NewDecoder(), None) == {"cache": None, "use_cache": False}

@@ -14,6 +14,7 @@ compare against. Both are differentiable (training uses them under autograd).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,6 +201,13 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def _cache_kwargs(decoder: torch.nn.Module, cache: object | None) -> dict:
+    """The decoder's KV-cache arguments. transformers renamed ``past_key_values`` to ``cache`` (by 5.24),
+    and a name the forward does not declare is swallowed by its ``**kwargs``: pass the declared one."""
+    params = inspect.signature(decoder.forward).parameters
+    return {("cache" if "cache" in params else "past_key_values"): cache, "use_cache": cache is not None}
+
+
 def compute_prefix(
     backbone: Backbone, soft_prompt: SoftPrompt | None, prompt: EncodedPrompt, length: int
 ) -> Prefix:
@@ -214,11 +222,15 @@ def compute_prefix(
     with backbone.autocast_ctx():
         embeds = prompt_embeddings(backbone, soft_prompt, PromptBatch(ids, torch.ones_like(ids), soft, None))
         cache = DynamicCache()
-        _decoder(backbone.base_model())(
+        decoder = _decoder(backbone.base_model())
+        decoder(
             inputs_embeds=embeds,
             position_ids=torch.arange(length, device=device)[None],
-            cache=cache,
-            use_cache=True,
+            **_cache_kwargs(decoder, cache),
+        )
+    if len(cache.layers) != decoder.config.num_hidden_layers:
+        raise RuntimeError(
+            f"the decoder filled {len(cache.layers)} cache layers, expected {decoder.config.num_hidden_layers}"
         )
     return Prefix(tuple(prompt.ids[:length]), [(layer.keys, layer.values) for layer in cache.layers])
 
@@ -312,12 +324,9 @@ def _score_packed(
             ddp_cache_data=[(k.expand(n_ex, -1, -1, -1), v.expand(n_ex, -1, -1, -1)) for k, v in prefix.kv]
         )
     embeds = prompt_embeddings(backbone, soft_prompt, PromptBatch(ids, torch.ones_like(ids), soft_mask, None))
-    hidden = _decoder(model)(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=cache is not None,
+    decoder = _decoder(model)
+    hidden = decoder(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **_cache_kwargs(decoder, cache)
     ).last_hidden_state
     # Each predicting position once (the prompt's last one predicts every candidate's first token).
     where = torch.tensor(t_row, device=device) * width + torch.tensor(t_col, device=device)
