@@ -25,6 +25,8 @@ from delrec.evaluate import (
     learning_curves,
     popularity_ranks,
     popularity_scores,
+    reranked_target_ranks,
+    teacher_topk,
 )
 from delrec.finetune import FinetuneConfig, finetune
 from delrec.metrics import metrics_from_ranks
@@ -95,6 +97,34 @@ def test_reports_every_model_on_the_same_candidates(synthetic_dir, runs, tmp_pat
     assert [s for s, _ in curves["finetune_delrec"]["loss"]] == [1, 2, 3]
     assert curves["finetune_delrec"]["valid"][0][0] == 0 and curves["distill_rps"]["valid"]
     assert (out / "curves.png").stat().st_size > 1000
+    # The whole-catalogue protocol: the teacher alone matches its own stage's full-ranking figure; DELRec
+    # reranks the teacher's top 20, so a target outside it keeps the teacher's rank.
+    assert flat["catalogue_teacher_HR@10"] == pytest.approx(teacher["test_HR@10"])
+    assert flat["catalogue_teacher_NDCG@10"] == pytest.approx(teacher["test_NDCG@10"])
+    assert flat["catalogue_delrec_minus_teacher_HR@10"] == pytest.approx(
+        flat["catalogue_delrec_HR@10"] - flat["catalogue_teacher_HR@10"]
+    )
+    ranks = pq.read_table(out / "ranks.parquet").to_pydict()
+    outside = [t >= 20 for t in ranks["catalogue_teacher"]]
+    assert any(outside) and not all(outside)
+    delrec, teacher_ranks = np.array(ranks["catalogue_delrec"]), np.array(ranks["catalogue_teacher"])
+    assert (delrec[outside] == teacher_ranks[outside]).all()
+    assert (delrec[~np.array(outside)] < 20).all()
+    assert saved["catalogue"]["target_in_topk"] == pytest.approx(1 - np.mean(outside))
+    assert "## The whole catalogue: the teacher retrieves, DELRec reranks" in report
+    assert "| Teacher + DELRec rerank |" in report
+
+
+def test_reranking_reorders_only_the_teachers_top_k():
+    # items 1..6 (column 0 is padding); the teacher prefers 6 > 5 > 4 > 3 > 2 > 1
+    item_scores = np.array([[-np.inf, 1, 2, 3, 4, 5, 6]] * 3, dtype=np.float64)
+    topk = teacher_topk(item_scores, 3)
+    assert topk.tolist() == [[6, 5, 4]] * 3
+    # the LLM reverses the teacher's top 3: 4 > 5 > 6
+    llm = np.array([[0.1, 0.2, 0.9]] * 3)
+    targets = np.array([4, 6, 2])
+    # 4: first after reranking; 6: third; 2 is outside the top 3 and keeps the teacher's rank (4, 0-based)
+    assert reranked_target_ranks(item_scores, topk, llm, targets).tolist() == [0, 2, 4]
 
 
 def test_popularity_ranks_by_training_interactions(synthetic):

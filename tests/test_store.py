@@ -303,6 +303,20 @@ def test_a_challenger_must_beat_the_published_champion_too(store, tmp_path):
     ]
 
 
+def test_a_paired_gate_on_the_whole_catalogue_protocol():
+    # does reranking beat the teacher on the real task (every item, not 20 candidates), beyond noise?
+    gate = st.QualityGate.from_dict(
+        {"candidate": "catalogue_delrec_NDCG@10", "baseline": "catalogue_teacher_NDCG@10", "paired": True}
+    )
+    metrics = {"catalogue_delrec_NDCG@10": 0.12, "catalogue_teacher_NDCG@10": 0.10}
+    assert not gate.check({**metrics, "catalogue_delrec_minus_teacher_NDCG@10_lo": -0.01})[0]
+    assert gate.check({**metrics, "catalogue_delrec_minus_teacher_NDCG@10_lo": 0.005})[0]
+    with pytest.raises(DelrecError, match="paired gate compares"):
+        st.QualityGate.from_dict(
+            {"paired": True, "candidate": "delrec_NDCG@10", "baseline": "catalogue_teacher_NDCG@10"}
+        )
+
+
 def test_the_paired_gate_needs_the_bootstrap_interval_to_clear_the_margin():
     metrics = {"delrec_HR@1": 0.5, "teacher_HR@1": 0.4, "delrec_minus_teacher_HR@1_lo": -0.01}
     assert st.QualityGate().check(metrics)[0]  # the point estimates alone pass

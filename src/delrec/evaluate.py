@@ -7,6 +7,11 @@ training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95%
 for DELRec minus each other model, the difference with a paired bootstrap interval; and the learning
 curves of distill and both finetunes. Written to ``metrics.json``, ``curves.json``, ``report.md`` and
 two charts.
+
+The whole-catalogue protocol (``rerank_k`` > 0) answers what a team deploys for: the teacher ranks every
+item the user has not interacted with, DELRec reorders the teacher's top K, and items beyond K keep the
+teacher's order. HR@10, NDCG@10 and MRR of the target for the teacher alone and for teacher + DELRec,
+with a paired interval of the difference (``catalogue_*`` metrics).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ LABELS = {
 }
 # DELRec minus each of these, with a paired bootstrap interval (the same resampled users for both).
 COMPARED = ("ablation", "zero_shot", "teacher", "popularity")
+# The whole-catalogue protocol's figures (the target among every item, not among 20 candidates).
+CATALOGUE_REPORTED = ("HR@10", "NDCG@10", "MRR")
+CATALOGUE_LABELS = {"teacher": "Teacher", "delrec": "Teacher + DELRec rerank"}
 # Learning curves: name -> (stage folder, training-loss key, validation key) in that stage's history.json.
 CURVES = {
     "distill_ta": ("distill", "loss_ta", "valid_ta_acc"),
@@ -79,6 +87,9 @@ class EvaluateConfig(StageConfig):
     """titles scored per forward pass in the catalogue universe"""
     zero_shot: bool = True
     """also score the untuned LLM (no adapter, no soft prompt)"""
+    rerank_k: int = Field(20, ge=0)
+    """whole-catalogue protocol: DELRec reranks the teacher's top K of all items (K = 20, the number of
+    candidates the LLM learnt to rank); 0: off"""
     bootstrap_samples: int = Field(1000, ge=10)
 
 
@@ -134,10 +145,8 @@ class _LLMRanker:
         self.examples = dataset.examples[split]
         self.candidates = dataset.candidates[split][rows]
 
-    def ranks(
-        self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict, desc: str
-    ) -> np.ndarray:
-        builder = PromptBuilder(
+    def _builder(self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict) -> PromptBuilder:
+        return PromptBuilder(
             backbone,
             self.dataset.titles,
             domain=self.dataset.domain,
@@ -147,7 +156,42 @@ class _LLMRanker:
             max_prompt_tokens=prompt_config.get("max_prompt_tokens", 768),
             max_title_chars=prompt_config.get("max_title_chars", 80),
         )
+
+    def candidate_scores(
+        self,
+        backbone: Backbone,
+        soft: SoftPrompt | None,
+        prompt_config: dict,
+        candidates: np.ndarray,
+        desc: str,
+    ) -> np.ndarray:
+        """LLM scores (examples, K) of each chosen example's K candidates, which the prompt lists too."""
+        builder = self._builder(backbone, soft, prompt_config)
+        prompts = [
+            builder.stage2(self.examples.histories[r], cands, soft=soft is not None)
+            for r, cands in zip(self.rows, candidates, strict=True)
+        ]
+        answers = [[builder.answer(int(i)) for i in cands] for cands in candidates]
+        return score_all(
+            backbone,
+            soft,
+            prompts,
+            answers,
+            desc=desc,
+            batch_size=self.config.batch_size,
+            reduction=self.config.scoring,
+            skip=builder.answer_skip,
+        )
+
+    def ranks(
+        self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict, desc: str
+    ) -> np.ndarray:
         ex = self.examples
+        if self.config.universe == "candidates":
+            scores = self.candidate_scores(backbone, soft, prompt_config, self.candidates, desc)
+            target_index = (self.candidates == ex.targets[self.rows, None]).argmax(axis=1)
+            return target_ranks(scores, target_index)
+        builder = self._builder(backbone, soft, prompt_config)
         prompts = [
             builder.stage2(ex.histories[r], cands, soft=soft is not None)
             for r, cands in zip(self.rows, self.candidates, strict=True)
@@ -157,11 +201,6 @@ class _LLMRanker:
             "reduction": self.config.scoring,
             "skip": builder.answer_skip,
         }
-        if self.config.universe == "candidates":
-            answers = [[builder.answer(int(i)) for i in cands] for cands in self.candidates]
-            scores = score_all(backbone, soft, prompts, answers, desc=desc, **kw)
-            target_index = (self.candidates == ex.targets[self.rows, None]).argmax(axis=1)
-            return target_ranks(scores, target_index)
         items = np.arange(1, self.dataset.num_items + 1)
         scores = np.zeros((len(self.rows), len(items)), dtype=np.float32)
         for start in range(0, len(items), self.config.catalogue_chunk):
@@ -179,6 +218,24 @@ def _catalogue_ranks(item_scores: np.ndarray, examples, rows: np.ndarray) -> np.
     for out_row, row in enumerate(rows):
         scores[out_row, examples.histories[row] - 1] = -np.inf
     return target_ranks(scores, examples.targets[rows] - 1)
+
+
+def teacher_topk(item_scores: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` best item ids by the teacher (columns = item ids; excluded items score -inf)."""
+    return np.argsort(-item_scores, axis=1, kind="stable")[:, :k]
+
+
+def reranked_target_ranks(
+    item_scores: np.ndarray, topk: np.ndarray, llm_scores: np.ndarray, targets: np.ndarray
+) -> np.ndarray:
+    """0-based target ranks when the LLM reorders the teacher's top K and later items keep the teacher's
+    order: a target inside the top K takes its LLM rank there, any other keeps its teacher rank (>= K)."""
+    inside = topk == targets[:, None]
+    return np.where(
+        inside.any(axis=1),
+        target_ranks(llm_scores, inside.argmax(axis=1)),
+        target_ranks(item_scores, targets),
+    )
 
 
 def _load_adapter(backbone: Backbone, folder: Path) -> None:
@@ -238,8 +295,10 @@ def _llm_ranks(
     rows: np.ndarray,
     delrec: tuple[Path, dict],
     ablation: tuple[Path, dict] | None,
-) -> tuple[dict[str, np.ndarray], str]:
-    """Ranks of DELRec, the ablation and the untuned LLM (one backbone, adapters swapped in turn)."""
+    rerank: np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], str, np.ndarray | None]:
+    """Ranks of DELRec, the ablation and the untuned LLM (one backbone, adapters swapped in turn), and
+    DELRec's scores of the ``rerank`` candidates (the teacher's top K of the catalogue) if given."""
     (delrec_dir, delrec_config) = delrec
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
@@ -256,6 +315,9 @@ def _llm_ranks(
     ranks = {}
     _load_adapter(backbone, delrec_dir)
     ranks["delrec"] = ranker.ranks(backbone, soft, delrec_config, "DELRec")
+    rerank_scores = None
+    if rerank is not None:
+        rerank_scores = ranker.candidate_scores(backbone, soft, delrec_config, rerank, "DELRec rerank")
     _unload_adapter(backbone)
     if ablation is not None:
         _load_adapter(backbone, ablation[0])
@@ -263,7 +325,7 @@ def _llm_ranks(
         _unload_adapter(backbone)
     if config.zero_shot:
         ranks["zero_shot"] = ranker.ranks(backbone, None, delrec_config, "zero-shot")
-    return ranks, backbone.name
+    return ranks, backbone.name, rerank_scores
 
 
 def _model_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dict:
@@ -290,7 +352,28 @@ def _paired_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dic
     return out
 
 
-def _flat_metrics(results: dict, paired: dict) -> dict[str, float]:
+def _catalogue_results(ranks: dict[str, np.ndarray], k: int, config: EvaluateConfig) -> dict:
+    """The whole-catalogue protocol: teacher alone and teacher + DELRec rerank, and the paired difference."""
+    ks = (10,)
+    models = {
+        model: {
+            "metrics": metrics_from_ranks(ranks[model], ks),
+            "ci95": bootstrap_intervals(ranks[model], ks, samples=config.bootstrap_samples, seed=config.seed),
+        }
+        for model in CATALOGUE_LABELS
+    }
+    paired = paired_bootstrap(
+        ranks["delrec"], ranks["teacher"], ks, samples=config.bootstrap_samples, seed=config.seed
+    )
+    return {
+        "k": k,
+        "target_in_topk": float(np.mean(ranks["teacher"] < k)),
+        "models": models,
+        "paired": {"delrec_minus_teacher": {m: paired[m] for m in CATALOGUE_REPORTED}},
+    }
+
+
+def _flat_metrics(results: dict, paired: dict, catalogue: dict | None = None) -> dict[str, float]:
     """The figures the pipeline logs: ``<model>_<metric>`` and ``delrec_minus_<model>_<metric>[_lo|_hi]``."""
     flat = {
         f"{model}_{name}": float(value)
@@ -303,6 +386,15 @@ def _flat_metrics(results: dict, paired: dict) -> dict[str, float]:
             flat[f"{comparison}_{metric}"] = cell["diff"]
             flat[f"{comparison}_{metric}_lo"] = cell["lo"]
             flat[f"{comparison}_{metric}_hi"] = cell["hi"]
+    if catalogue:
+        # catalogue_<model>_<metric> and catalogue_delrec_minus_teacher_<metric>[_lo|_hi]: gate-able names
+        for model, res in catalogue["models"].items():
+            for name in CATALOGUE_REPORTED:
+                flat[f"catalogue_{model}_{name}"] = float(res["metrics"][name])
+        for comparison, cells in catalogue["paired"].items():
+            for metric, cell in cells.items():
+                for suffix, key in (("", "diff"), ("_lo", "lo"), ("_hi", "hi")):
+                    flat[f"catalogue_{comparison}_{metric}{suffix}"] = cell[key]
     return flat
 
 
@@ -390,7 +482,31 @@ def _verdict(cell: dict) -> str:
     return "unclear"
 
 
-def _report_lines(results: dict, paired: dict, curves: dict, meta: dict) -> list[str]:
+def _catalogue_lines(catalogue: dict, examples: int) -> list[str]:
+    k = catalogue["k"]
+    lines = [
+        "## The whole catalogue: the teacher retrieves, DELRec reranks",
+        "",
+        f"The teacher ranks every item the user has not interacted with; DELRec reorders its top {k}; items "
+        f"beyond {k} keep the teacher's order. {examples} examples; the target is in the teacher's top {k} "
+        f"for {catalogue['target_in_topk']:.1%} of them (DELRec can only move those).",
+        "",
+        "| model | " + " | ".join(CATALOGUE_REPORTED) + " |",
+        "|---|" + "---|" * len(CATALOGUE_REPORTED),
+    ]
+    for model, res in catalogue["models"].items():
+        m, ci = res["metrics"], res["ci95"]
+        cells = [f"{m[x]:.4f} [{ci[x][0]:.3f}, {ci[x][1]:.3f}]" for x in CATALOGUE_REPORTED]
+        lines.append(f"| {CATALOGUE_LABELS[model]} | " + " | ".join(cells) + " |")
+    cells = catalogue["paired"]["delrec_minus_teacher"].values()
+    row = [f"{c['diff']:+.4f} [{c['lo']:+.3f}, {c['hi']:+.3f}] {_verdict(c)}" for c in cells]
+    lines += ["| rerank minus teacher (paired) | " + " | ".join(row) + " |", ""]
+    return lines
+
+
+def _report_lines(
+    results: dict, paired: dict, curves: dict, meta: dict, catalogue: dict | None = None
+) -> list[str]:
     lines = [
         f"# DELRec evaluation: {meta['dataset']}",
         "",
@@ -427,6 +543,8 @@ def _report_lines(results: dict, paired: dict, curves: dict, meta: dict) -> list
             other = comparison.removeprefix("delrec_minus_")
             lines.append(f"| {_label(other)} | " + " | ".join(row) + " |")
         lines.append("")
+    if catalogue:
+        lines += _catalogue_lines(catalogue, meta["examples"])
     if curves:
         lines += [
             "## Learning curves",
@@ -453,9 +571,15 @@ def _report_lines(results: dict, paired: dict, curves: dict, meta: dict) -> list
 
 
 def write_report(
-    folder: Path, results: dict, meta: dict, paired: dict | None = None, curves: dict | None = None
+    folder: Path,
+    results: dict,
+    meta: dict,
+    paired: dict | None = None,
+    curves: dict | None = None,
+    catalogue: dict | None = None,
 ):
-    """report.md (metrics, paired differences, learning curves), metrics.png and curves.png."""
+    """report.md (metrics, paired differences, the whole-catalogue protocol, learning curves), metrics.png
+    and curves.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,7 +588,8 @@ def write_report(
     _plot_metrics(folder, results, meta, plt)
     if curves:
         _plot_curves(folder, curves, plt)
-    (folder / "report.md").write_text("\n".join(_report_lines(results, paired or {}, curves or {}, meta)))
+    lines = _report_lines(results, paired or {}, curves or {}, meta, catalogue)
+    (folder / "report.md").write_text("\n".join(lines))
 
 
 def evaluate(
@@ -490,8 +615,19 @@ def evaluate(
         "popularity": popularity_ranks(dataset, config.split, rows, config.universe),
     }
     ablation = (Path(ablation_dir), ablation_config) if ablation_dir is not None else None
-    llm_ranks, backbone_name = _llm_ranks(dataset, config, rows, (Path(delrec_dir), delrec_config), ablation)
+    topk = teacher_topk(teacher_scores, config.rerank_k) if config.rerank_k else None
+    llm_ranks, backbone_name, rerank_scores = _llm_ranks(
+        dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, topk
+    )
     ranks |= llm_ranks
+    catalogue, catalogue_ranks = None, {}
+    if topk is not None:
+        targets = dataset.examples[config.split].targets[rows]
+        catalogue_ranks = {
+            "teacher": target_ranks(teacher_scores, targets),
+            "delrec": reranked_target_ranks(teacher_scores, topk, rerank_scores, targets),
+        }
+        catalogue = _catalogue_results(catalogue_ranks, config.rerank_k, config)
 
     results = _model_results(ranks, config)
     paired = _paired_results(ranks, config)
@@ -506,19 +642,22 @@ def evaluate(
         "teacher": delrec_config.get("teacher", ""),
         "seconds": time.time() - started,
     }
-    flat = _flat_metrics(results, paired)
+    flat = _flat_metrics(results, paired, catalogue)
     with atomic_dir(out) as tmp:
         write_json_atomic(
-            tmp / layout.METRICS_JSON, {"meta": meta, "models": results, "paired": paired, "flat": flat}
+            tmp / layout.METRICS_JSON,
+            {"meta": meta, "models": results, "paired": paired, "catalogue": catalogue, "flat": flat},
         )
         write_json_atomic(tmp / "curves.json", curves)
         pq.write_table(
             pa.table(
-                {"row": pa.array(rows, pa.int32())} | {m: pa.array(r, pa.int32()) for m, r in ranks.items()}
+                {"row": pa.array(rows, pa.int32())}
+                | {m: pa.array(r, pa.int32()) for m, r in ranks.items()}
+                | {f"catalogue_{m}": pa.array(r, pa.int32()) for m, r in catalogue_ranks.items()}
             ),
             tmp / "ranks.parquet",
         )
-        write_report(tmp, results, meta, paired, curves)
+        write_report(tmp, results, meta, paired, curves, catalogue)
         inputs = {"dataset": dataset_dir, "teacher": teacher_dir, "delrec": delrec_dir}
         inputs |= {k: v for k, v in (("ablation", ablation_dir), ("distill", distill_dir)) if v is not None}
         write_manifest(

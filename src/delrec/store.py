@@ -594,15 +594,17 @@ class QualityGate:
         return gate
 
     def paired_key(self) -> str:
-        """The flat metric holding the lower interval end of candidate minus baseline."""
-        model, _, metric = self.baseline.partition("_")
-        if self.candidate != f"delrec_{metric}" or not metric:
+        """The flat metric holding the lower interval end of candidate minus baseline (the 20-candidate
+        protocol's ``delrec_minus_<model>_<metric>_lo``, or the whole catalogue's with a ``catalogue_`` prefix)."""
+        prefix = "catalogue_" if self.baseline.startswith("catalogue_") else ""
+        model, _, metric = self.baseline.removeprefix(prefix).partition("_")
+        if self.candidate != f"{prefix}delrec_{metric}" or not metric:
             raise DelrecError(
-                f"a paired gate compares delrec_<metric> with <model>_<metric> (evaluate's paired section); "
-                f"got candidate {self.candidate!r}, baseline {self.baseline!r}",
+                f"a paired gate compares [catalogue_]delrec_<metric> with [catalogue_]<model>_<metric> "
+                f"(evaluate's paired sections); got candidate {self.candidate!r}, baseline {self.baseline!r}",
                 field="gate",
             )
-        return f"delrec_minus_{model}_{metric}_lo"
+        return f"{prefix}delrec_minus_{model}_{metric}_lo"
 
     def check(
         self, metrics: Mapping[str, float], champion: Mapping[str, Any] | None = None
