@@ -263,7 +263,7 @@ def test_tiny_delrec_beats_chance_on_synthetic(synthetic_dir, runs, tmp_path):
 
 
 def test_adapters_load_and_unload_cleanly(synthetic, runs):
-    from delrec.evaluate import _load_adapter, _unload_adapter
+    from delrec.evaluate import load_finetuned_adapter, _unload_adapter
     from delrec.llm.backbone import load_backbone
     from delrec.llm.scoring import score_all
     from delrec.llm.templates import PromptBuilder
@@ -278,7 +278,7 @@ def test_adapters_load_and_unload_cleanly(synthetic, runs):
     ]
     answers = [[builder.answer(int(c)) for c in synthetic.candidates["test"][i]] for i in range(3)]
     base = score_all(backbone, None, prompts, answers)
-    _load_adapter(backbone, runs / "ablation")
+    load_finetuned_adapter(backbone, runs / "ablation")
     tuned = score_all(backbone, None, prompts, answers)
     _unload_adapter(backbone)
     assert abs(tuned - base).max() > 1e-5  # the fine-tuned adapter is in use

@@ -164,7 +164,7 @@ def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
     """After rank pruning the saved adapter is resized; evaluate's reload must score exactly the same."""
     from peft import get_peft_model
 
-    from delrec.evaluate import _load_adapter
+    from delrec.evaluate import load_finetuned_adapter
     from delrec.finetune import adapter_config
     from delrec.llm.scoring import score_all
     from delrec.llm.templates import PromptBuilder
@@ -192,7 +192,7 @@ def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
     before = score_all(backbone, None, prompts, answers)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=False)
-    _load_adapter(reloaded, tmp_path)
+    load_finetuned_adapter(reloaded, tmp_path)
     assert abs(score_all(reloaded, None, prompts, answers) - before).max() < 1e-5
 
 

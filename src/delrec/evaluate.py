@@ -137,6 +137,22 @@ def popularity_ranks(
     return item_score_ranks(np.broadcast_to(counts, (len(rows), len(counts))), dataset, split, rows, universe)
 
 
+def stage2_builder(
+    backbone: Backbone, dataset: Dataset, soft: SoftPrompt | None, prompt_config: dict
+) -> PromptBuilder:
+    """The stage-2 prompt a fine-tuned model was trained on (``prompt_config``: its prompt.json)."""
+    return PromptBuilder(
+        backbone,
+        dataset.titles,
+        domain=dataset.domain,
+        teacher=prompt_config.get("teacher", ""),
+        n_soft=soft.n_tokens if soft is not None else 0,
+        history_items=prompt_config.get("history_items", 10),
+        max_prompt_tokens=prompt_config.get("max_prompt_tokens", 768),
+        max_title_chars=prompt_config.get("max_title_chars", 80),
+    )
+
+
 class _LLMRanker:
     """Scores the chosen examples' candidates (or the catalogue) with one backbone configuration."""
 
@@ -146,16 +162,7 @@ class _LLMRanker:
         self.candidates = dataset.candidates[split][rows]
 
     def _builder(self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict) -> PromptBuilder:
-        return PromptBuilder(
-            backbone,
-            self.dataset.titles,
-            domain=self.dataset.domain,
-            teacher=prompt_config.get("teacher", ""),
-            n_soft=soft.n_tokens if soft is not None else 0,
-            history_items=prompt_config.get("history_items", 10),
-            max_prompt_tokens=prompt_config.get("max_prompt_tokens", 768),
-            max_title_chars=prompt_config.get("max_title_chars", 80),
-        )
+        return stage2_builder(backbone, self.dataset, soft, prompt_config)
 
     def candidate_scores(
         self,
@@ -238,7 +245,7 @@ def reranked_target_ranks(
     )
 
 
-def _load_adapter(backbone: Backbone, folder: Path) -> None:
+def load_finetuned_adapter(backbone: Backbone, folder: Path) -> None:
     if not (folder / layout.ADAPTER).is_dir():
         raise DelrecError(
             f"no {layout.ADAPTER}/ folder: expected the output of the finetune stage", path=folder
@@ -250,7 +257,7 @@ def _unload_adapter(backbone: Backbone) -> None:
     backbone.model = backbone.model.unload()
 
 
-def _finetuned_config(folder: str | os.PathLike, dataset_dir: str | os.PathLike, role: str) -> dict:
+def finetuned_prompt_config(folder: str | os.PathLike, dataset_dir: str | os.PathLike, role: str) -> dict:
     require_same_input(folder, "dataset", dataset_dir, producer="finetune")
     path = Path(folder) / layout.PROMPT_JSON
     if not path.is_file():
@@ -272,14 +279,14 @@ def _chosen_rows(dataset: Dataset, config: EvaluateConfig, dataset_dir) -> np.nd
 
 def _prompt_configs(delrec_dir, ablation_dir, dataset_dir) -> tuple[dict, dict | None]:
     """The prompt configs of DELRec and the ablation, checked to be comparable."""
-    delrec_config = _finetuned_config(delrec_dir, dataset_dir, "delrec")
+    delrec_config = finetuned_prompt_config(delrec_dir, dataset_dir, "delrec")
     if not delrec_config.get("soft_tokens"):
         raise DelrecError(
             "has no soft prompt: pass the DELRec model (finetuned from distill)", path=delrec_dir
         )
     if ablation_dir is None:
         return delrec_config, None
-    ablation_config = _finetuned_config(ablation_dir, dataset_dir, "ablation")
+    ablation_config = finetuned_prompt_config(ablation_dir, dataset_dir, "ablation")
     if ablation_config["backbone_fingerprint"] != delrec_config["backbone_fingerprint"]:
         raise DelrecError(
             "the ablation was fine-tuned from other base weights than DELRec; re-run both on the same backbone",
@@ -313,14 +320,14 @@ def _llm_ranks(
     ranker = _LLMRanker(dataset, config, config.split, rows)
     soft = SoftPrompt.load(delrec_dir, backbone.device)
     ranks = {}
-    _load_adapter(backbone, delrec_dir)
+    load_finetuned_adapter(backbone, delrec_dir)
     ranks["delrec"] = ranker.ranks(backbone, soft, delrec_config, "DELRec")
     rerank_scores = None
     if rerank is not None:
         rerank_scores = ranker.candidate_scores(backbone, soft, delrec_config, rerank, "DELRec rerank")
     _unload_adapter(backbone)
     if ablation is not None:
-        _load_adapter(backbone, ablation[0])
+        load_finetuned_adapter(backbone, ablation[0])
         ranks["ablation"] = ranker.ranks(backbone, None, ablation[1], "ablation")
         _unload_adapter(backbone)
     if config.zero_shot:

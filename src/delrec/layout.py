@@ -30,7 +30,8 @@ TRAIN_TEACHER = "train_teacher"
 DISTILL = "distill"
 FINETUNE = "finetune"
 EVALUATE = "evaluate"
-PRODUCERS = (PREPROCESS, TRAIN_TEACHER, DISTILL, FINETUNE, EVALUATE)
+RECOMMEND = "recommend"
+PRODUCERS = (PREPROCESS, TRAIN_TEACHER, DISTILL, FINETUNE, EVALUATE, RECOMMEND)
 
 # ---- files shared by several stages
 METRICS_JSON = "metrics.json"
@@ -54,6 +55,7 @@ ADAPTER = "adapter"
 
 # ---- evaluate
 RANKS = "ranks.parquet"
+RECOMMENDATIONS = "recommendations"  # recommend: a folder of part-NNNNN.parquet
 
 # ---- resumable stages: ``<out>.partial/state.pt`` next to (not inside) the output
 PARTIAL_SUFFIX = ".partial"

@@ -1,4 +1,4 @@
-"""``delrec distill``, ``delrec finetune`` and ``delrec evaluate``."""
+"""``delrec distill``, ``delrec finetune``, ``delrec evaluate`` and ``delrec recommend``."""
 
 from __future__ import annotations
 
@@ -54,7 +54,20 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
-def _common(p: argparse.ArgumentParser, training: bool) -> None:
+def _recommend(args: argparse.Namespace) -> None:
+    from delrec.recommend import RecommendConfig, recommend
+
+    extra = {"top_n": args.top_n, "retrieve_k": args.retrieve_k}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if args.users:
+        extra["users"] = [u.strip() for u in args.users.split(",") if u.strip()]
+    args.set = [*args.set, *(f"{k}={json.dumps(v)}" for k, v in extra.items())]
+    _print(
+        recommend(args.data, args.teacher, args.delrec, _config(RecommendConfig, "recommend", args), args.out)
+    )
+
+
+def _common(p: argparse.ArgumentParser, training: bool, seed: bool = True) -> None:
     p.add_argument("--data", required=True, help="Dataset folder (delrec preprocess)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--preset", help="configs/NAME.yaml (or a YAML path) whose section gives the defaults")
@@ -63,7 +76,8 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (fp32 throughout)")
-    p.add_argument("--seed", type=int)
+    if seed:
+        p.add_argument("--seed", type=int)
     if training:
         p.add_argument("--steps", type=int)
         p.add_argument("--batch-size", type=int)
@@ -129,3 +143,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ablation", help="finetune folder of the no-soft-prompt ablation")
     p.add_argument("--distill", help="distill folder (only for its learning curves in the report)")
     p.set_defaults(handler=_evaluate)
+
+    p = subparsers.add_parser(
+        "recommend",
+        help="the next items for every user: the teacher retrieves its top K, DELRec reranks them",
+        description=(
+            "For every user (or --users), the teacher scores every item after the user's whole known "
+            "sequence, excluding items the user has; DELRec (the fine-tuned LLM with its soft prompt) scores "
+            "the teacher's top K (default 20, the number of candidates it learnt to rank); the best N "
+            "(default 10) are written to OUT/recommendations/part-*.parquet: user, rank, item_id, title, "
+            "llm_score, teacher_rank. Users go in shards; a killed run resumes from OUT.partial/."
+        ),
+        epilog=(
+            "example:\n  delrec recommend --data data/ml-100k --teacher runs/sasrec --delrec runs/delrec "
+            "--out runs/recs --users 1,2,3"
+        ),
+        formatter_class=fmt,
+    )
+    _common(p, training=False, seed=False)
+    p.add_argument("--teacher", required=True, help="teacher folder (delrec train-teacher)")
+    p.add_argument("--delrec", required=True, help="finetune folder of DELRec (with soft prompt)")
+    p.add_argument("--users", help="comma-separated raw user ids (default: every user)")
+    p.add_argument("--top-n", type=int, help="recommendations per user (default 10)")
+    p.add_argument("--retrieve-k", type=int, help="items the teacher retrieves per user (default 20)")
+    p.set_defaults(handler=_recommend)

@@ -1,0 +1,304 @@
+"""Recommendations for every user: the teacher retrieves, DELRec reranks.
+
+For each user the teacher scores every item after the user's whole known sequence (training items, then
+the validation and test targets); items the user already has are excluded and the teacher's top
+``retrieve_k`` go into DELRec's prompt as candidates. The fine-tuned LLM with its soft prompt scores them,
+and the best ``top_n`` by that score are written as Parquet: user (the dataset's raw id), rank, item id
+(raw), title, LLM score, teacher rank.
+
+Users are processed in shards of ``shard_users``. Each finished shard is one Parquet file in the
+checkpoint folder (``OUT.partial/``), so a killed run resumes at its first missing shard, and memory is
+bounded by one shard whatever the number of users. The finished folder holds ``recommendations/part-*.parquet``
+(row groups of at most ``row_group_rows``) and a manifest naming its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from delrec import layout
+from delrec.artifacts import (
+    atomic_dir,
+    config_hash,
+    partial_dir,
+    read_manifest,
+    require_same_input,
+    write_manifest,
+)
+from delrec.config import StageConfig
+from delrec.data import Dataset, load_dataset
+from delrec.errors import DelrecError
+from delrec.evaluate import finetuned_prompt_config, load_finetuned_adapter, stage2_builder
+from delrec.llm.backbone import stage_backbone
+from delrec.llm.scoring import score_all
+from delrec.llm.soft_prompt import SoftPrompt
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"  # in the checkpoint folder: which run its shards belong to
+SCHEMA = pa.schema(
+    [
+        ("user", pa.string()),
+        ("rank", pa.int16()),
+        ("item_id", pa.string()),
+        ("title", pa.string()),
+        ("llm_score", pa.float32()),
+        ("teacher_rank", pa.int16()),
+    ]
+)
+
+
+class RecommendConfig(StageConfig):
+    """Config of ``delrec recommend``."""
+
+    backbone: str = "smollm2-135m"
+    """must name the backbone DELRec was fine-tuned on (a saved tiny one is found by itself)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+    retrieve_k: int = Field(20, ge=1, le=1000)
+    """items the teacher retrieves per user; 20: the number of candidates the LLM learnt to rank"""
+    top_n: int = Field(10, ge=1)
+    """recommendations written per user (at most retrieve_k)"""
+    users: list[str] | None = None
+    """raw user ids to recommend for (None: every user)"""
+    batch_size: int = Field(8, ge=1)
+    scoring: Literal["mean", "sum", "first"] = "mean"
+    shard_users: int = Field(512, ge=1)
+    """users per Parquet file; the unit of resumption"""
+    row_group_rows: int = Field(50_000, ge=1)
+
+    @model_validator(mode="after")
+    def _top_n_within_k(self) -> RecommendConfig:
+        if self.top_n > self.retrieve_k:
+            raise ValueError(f"top_n ({self.top_n}) must be at most retrieve_k ({self.retrieve_k})")
+        return self
+
+
+def known_sequences(dataset: Dataset) -> list[np.ndarray]:
+    """Each user's whole known sequence: the longest of its training sequence and its examples' history +
+    target (under leave-one-out, the test history plus the test target)."""
+    sequences = [np.asarray(seq, dtype=np.int64) for seq in dataset.train_sequences]
+    for examples in dataset.examples.values():
+        for user, history, target in zip(examples.users, examples.histories, examples.targets, strict=True):
+            if len(history) + 1 > len(sequences[user]):
+                sequences[user] = np.append(np.asarray(history, dtype=np.int64), target)
+    return sequences
+
+
+@torch.no_grad()
+def teacher_retrieve(
+    model: torch.nn.Module, max_len: int, sequences: Sequence[np.ndarray], k: int
+) -> np.ndarray:
+    """The teacher's top ``k`` item ids after each sequence, best first, the sequence's own items excluded."""
+    from delrec.teachers.models import last_hidden
+
+    device = next(model.parameters()).device
+    inputs = np.zeros((len(sequences), max_len), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-max_len:]
+        if len(tail):
+            inputs[row, max_len - len(tail) :] = tail
+    scores = last_hidden(model, torch.from_numpy(inputs).to(device)).float() @ model.item_weights().float().T
+    scores[:, 0] = float("-inf")  # padding
+    rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    seen = np.concatenate(sequences) if len(rows) else np.zeros(0, dtype=np.int64)
+    scores[torch.from_numpy(rows).to(device), torch.from_numpy(seen).to(device)] = float("-inf")
+    if k > scores.shape[1] - 1:
+        raise DelrecError(
+            f"retrieve_k {k} exceeds the catalogue's {scores.shape[1] - 1} items", field="retrieve_k"
+        )
+    return scores.topk(k, dim=1).indices.cpu().numpy()
+
+
+def _raw_user_ids(dataset_dir: Path, num_users: int) -> list[str]:
+    table = pq.read_table(dataset_dir / layout.USERS, columns=["user", "raw_id"])
+    raw = [""] * num_users
+    for user, raw_id in zip(table["user"].to_pylist(), table["raw_id"].to_pylist(), strict=True):
+        raw[user] = raw_id
+    return raw
+
+
+def _chosen_users(config: RecommendConfig, raw_ids: list[str], sequences: list[np.ndarray]) -> np.ndarray:
+    if config.users is None:
+        return np.array([u for u, seq in enumerate(sequences) if len(seq)], dtype=np.int64)
+    index = {raw: user for user, raw in enumerate(raw_ids)}
+    unknown = [u for u in config.users if u not in index]
+    if unknown:
+        raise DelrecError(f"unknown user id(s) {unknown[:5]} (of {len(unknown)})", field="users")
+    return np.array([index[u] for u in config.users], dtype=np.int64)
+
+
+class _Shard:
+    """Recommendations for one shard of users (retrieve, then rerank)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        raw_users: list[str],
+        config: RecommendConfig,
+        teacher,
+        backbone,
+        soft,
+        prompt_config,
+    ):
+        self.dataset, self.raw_users, self.config = dataset, raw_users, config
+        self.teacher_model, self.teacher_max_len = teacher
+        self.backbone, self.soft = backbone, soft
+        self.builder = stage2_builder(backbone, dataset, soft, prompt_config)
+
+    def table(self, users: np.ndarray, sequences: list[np.ndarray]) -> pa.Table:
+        seqs = [sequences[u] for u in users]
+        retrieved = teacher_retrieve(self.teacher_model, self.teacher_max_len, seqs, self.config.retrieve_k)
+        prompts = [
+            self.builder.stage2(seq, cands, soft=True) for seq, cands in zip(seqs, retrieved, strict=True)
+        ]
+        answers = [[self.builder.answer(int(i)) for i in cands] for cands in retrieved]
+        scores = score_all(
+            self.backbone,
+            self.soft,
+            prompts,
+            answers,
+            batch_size=self.config.batch_size,
+            reduction=self.config.scoring,
+            skip=self.builder.answer_skip,
+            desc="rerank",
+        )
+        # Best LLM score first; a tie keeps the teacher's order (stable sort).
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.config.top_n]
+        n = self.config.top_n
+        items = np.take_along_axis(retrieved, order, axis=1)
+        return pa.table(
+            {
+                "user": np.repeat(np.array([self.raw_users[u] for u in users], dtype=object), n),
+                "rank": np.tile(np.arange(1, n + 1, dtype=np.int16), len(users)),
+                "item_id": [self.dataset.raw_item_ids[i] for i in items.ravel()],
+                "title": [self.dataset.titles[i] for i in items.ravel()],
+                "llm_score": np.take_along_axis(scores, order, axis=1).ravel().astype(np.float32),
+                "teacher_rank": (order + 1).ravel().astype(np.int16),
+            },
+            schema=SCHEMA,
+        )
+
+
+def _shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _prepare_partial(partial: Path, run: dict) -> None:
+    """Keep the shards of an interrupted run of this exact config and inputs; otherwise start afresh."""
+    marker = partial / RUN_JSON
+    if partial.is_dir():
+        previous = json.loads(marker.read_text()) if marker.is_file() else None
+        if previous == run:
+            return
+        log.warning("%s holds shards of another run (config or inputs differ): starting afresh", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    marker.write_text(json.dumps(run, indent=1))
+
+
+def recommend(
+    dataset_dir: str | os.PathLike,
+    teacher_dir: str | os.PathLike,
+    delrec_dir: str | os.PathLike,
+    config: RecommendConfig,
+    out: str | os.PathLike,
+) -> dict:
+    """Write the top ``top_n`` of the teacher's ``retrieve_k`` after DELRec's rerank for every user (or
+    ``config.users``) to ``out/recommendations/``. Resumes from ``OUT.partial/``. Returns counts and speed."""
+    from delrec.teachers import load_teacher
+
+    started = time.time()
+    dataset_dir, delrec_dir = Path(dataset_dir), Path(delrec_dir)
+    dataset = load_dataset(dataset_dir)
+    require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
+    prompt_config = finetuned_prompt_config(delrec_dir, dataset_dir, "delrec")
+    if not prompt_config.get("soft_tokens"):
+        raise DelrecError(
+            "has no soft prompt: pass the DELRec model (finetuned from distill)", path=delrec_dir
+        )
+    sequences = known_sequences(dataset)
+    raw_users = _raw_user_ids(dataset_dir, len(sequences))
+    users = _chosen_users(config, raw_users, sequences)
+    shards = [users[i : i + config.shard_users] for i in range(0, len(users), config.shard_users)]
+
+    partial = partial_dir(out)
+    inputs = {"dataset": dataset_dir, "teacher": teacher_dir, "delrec": delrec_dir}
+    run = {
+        "config": config_hash(config.model_dump(mode="json")),
+        "inputs": {k: read_manifest(v, verify=False)[layout.M_ID] for k, v in inputs.items()},
+    }
+    _prepare_partial(partial, run)
+    todo = [i for i in range(len(shards)) if not (partial / _shard_name(i)).is_file()]
+    if len(todo) < len(shards):
+        log.info("resuming: %d of %d shards already written", len(shards) - len(todo), len(shards))
+
+    if todo:
+        teacher_model, teacher_config = load_teacher(teacher_dir)
+        teacher_model.eval()
+        backbone = stage_backbone(
+            config.backbone, delrec_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
+        )
+        if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
+            raise DelrecError(
+                f"backbone {config.backbone!r} has other weights than the one DELRec was fine-tuned on",
+                path=delrec_dir / layout.PROMPT_JSON,
+                field="backbone_fingerprint",
+            )
+        load_finetuned_adapter(backbone, delrec_dir)
+        soft = SoftPrompt.load(delrec_dir, backbone.device)
+        teacher_model.to(backbone.device)
+        shard = _Shard(
+            dataset, raw_users, config, (teacher_model, teacher_config.max_len), backbone, soft, prompt_config
+        )
+        done_users = len(users) - sum(len(shards[i]) for i in todo)
+        with tqdm(total=len(users), initial=done_users, unit="user", desc="recommend") as bar:
+            for index in todo:
+                table = shard.table(shards[index], sequences)
+                tmp = partial / (_shard_name(index) + ".tmp")
+                pq.write_table(table, tmp, row_group_size=config.row_group_rows)
+                os.replace(tmp, partial / _shard_name(index))
+                bar.update(len(shards[index]))
+
+    with atomic_dir(out) as tmp:
+        folder = tmp / layout.RECOMMENDATIONS
+        folder.mkdir()
+        for index in range(len(shards)):
+            shutil.copy2(partial / _shard_name(index), folder / _shard_name(index))
+        stats = {
+            "users": int(len(users)),
+            "rows": int(len(users) * config.top_n),
+            "shards": len(shards),
+            "seconds": round(time.time() - started, 1),
+        }
+        stats["users_per_s"] = round(stats["users"] / max(stats["seconds"], 1e-9), 3)
+        write_manifest(
+            tmp,
+            producer=layout.RECOMMEND,
+            config=config.model_dump(mode="json"),
+            inputs=inputs,
+            rows={"users": stats["users"], "recommendations": stats["rows"]},
+        )
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info(
+        "recommend: %d users, %d rows in %.0f s (%.2f users/s)",
+        stats["users"],
+        stats["rows"],
+        stats["seconds"],
+        stats["users_per_s"],
+    )
+    return stats
