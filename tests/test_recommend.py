@@ -146,3 +146,24 @@ def test_cli_writes_recommendations_for_the_given_users(synthetic_dir, runs, tmp
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["users"] == 2
     recs = _read(out)
     assert len(recs["user"]) == 8 and set(np.unique(recs["rank"]).tolist()) == {1, 2, 3, 4}
+
+
+def test_the_benchmark_runs_both_paths_and_they_agree(synthetic_dir, runs, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recommend.py"
+    spec = importlib.util.spec_from_file_location("recommend_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench.main(
+        [
+            "--data", str(synthetic_dir), "--teacher", str(runs / "teacher"), "--delrec", str(runs / "delrec"),
+            "--backbone", "tiny-llama", "--no-bf16", "--users", "6", "--plain-users", "3", "--threads", "1",
+            "--retrieve-k", "8", "--top-n", "5", "--json", str(tmp_path / "f.json"),
+        ]
+    )  # fmt: skip
+    # fp32: the packed scorer and one-forward-per-candidate rank the same top 5 for every user
+    assert figures["same_top_n_fraction"] == 1.0
+    assert figures["users_per_s"] > 0 and figures["plain_users_per_s"] > 0
+    assert json.loads((tmp_path / "f.json").read_text())["ratio_vs_plain"] == figures["ratio_vs_plain"]
