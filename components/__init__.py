@@ -14,6 +14,7 @@ from components.evaluate import evaluate
 from components.finetune import finetune
 from components.preprocess import preprocess
 from components.publish import publish
+from components.recommend import recommend
 from components.train_teacher import train_teacher
 
-__all__ = ["distill", "evaluate", "finetune", "preprocess", "publish", "train_teacher"]
+__all__ = ["distill", "evaluate", "finetune", "preprocess", "publish", "recommend", "train_teacher"]

@@ -36,6 +36,7 @@ def test_components_use_the_project_images_and_install_nothing():
         "finetune": gpu_image(),
         "evaluate": cpu_image(),
         "publish": cpu_image(),
+        "recommend": cpu_image(),
     }
     for name, image in expected.items():
         container = getattr(components, name).component_spec.implementation.container
@@ -195,3 +196,13 @@ def test_llm_stage_components(tmp_path, synthetic_dir):
         assert logged["wall_seconds"] > 0 and len(logged) > 1
     for output in (teacher, soft, tuned, ablation, report, html):
         assert output.metadata["content_fingerprint"] == local_fingerprint(output.path)
+    recs = art(Dataset, tmp_path / "recs")
+    uri = components.recommend.python_func(
+        config={"backbone": preset["evaluate"]["backbone"], "device": "cpu", "bf16": False, "top_n": 3},
+        dataset=data,
+        teacher=teacher,
+        delrec=tuned,
+        recommendations=recs,
+    )
+    assert uri == "" and recs.metadata["rows"] == 3 * recs.metadata["users"] > 0
+    assert read_manifest(recs.path, producer="recommend")

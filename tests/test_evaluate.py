@@ -263,7 +263,7 @@ def test_tiny_delrec_beats_chance_on_synthetic(synthetic_dir, runs, tmp_path):
 
 
 def test_adapters_load_and_unload_cleanly(synthetic, runs):
-    from delrec.evaluate import load_finetuned_adapter, _unload_adapter
+    from delrec.evaluate import _unload_adapter, load_finetuned_adapter
     from delrec.llm.backbone import load_backbone
     from delrec.llm.scoring import score_all
     from delrec.llm.templates import PromptBuilder

@@ -7,14 +7,23 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_store import BUCKET, moto_endpoint, store  # noqa: F401, E402 (fixtures)
 
 from delrec import layout
+from delrec.artifacts import write_manifest
 from delrec.cli import main
 from delrec.data import load_dataset
 from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
 from delrec.finetune import FinetuneConfig, finetune
-from delrec.recommend import RecommendConfig, _Shard, known_sequences, recommend, teacher_retrieve
+from delrec.recommend import (
+    RecommendConfig,
+    _Shard,
+    known_sequences,
+    publish_recommendations,
+    recommend,
+    teacher_retrieve,
+)
 from delrec.teachers import TeacherConfig, load_teacher, train_teacher
 
 TINY = dict(backbone="tiny-llama", device="cpu", bf16=False)
@@ -167,3 +176,17 @@ def test_the_benchmark_runs_both_paths_and_they_agree(synthetic_dir, runs, tmp_p
     assert figures["same_top_n_fraction"] == 1.0
     assert figures["users_per_s"] > 0 and figures["plain_users_per_s"] > 0
     assert json.loads((tmp_path / "f.json").read_text())["ratio_vs_plain"] == figures["ratio_vs_plain"]
+
+
+def test_published_recommendations_land_under_the_run_id_once(tmp_path, store):  # noqa: F811
+    folder = tmp_path / "recs"
+    (folder / layout.RECOMMENDATIONS).mkdir(parents=True)
+    (folder / layout.RECOMMENDATIONS / "part-00000.parquet").write_bytes(b"rows")
+    write_manifest(folder, producer="recommend", config={}, inputs={}, rows={"users": 1})
+    uri = publish_recommendations(store, folder, f"s3://{BUCKET}/registry", "delrec", "job-7")
+    assert uri == f"s3://{BUCKET}/registry/delrec/recommendations/job-7"
+    assert sorted(store.list(uri)) == ["manifest.json", "recommendations/part-00000.parquet"]
+    with pytest.raises(DelrecError, match="refusing to overwrite"):
+        publish_recommendations(store, folder, f"s3://{BUCKET}/registry", "delrec", "job-7")
+    with pytest.raises(DelrecError, match="manifest"):
+        publish_recommendations(store, tmp_path, f"s3://{BUCKET}/registry", "delrec", "job-8")
