@@ -95,7 +95,10 @@ class FakeKfp:
         return version
 
     def get_pipeline_version(self, *args, **kwargs) -> api.V2beta1PipelineVersion:
-        return self.versions[self._record("get_pipeline_version", *args, **kwargs)["pipeline_version_id"]]
+        version_id = self._record("get_pipeline_version", *args, **kwargs)["pipeline_version_id"]
+        if version_id not in self.versions:
+            raise api.ApiException(status=404, reason="Not Found")
+        return self.versions[version_id]
 
     def list_recurring_runs(self, *args, **kwargs) -> api.V2beta1ListRecurringRunsResponse:
         a = self._record("list_recurring_runs", *args, **kwargs)
@@ -218,6 +221,10 @@ def test_schedule_list_prints_each_recurring_run_with_its_version(server, capsys
     nightly = next(line for line in lines if line.startswith("nightly"))
     assert "ENABLE" in nightly and version.display_name in nightly
     assert any(line.startswith("weekly") and "0 0 4 * * 0" in line for line in lines)
+    # A version deleted on the server since: the run is still listed, by the version's id.
+    del server.versions[version.pipeline_version_id]
+    assert pipeline.main(["schedule", "list", *HOST]) == 0
+    assert version.pipeline_version_id in capsys.readouterr().out
 
 
 def test_schedule_delete_removes_the_named_run_only(server, capsys):

@@ -111,13 +111,18 @@ def delete_recurring_runs(client: Any, experiment: str, name: str) -> list[str]:
 
 def format_recurring_runs(client: Any, runs: list[Any]) -> str:
     """One line per recurring run: name, mode, cron, pipeline version (by name where it resolves), id."""
+    from kfp_server_api import ApiException
+
     names: dict[str, str] = {}
     lines = [f"{'name':<24} {'mode':<8} {'cron':<16} {'version':<32} id"]
     for run in runs:
         ref = run.pipeline_version_reference
         version = ref.pipeline_version_id if ref is not None else "(inline spec)"
         if ref is not None and version not in names:
-            names[version] = client.get_pipeline_version(ref.pipeline_id, version).display_name
+            try:
+                names[version] = client.get_pipeline_version(ref.pipeline_id, version).display_name
+            except ApiException:  # the version was deleted since: its id is all there is
+                names[version] = version
         cron = run.trigger.cron_schedule.cron if run.trigger and run.trigger.cron_schedule else "-"
         lines.append(
             f"{run.display_name:<24} {run.mode:<8} {cron:<16} {names.get(version, version):<32} "
