@@ -1,4 +1,4 @@
-"""The DELRec Kubeflow pipeline: graph and command line.
+"""The DELRec Kubeflow pipeline: the graph and its options; the commands are delrec.pipeline_cli.
 
     preprocess -> train_teacher -> distill -> finetune (with the soft prompt) --+
               \\-> finetune (ablation: no soft prompt) ----------------------+--> evaluate -> [publish]
@@ -7,7 +7,13 @@ Commands:
     python pipeline.py compile [--out FILE] [--preset NAME]
     python pipeline.py run [--preset NAME] [--data PATH] [--no-cache] [param=value ...]  (kfp.local, here)
     python pipeline.py submit --host URL [--experiment NAME] [--pipeline-root s3://...] [param=value ...]
-    python pipeline.py schedule --host URL --cron "0 0 3 * * *" [param=value ...]
+    python pipeline.py schedule [create] --host URL --cron "0 0 3 * * *" [--job-name NAME] [param=value ...]
+    python pipeline.py schedule list --host URL [--experiment NAME]
+    python pipeline.py schedule delete NAME --host URL [--experiment NAME]
+
+``schedule`` uploads the pipeline version of this code (named ``<image tag>-<spec hash>``, uploaded once)
+and replaces the recurring run of that name, so scheduling again leaves one recurring run, on the newest
+version.
 
 Each stage's config travels as a dict parameter (the preset's section plus overrides), so KFP's cache
 key changes whenever a config or an input changes. ``param=value`` overrides take ``section.field=value``
@@ -26,17 +32,9 @@ clean`` removes it); ``--no-cache`` runs every task. Publish is never served fro
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
 
-import argparse
-import hashlib
 import importlib
-import json
 import logging
-import os
-import re
 import sys
-import tempfile
-import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -44,16 +42,13 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
-from kfp.local import cache as kfp_cache
-from kfp.local.cache import LocalCache
 from pydantic import Field, field_validator
 
-import delrec
 from components import distill, evaluate, finetune, preprocess, publish, train_teacher
 from delrec import images
 from delrec.config import STAGES, StageConfig, load_preset
 from delrec.errors import DelrecError
-from delrec.store import QualityGate, is_s3_uri, local_fingerprint
+from delrec.store import QualityGate, is_s3_uri
 
 REPO = Path(__file__).resolve().parent
 PIPELINE_NAME = "delrec"
@@ -403,438 +398,21 @@ def compile_pipeline(out: str | Path = COMPILED, options: PipelineOptions | None
     return out
 
 
-# kfp.local's task names (in the graph's order) -> the table's labels.
-TASK_LABELS = {
-    "preprocess": "preprocess",
-    "train-teacher": "train_teacher",
-    "distill": "distill",
-    "finetune": "finetune",
-    "finetune-2": "finetune (ablation)",
-    "evaluate": "evaluate",
-    "publish": "publish",
-}
-# kfp.local's task cache, under the local pipeline root: the entries name artifacts in the run folders
-# beside them, so `make clean` (which removes local_outputs) clears both at once.
-CACHE_DIR = ".kfp_cache"
-
-
-class VerifiedCache(LocalCache):
-    """kfp.local's file-backed task cache (same key: component, image, command, inputs, env), with
-    each entry checked when read.
-
-    kfp's own cache treats an unreadable entry or a missing artifact as a miss, but serves an entry of
-    the wrong shape as an error and one whose artifact files changed as a hit. Here an entry carries
-    a checksum of itself, each artifact with a ``content_fingerprint`` (written by the stages) is
-    hashed again, and any failure is a miss (logged), never an error. ``hits`` keeps what each hit
-    served (key -> outputs), for the run's table.
-    """
-
-    def __init__(self, cache_root: str, code: str = "") -> None:
-        super().__init__(cache_root)
-        self.code = code
-        self.hits: dict[str, dict[str, Any]] = {}
-
-    def compute_key(
-        self,
-        component_name: str,
-        image: str,
-        full_command: list[str],
-        arguments: dict[str, Any],
-        env_vars: dict[str, str] | None = None,
-        custom_cache_key: str | None = None,
-    ) -> str:
-        # Locally the image name stays put while the library under it changes: the library's own
-        # fingerprint stands in for the immutable image tag a cluster run is compiled with.
-        env = {**(env_vars or {}), "DELREC_CODE_FINGERPRINT": self.code}
-        return super().compute_key(component_name, image, full_command, arguments, env, custom_cache_key)
-
-    @staticmethod
-    def _checksum(serialized: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(serialized, sort_keys=True).encode()).hexdigest()
-
-    def put(self, key: str, outputs: dict[str, Any]) -> None:
-        serialized = self._serialize_outputs(outputs)
-        entry = json.dumps({"outputs": serialized, "sha256": self._checksum(serialized)})
-        # Atomic: a concurrent reader or a killed run never sees half an entry.
-        fd, tmp = tempfile.mkstemp(prefix=".entry-", suffix=".tmp", dir=self.cache_root)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(entry)
-        os.replace(tmp, self._entry_path(key))
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        path = Path(self._entry_path(key))
-        if not path.exists():
-            return None
-        try:
-            entry = json.loads(path.read_text())
-            if entry["sha256"] != self._checksum(entry["outputs"]):
-                raise ValueError("checksum mismatch")
-            outputs = self._deserialize_outputs(entry["outputs"])  # raises if an artifact is gone
-            for value in outputs.values():
-                for artifact in value if isinstance(value, list) else [value]:
-                    expected = getattr(artifact, "metadata", {}).get("content_fingerprint")
-                    if expected and local_fingerprint(artifact.path) != expected:
-                        raise ValueError(f"the files of {artifact.uri} changed since")
-        except Exception as exc:  # whatever is wrong with an entry, running the task again repairs it
-            log.warning("cache entry %s unusable (%s): a miss", path.name, exc)
-            return None
-        self.hits[key] = outputs
-        return outputs
-
-
-def code_fingerprint() -> str:
-    """A hash of the delrec library's sources (``*.py``: compiled files come and go), which the
-    components import."""
-    package = Path(delrec.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-class TaskClock(logging.Filter):
-    """Times each kfp.local task from its "Executing task" and "finished" log records (the whole
-    subprocess: interpreter start, imports and the stage itself) and notes which were cache hits."""
-
-    START = re.compile(r"Executing task '([^']+)'")
-    END = re.compile(r"Task '([^']+)' finished with status")
-    HIT = re.compile(r"Task '?([^' ]+?)'? cache hit \(key=([0-9a-f]+)\)")
-    ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started: dict[str, float] = {}
-        self.seconds: dict[str, float] = {}
-        self.hit_keys: dict[str, str] = {}
-        """task -> the (shortened) key of the cache entry that served it"""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = self.ANSI.sub("", str(record.msg))
-        if match := self.START.search(message):
-            self.started[match[1]] = record.created
-        elif (match := self.END.search(message)) and match[1] not in self.seconds:
-            self.seconds[match[1]] = record.created - self.started.get(match[1], record.created)
-        elif match := self.HIT.search(message):
-            self.seconds[match[1]] = 0.0
-            self.hit_keys[match[1]] = match[2]
-        return True
-
-
-class StageRow(NamedTuple):
-    """One line of the run's stage table."""
-
-    task: str
-    status: str
-    """ran | cached"""
-    seconds: float
-    """in this run: the task's process, or (cached) next to nothing"""
-    stage_seconds: float | None
-    """inside the stage function when it ran (the ``wall_seconds`` of its Metrics artifact)"""
-    ran_in: str
-    """the run folder that produced the outputs"""
-
-
-def _read_metrics(path: str | Path) -> dict[str, float]:
-    """A stage's Metrics artifact file (JSON); empty where it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def stage_rows(clock: TaskClock, cache: VerifiedCache | None, run_dir: Path | None) -> list[StageRow]:
-    """Each task of a finished kfp.local run: ran or cached, its time, and its stage's own time."""
-    rows = []
-    rank = {task: i for i, task in enumerate(TASK_LABELS)}
-    for task, seconds in sorted(clock.seconds.items(), key=lambda item: rank.get(item[0], len(rank))):
-        if task in clock.hit_keys and cache is not None:
-            key = clock.hit_keys[task]
-            outputs = next((o for k, o in cache.hits.items() if k.startswith(key)), {})
-            metrics = outputs.get("metrics")
-            uri = Path(metrics.uri) if metrics is not None else None
-            status = "cached"
-        else:
-            uri = run_dir / task / "metrics" if run_dir is not None else None
-            status = "ran"
-        wall = _read_metrics(uri).get("wall_seconds") if uri is not None else None
-        ran_in = uri.parents[1].name if uri is not None else (run_dir.name if run_dir else "")
-        rows.append(StageRow(task, status, seconds, wall, ran_in))
-    return rows
-
-
-def format_stage_table(rows: Sequence[StageRow], total: float) -> str:
-    """The stage table: task, ran or cached, time in this run (and share), time inside the stage."""
-    lines = [f"{'task':<20} {'status':<7} {'this run':>9} {'share':>6}   {'in stage':>9}  ran in"]
-    for row in rows:
-        label = TASK_LABELS.get(row.task, row.task)
-        inside = f"{row.stage_seconds:7.1f} s" if row.stage_seconds is not None else f"{'':9}"
-        share = 100 * row.seconds / total if total > 0 else 0.0
-        lines.append(
-            f"{label:<20} {row.status:<7} {row.seconds:7.1f} s {share:5.1f}%   {inside}  {row.ran_in}"
-        )
-    return "\n".join(lines)
-
-
-LABELS = {
-    "delrec": "DELRec",
-    "teacher": "teacher",
-    "popularity": "popularity",
-    "ablation": "LLM, no soft prompt",
-    "zero_shot": "LLM, untuned",
-}
-
-
-def _metric_order(name: str) -> tuple[int, int]:
-    """HR@k, then NDCG@k, then MRR, each by k: the paper's order, not the alphabet's."""
-    family, _, k = name.partition("@")
-    return {"HR": 0, "NDCG": 1, "MRR": 2}.get(family, 3), int(k) if k.isdigit() else 0
-
-
-def format_metrics_table(models: dict[str, dict[str, float]]) -> str:
-    """``{model: {metric: value}}`` (evaluate's metrics.json ``models``) as a models x metrics table."""
-    names = dict.fromkeys(m for row in models.values() for m in row)
-    columns = sorted(names, key=_metric_order)
-    order = [m for m in LABELS if m in models] + [m for m in models if m not in LABELS]
-    models = {m: models[m] for m in order}
-    width = max(len(LABELS.get(m, m)) for m in models)
-    lines = [" | ".join([f"{'model':<{width}}", *(f"{c:>8}" for c in columns)])]
-    lines.append("-" * len(lines[0]))
-    for model, row in models.items():
-        cells = [f"{row[c]:>8.4f}" if c in row else f"{'':>8}" for c in columns]
-        lines.append(" | ".join([f"{LABELS.get(model, model):<{width}}", *cells]))
-    return "\n".join(lines)
-
-
-def format_paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
-    """evaluate's metrics.json ``paired`` section: DELRec minus each model, difference [95% interval].
-
-    A ``*`` marks an interval that excludes 0 (the paired bootstrap tells the two models apart).
-    """
-    rows = {name.removeprefix("delrec_minus_"): cells for name, cells in paired.items()}
-    columns = sorted(dict.fromkeys(m for cells in rows.values() for m in cells), key=_metric_order)
-    width = max(len(f"DELRec - {LABELS.get(m, m)}") for m in rows)
-    lines = [" | ".join([f"{'':<{width}}", *(f"{c:^24}" for c in columns)])]
-    lines.append("-" * len(lines[0]))
-    for model, cells in rows.items():
-        out = []
-        for c in columns:
-            cell = cells[c]
-            mark = "*" if cell["lo"] > 0 or cell["hi"] < 0 else " "
-            out.append(f"{cell['diff']:+.3f} [{cell['lo']:+.3f}, {cell['hi']:+.3f}]{mark}")
-        lines.append(" | ".join([f"{'DELRec - ' + LABELS.get(model, model):<{width}}", *out]))
-    return "\n".join(lines)
-
-
-class LastError:
-    """A stdout wrapper that passes everything through and keeps the last exception line a task printed
-    (kfp.local prints each task's output, traceback included, to stdout)."""
-
-    LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Za-z_]\w*(?:Error|Exception)): (?P<why>.+)$")
-
-    def __init__(self, stream) -> None:
-        self.stream, self.last, self._partial = stream, "", ""
-
-    def write(self, text: str) -> int:
-        self._partial += text
-        *lines, self._partial = self._partial.split("\n")
-        for line in lines:
-            if match := self.LINE.match(TaskClock.ANSI.sub("", line).strip()):
-                self.last = f"{match['name']}: {match['why']}"
-        return self.stream.write(text)
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def failure_line(error: RuntimeError, why: str) -> str:
-    """One line for a failed kfp.local run: the task, the reason, and what a newcomer can do."""
-    message = TaskClock.ANSI.sub("", str(error))
-    task = re.search(r"Inner task failed: '([^']+)'", message)
-    name = TASK_LABELS.get(task[1], task[1]) if task else "a task"
-    hint = (
-        "no network? run on a local copy: make run DATA=path/to/ml-100k"
-        if name == "preprocess"
-        else "its log is above"
-    )
-    return f"task {name} failed: {why or message}; {hint}"
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from kfp import local
-
-    options, arguments = pipeline_arguments(args.preset, args.data, args.params)
-    # Locally a failure is a bug or bad input, not a preempted node: fail at once, no backoff.
-    options = options.model_copy(update={"retries": 0})
-    root = (REPO / (args.pipeline_root or options.local_root)).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    cache_root = root / CACHE_DIR
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(root),
-        raise_on_error=True,
-        enable_caching=not args.no_cache,
-        cache_root=str(cache_root),
-    )
-    cache = None
-    if not args.no_cache:
-        # kfp.local builds its cache lazily from this singleton; ours checks each entry it serves.
-        cache = VerifiedCache(str(cache_root), code=code_fingerprint())
-        kfp_cache._cache_singleton, kfp_cache._cache_singleton_root = cache, str(cache_root)
-    # Locally the Kubernetes settings and images mean nothing; kfp warns about each, twice per task.
-    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
-    warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
-    print(
-        f"kfp.local run of preset {args.preset} under {root} (Kubernetes settings and images are not used here; "
-        + ("no cache)" if args.no_cache else f"cache: {cache_root})")
-    )
-    clock = TaskClock()
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    if not root_logger.isEnabledFor(logging.INFO):  # the clock reads kfp's INFO records
-        root_logger.setLevel(logging.INFO)
-    root_logger.addFilter(clock)
-    before = {p for p in root.iterdir() if p.is_dir()}
-    started = time.perf_counter()
-    errors = LastError(sys.stdout)
-    sys.stdout = errors
-    try:
-        result = build_pipeline(options)(**arguments)
-    except RuntimeError as exc:  # kfp.local: a task failed (its traceback is above)
-        raise DelrecError(failure_line(exc, errors.last)) from None
-    finally:
-        sys.stdout = errors.stream
-        root_logger.removeFilter(clock)
-        root_logger.setLevel(level)
-    total = time.perf_counter() - started
-    # A run where every task is a cache hit may leave no folder of its own.
-    run_dir = next(iter(sorted({p for p in root.iterdir() if p.is_dir()} - before)), None)
-    evaluation = Path(result.outputs["evaluation"].path)
-    report = json.loads((evaluation / "metrics.json").read_text())
-    meta = report.get("meta", {})
-    print(
-        f"\n== DELRec metrics: {meta.get('dataset', '?')} {meta.get('split', '?')} split, "
-        f"{meta.get('examples', '?')} examples, ranked within {meta.get('universe', '?')} =="
-    )
-    print(format_metrics_table({m: r["metrics"] for m, r in report["models"].items()}))
-    if report.get("paired"):
-        print("\n== DELRec minus each model: difference [paired 95% bootstrap interval], * excludes 0 ==")
-        print(format_paired_table(report["paired"]))
-    rows = stage_rows(clock, cache, run_dir)
-    counts = {status: sum(r.status == status for r in rows) for status in ("ran", "cached")}
-    print(
-        f"\n== wall time: {total:.1f} s in all; {counts['ran']} tasks ran, {counts['cached']} cached; "
-        "per task (its process, of which in the stage function when it ran) =="
-    )
-    print(format_stage_table(rows, total))
-    print("\n== artifacts ==")
-    print(f"run folder:  {run_dir if run_dir is not None else '(none: every task was cached)'}")
-    print(f"evaluation:  {evaluation}")
-    print(f"report:      {result.outputs['report'].path}")
-    print(f"report html: {result.outputs['report_html'].path}")
-    return 0
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    options = pipeline_arguments(args.preset)[0] if args.preset else None
-    print(compile_pipeline(args.out, options))
-    return 0
-
-
-def _client(host: str):
-    import kfp
-
-    return kfp.Client(host=host)
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    options, arguments = pipeline_arguments(args.preset, args.data, args.params)
-    client = _client(args.host)
-    result = client.create_run_from_pipeline_func(
-        build_pipeline(options),
-        arguments=arguments,
-        run_name=args.run_name,
-        experiment_name=args.experiment,
-        pipeline_root=args.pipeline_root,
-    )
-    print(f"submitted run {result.run_id}")
-    return 0
-
-
-def cmd_schedule(args: argparse.Namespace) -> int:
-    fields = args.cron.split()
-    if len(fields) != 6:
-        raise DelrecError(
-            f"--cron {args.cron!r} has {len(fields)} fields; KFP takes 6, seconds first "
-            "(e.g. '0 0 3 * * *' for 03:00 every day)"
-        )
-    options, arguments = pipeline_arguments(args.preset, args.data, args.params)
-    client = _client(args.host)
-    experiment = client.create_experiment(args.experiment)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml", options)
-        job = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
-            job_name=args.job_name,
-            cron_expression=args.cron,
-            params=arguments,
-            pipeline_package_path=str(package),
-            pipeline_root=args.pipeline_root,
-            max_concurrency=1,
-            no_catchup=True,
-        )
-    print(f"scheduled recurring run {job.recurring_run_id} ({args.cron})")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("compile", help="write the compiled pipeline YAML (committed)")
-    p.add_argument("--out", default=str(COMPILED))
-    p.add_argument("--preset", help="take the pipeline: section (Kubernetes settings) from this preset")
-    p.set_defaults(handler=cmd_compile)
-
-    def run_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--preset", default=DEFAULT_PRESET, help=f"configs/NAME.yaml (default {DEFAULT_PRESET})"
-        )
-        p.add_argument("--data", help="dataset source: a local copy (path) or s3:// URI")
-        p.add_argument("params", nargs="*", metavar="param=value", help="overrides (see the module doc)")
-
-    p = sub.add_parser("run", help="run the whole pipeline here with kfp.local")
-    run_args(p)
-    p.add_argument("--pipeline-root", help="local pipeline root (default: the preset's local_root)")
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help=f"run every task (by default an unchanged task reuses its outputs; cache: ROOT/{CACHE_DIR})",
-    )
-    p.set_defaults(handler=cmd_run)
-
-    for name, handler in (("submit", cmd_submit), ("schedule", cmd_schedule)):
-        p = sub.add_parser(name, help=f"{name} on a Kubeflow Pipelines server")
-        p.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
-        p.add_argument("--experiment", default="delrec")
-        p.add_argument("--pipeline-root", help="e.g. s3://mlpipeline/delrec (default: the server's)")
-        run_args(p)
-        p.set_defaults(handler=handler)
-    sub.choices["submit"].add_argument("--run-name")
-    sub.choices["schedule"].add_argument("--cron", required=True, help="6 fields, seconds first")
-    sub.choices["schedule"].add_argument("--job-name", default="delrec-retrain")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.handler(args)
-    except DelrecError as exc:
-        print(f"pipeline.py {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    """The command line (delrec.pipeline_cli), over this graph."""
+    from delrec import pipeline_cli
+
+    graph = pipeline_cli.Graph(
+        name=PIPELINE_NAME,
+        build=build_pipeline,
+        compile=compile_pipeline,
+        arguments=pipeline_arguments,
+        compiled=COMPILED,
+        root=REPO,
+        default_preset=DEFAULT_PRESET,
+        description=__doc__,
+    )
+    return pipeline_cli.main(graph, argv)
 
 
 if __name__ == "__main__":

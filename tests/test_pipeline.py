@@ -1,5 +1,5 @@
-"""pipeline.py: the committed compiled YAML, its Kubernetes settings, overrides, submit and schedule,
-and the local task cache."""
+"""pipeline.py: the committed compiled YAML, its Kubernetes settings, overrides, submit, the schedule
+cron check, and the local task cache (test_pipeline_schedule.py: scheduling on a server)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 from test_store import BUCKET, moto_endpoint, store  # noqa: E402, F401 (fixtures)
 
 import pipeline  # noqa: E402
+from delrec import pipeline_cache, pipeline_report  # noqa: E402
 
 # The stages that load the LLM: distill, both finetunes, and evaluate (it scores three LLM variants).
 GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2", "exec-evaluate")
@@ -249,38 +250,6 @@ def test_submit_calls_kfp_client(client):
     assert call.args[0].name == "delrec"
 
 
-def test_schedule_creates_a_recurring_run(client):
-    seen = {}
-
-    def recurring(**kwargs):
-        seen["package"] = yaml.safe_load_all(Path(kwargs["pipeline_package_path"]).read_text())
-        seen["package"] = next(seen["package"])["pipelineInfo"]["name"]
-        return mock.Mock(recurring_run_id="rr-1")
-
-    client.return_value.create_experiment.return_value = mock.Mock(experiment_id="exp-1")
-    client.return_value.create_recurring_run.side_effect = recurring
-    code = pipeline.main(
-        [
-            "schedule",
-            "--host",
-            "http://kfp:8080",
-            "--cron",
-            "0 0 3 * * *",
-            "--preset",
-            "demo",
-            "teacher.seed=3",
-        ]
-    )
-    assert code == 0
-    client.return_value.create_experiment.assert_called_once_with("delrec")
-    kwargs = client.return_value.create_recurring_run.call_args.kwargs
-    assert kwargs["experiment_id"] == "exp-1"
-    assert kwargs["cron_expression"] == "0 0 3 * * *"
-    assert kwargs["params"]["teacher_config"]["seed"] == 3
-    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
-    assert seen["package"] == "delrec"
-
-
 def test_schedule_rejects_a_five_field_cron(client, capsys):
     assert pipeline.main(["schedule", "--host", "http://kfp:8080", "--cron", "0 3 * * *"]) == 2
     assert "6, seconds first" in capsys.readouterr().err
@@ -288,7 +257,7 @@ def test_schedule_rejects_a_five_field_cron(client, capsys):
 
 
 def test_metrics_table():
-    table = pipeline.format_metrics_table(
+    table = pipeline_report.format_metrics_table(
         {"delrec": {"HR@1": 0.5, "NDCG@5": 0.6}, "teacher": {"HR@1": 0.25}, "zero_shot": {"HR@1": 0.05}}
     )
     lines = table.splitlines()
@@ -296,7 +265,7 @@ def test_metrics_table():
     assert "DELRec" in lines[2] and "0.5000" in lines[2] and "0.6000" in lines[2]
     assert lines[4].startswith("LLM, untuned")
     # Columns in the paper's order (HR by k, NDCG by k, MRR), rows with DELRec first.
-    table = pipeline.format_metrics_table(
+    table = pipeline_report.format_metrics_table(
         {
             "teacher": {"MRR": 0.1, "HR@10": 0.2, "NDCG@10": 0.3, "HR@5": 0.4, "HR@1": 0.5},
             "delrec": {"HR@1": 0.1},
@@ -358,7 +327,7 @@ def test_a_read_write_once_model_cache_is_never_mounted_by_two_pods_at_once(tmp_
 
 def test_paired_table_marks_intervals_that_exclude_zero():
     cell = lambda d, lo, hi: {"diff": d, "lo": lo, "hi": hi}  # noqa: E731
-    table = pipeline.format_paired_table(
+    table = pipeline_report.format_paired_table(
         {
             "delrec_minus_zero_shot": {"MRR": cell(0.01, -0.02, 0.04), "HR@1": cell(0.05, 0.01, 0.09)},
             "delrec_minus_popularity": {"HR@1": cell(-0.15, -0.2, -0.1), "MRR": cell(-0.1, -0.15, -0.05)},
@@ -374,7 +343,7 @@ def test_paired_table_marks_intervals_that_exclude_zero():
 # --------------------------------------------------------------------------- the local task cache
 
 
-def cached_dataset(tmp_path: Path, cache: pipeline.VerifiedCache, key: str = "k1"):
+def cached_dataset(tmp_path: Path, cache: pipeline_cache.VerifiedCache, key: str = "k1"):
     """An entry in ``cache`` whose output is a Dataset folder with its content fingerprint."""
     from kfp import dsl
 
@@ -390,7 +359,7 @@ def cached_dataset(tmp_path: Path, cache: pipeline.VerifiedCache, key: str = "k1
 
 
 def test_cache_entry_round_trips_and_is_recorded_as_a_hit(tmp_path):
-    cache = pipeline.VerifiedCache(str(tmp_path / "cache"))
+    cache = pipeline_cache.VerifiedCache(str(tmp_path / "cache"))
     cached_dataset(tmp_path, cache)
     outputs = cache.get("k1")
     assert outputs["Output"] == 1.5 and outputs["dataset"].metadata["users"] == 3
@@ -413,7 +382,7 @@ def test_cache_entry_round_trips_and_is_recorded_as_a_hit(tmp_path):
     ],
 )
 def test_a_damaged_cache_entry_is_a_miss_never_an_error(tmp_path, damage, caplog):
-    cache = pipeline.VerifiedCache(str(tmp_path / "cache"))
+    cache = pipeline_cache.VerifiedCache(str(tmp_path / "cache"))
     data = cached_dataset(tmp_path, cache)
     damage(Path(cache._entry_path("k1")), data)
     assert cache.get("k1") is None and not cache.hits
@@ -422,9 +391,13 @@ def test_a_damaged_cache_entry_is_a_miss_never_an_error(tmp_path, damage, caplog
 
 def test_cache_key_follows_the_library_code(tmp_path):
     args = ("preprocess", "image:1", ["python", "-c", "x"], {"config": {"seed": 1}})
-    one = pipeline.VerifiedCache(str(tmp_path), code="aaa")
-    assert one.compute_key(*args) == pipeline.VerifiedCache(str(tmp_path), code="aaa").compute_key(*args)
-    assert one.compute_key(*args) != pipeline.VerifiedCache(str(tmp_path), code="bbb").compute_key(*args)
+    one = pipeline_cache.VerifiedCache(str(tmp_path), code="aaa")
+    assert one.compute_key(*args) == pipeline_cache.VerifiedCache(str(tmp_path), code="aaa").compute_key(
+        *args
+    )
+    assert one.compute_key(*args) != pipeline_cache.VerifiedCache(str(tmp_path), code="bbb").compute_key(
+        *args
+    )
     changed = ("preprocess", "image:1", ["python", "-c", "x"], {"config": {"seed": 2}})
     assert one.compute_key(*args) != one.compute_key(*changed)
 
@@ -433,12 +406,12 @@ def test_code_fingerprint_follows_the_library_sources_not_compiled_files(tmp_pat
     package = tmp_path / "delrec"
     (package / "__pycache__").mkdir(parents=True)
     (package / "__init__.py").write_text("x = 1\n")
-    monkeypatch.setattr(pipeline.delrec, "__file__", str(package / "__init__.py"))
-    before = pipeline.code_fingerprint()
+    monkeypatch.setattr(pipeline_cache.delrec, "__file__", str(package / "__init__.py"))
+    before = pipeline_cache.code_fingerprint()
     (package / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"\0")
-    assert pipeline.code_fingerprint() == before
+    assert pipeline_cache.code_fingerprint() == before
     (package / "__init__.py").write_text("x = 2\n")
-    assert pipeline.code_fingerprint() != before
+    assert pipeline_cache.code_fingerprint() != before
 
 
 @pytest.mark.parametrize("flag, cached", [([], True), (["--no-cache"], False)])
@@ -455,7 +428,7 @@ def test_run_caches_unless_told_not_to(tmp_path, flag, cached):
         pipeline.main(["run", "--preset", "demo", "--pipeline-root", str(tmp_path), *flag])
     kwargs = init.call_args.kwargs
     assert kwargs["enable_caching"] is cached
-    assert kwargs["cache_root"] == str(tmp_path / pipeline.CACHE_DIR)
+    assert kwargs["cache_root"] == str(tmp_path / pipeline_cache.CACHE_DIR)
 
 
 def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tmp_path, capsys):
@@ -470,6 +443,6 @@ def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tm
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "task preprocess failed: DelrecError: cannot download ml-100k" in line
     assert "make run DATA=path/to/ml-100k" in line
-    assert pipeline.failure_line(RuntimeError("Inner task failed: 'finetune-2'."), "").startswith(
+    assert pipeline_report.failure_line(RuntimeError("Inner task failed: 'finetune-2'."), "").startswith(
         "task finetune (ablation) failed"
     )
