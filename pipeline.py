@@ -26,8 +26,9 @@ Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernet
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
 fingerprint (``prepare`` takes it in each run), and locally the delrec library's sources (a cluster's
-image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in ROOT/.kfp_cache (``make
-clean`` removes it); ``--no-cache`` runs every task. Publish is never served from a cache.
+image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in
+ROOT/.kfp_cache (``make clean`` removes it); ``--no-cache`` runs every task. Publish and prepare are
+never served from a cache.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
@@ -397,8 +398,10 @@ def pipeline_arguments(
                 pipeline_section[key] = value
         elif key in COMPILE_TIME_OPTIONS:
             pipeline_section[key] = value
-        elif key in RUN_PARAMETERS or key == "teacher":
-            for stage, field in RUN_PARAMETERS.get(key, (("teacher", "model"),)):
+        elif key == "teacher":  # short for teacher_model
+            configs["teacher"]["model"] = value
+        elif key in RUN_PARAMETERS:
+            for stage, field in RUN_PARAMETERS[key]:
                 configs[stage][field] = value
         else:
             hit = [s for s in STAGES if key in _config_class(s).model_fields]
