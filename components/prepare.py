@@ -73,6 +73,6 @@ def prepare(
         os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
     os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
     fingerprint = source_fingerprint(configs["preprocess"].get("source"))
-    print(f"source {configs['preprocess'].get('source') or '(the dataset default)'}: {fingerprint or '-'}")
+    print(f"source fingerprint: {fingerprint or '(none: no source to list)'}")
     fields = ["source_fingerprint", *(f"{stage}_config" for stage in configs)]
     return namedtuple("Prepared", fields)(fingerprint, *configs.values())
