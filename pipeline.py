@@ -1,7 +1,7 @@
 """The DELRec Kubeflow pipeline: the graph and its options; the commands are delrec.pipeline_cli.
 
-    preprocess -> train_teacher -> distill -> finetune (with the soft prompt) --+
-              \\-> finetune (ablation: no soft prompt) ----------------------+--> evaluate -> [publish]
+    prepare -> preprocess -> train_teacher -> distill -> finetune (with the soft prompt) --+
+                         \\-> finetune (ablation: no soft prompt) ----------------------+--> evaluate -> [publish]
 
 Commands:
     python pipeline.py compile [--out FILE] [--preset NAME]
@@ -15,25 +15,34 @@ Commands:
 and replaces the recurring run of that name, so scheduling again leaves one recurring run, on the newest
 version.
 
-Each stage's config travels as a dict parameter (the preset's section plus overrides), so KFP's cache
-key changes whenever a config or an input changes. ``param=value`` overrides take ``section.field=value``
-(``teacher.max_epochs=5``), a pipeline parameter (``publish_to=s3://models``), ``teacher=gru4rec``, or a
-field name shared by stage configs (``seed=7``, ``backbone=...`` set it in every stage that has it).
+What a team changes from run to run is a flat, typed run parameter (``delrec.config.RUN_PARAMETERS``:
+source, teacher_model, backbone, distill_steps, distill_batch_size, finetune_steps, finetune_batch_size,
+evaluate_batch_size; and publish_to); the rest of each stage's config travels as a dict parameter (the
+preset's section plus overrides). Both default to the preset's values (compiled in), so a run needs
+no argument; a run parameter wins over its stage dict. The first task, ``prepare``, applies them and
+fingerprints the source (never cached, so each scheduled run sees new data); KFP's cache key changes
+whenever a config or an input changes. ``param=value`` overrides take ``section.field=value``
+(``teacher.max_epochs=5``, ``distill.steps=5``), a run parameter (``distill_steps=5``,
+``publish_to=s3://models``), ``teacher=gru4rec``, or a field name shared by stage configs (``seed=7``,
+``backbone=...`` set it in every stage that has it).
 Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
 (images, GPU scheduling, resources, retries, timeouts, secrets, publishing); ``gpus=N`` (or
 ``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder.
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
-fingerprint, and locally the delrec library's sources (a cluster's image tag). Changing one stage's
-config re-runs that stage and everything downstream. The cache lies in ROOT/.kfp_cache (``make
-clean`` removes it); ``--no-cache`` runs every task. Publish is never served from a cache.
+fingerprint (``prepare`` takes it in each run), and locally the delrec library's sources (a cluster's
+image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in
+ROOT/.kfp_cache (``make clean`` removes it); ``--no-cache`` runs every task. Publish and prepare are
+never served from a cache.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
 
+import ast
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,9 +53,9 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
 from pydantic import Field, field_validator
 
-from components import distill, evaluate, finetune, preprocess, publish, train_teacher
+from components import distill, evaluate, finetune, prepare, preprocess, publish, train_teacher
 from delrec import images
-from delrec.config import STAGES, StageConfig, load_preset
+from delrec.config import RUN_PARAMETERS, STAGES, StageConfig, load_preset
 from delrec.errors import DelrecError
 from delrec.store import QualityGate, is_s3_uri
 
@@ -85,6 +94,7 @@ class Resources(StageConfig):
 
 def _default_resources() -> dict[str, Resources]:
     return {
+        "prepare": Resources(cpu="250m", memory="1Gi"),
         "preprocess": Resources(cpu="1", memory="4Gi"),
         "teacher": Resources(cpu="4", memory="8Gi"),
         "distill": Resources(cpu="4", memory="32Gi"),
@@ -180,9 +190,14 @@ def _resources(task: dsl.PipelineTask, res: Resources) -> None:
         task.set_memory_limit(res.memory_limit)
 
 
-def build_pipeline(options: PipelineOptions | None = None):
-    """The pipeline function, with the Kubernetes settings of ``options`` baked in."""
+def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, Any] | None = None):
+    """The pipeline function, with the Kubernetes settings of ``options`` baked in.
+
+    ``defaults`` (``pipeline_arguments``' run arguments; by default those of the default preset) give
+    the run parameters and stage configs their defaults, so a run needs no argument at all.
+    """
     o = options or PipelineOptions()
+    d = defaults if defaults is not None else pipeline_arguments(DEFAULT_PRESET)[1]
 
     def cpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
         task.set_container_image(image).set_caching_options(o.caching)
@@ -217,25 +232,56 @@ def build_pipeline(options: PipelineOptions | None = None):
         "fine-tune the LLM with AdaLoRA, evaluate against the teacher and the no-soft-prompt ablation.",
     )
     def delrec_pipeline(
-        preprocess_config: dict,
-        teacher_config: dict,
-        distill_config: dict,
-        finetune_config: dict,
-        evaluate_config: dict,
-        source: str = "",
-        source_fingerprint: str = "",
+        # What a team changes (delrec.config.RUN_PARAMETERS): these win over the stage dicts below.
+        source: str = d["source"],
+        teacher_model: str = d["teacher_model"],
+        backbone: str = d["backbone"],
+        distill_steps: int = d["distill_steps"],
+        distill_batch_size: int = d["distill_batch_size"],
+        finetune_steps: int = d["finetune_steps"],
+        finetune_batch_size: int = d["finetune_batch_size"],
+        evaluate_batch_size: int = d["evaluate_batch_size"],
+        publish_to: str = o.publish_to,
+        # The rest of each stage's config (the preset's).
+        preprocess_config: dict = d["preprocess_config"],
+        teacher_config: dict = d["teacher_config"],
+        distill_config: dict = d["distill_config"],
+        finetune_config: dict = d["finetune_config"],
+        evaluate_config: dict = d["evaluate_config"],
         cpu_image: str = o.cpu_image,
         gpu_image: str = o.gpu_image,
         s3_secret: str = o.s3_secret,
         s3_endpoint: str = o.s3_endpoint,
         s3_secure: bool = o.s3_secure,
-        publish_to: str = o.publish_to,
         gate: dict = o.gate,
     ) -> Outputs:
-        prep = preprocess(
-            config=preprocess_config,
+        # Runs every time: it lists the source now (a schedule's arguments were fixed when it was
+        # created), so unchanged data is a cache hit from preprocess on and new data retrains.
+        setup = prepare(
+            preprocess_config=preprocess_config,
+            teacher_config=teacher_config,
+            distill_config=distill_config,
+            finetune_config=finetune_config,
+            evaluate_config=evaluate_config,
             source=source,
-            source_fingerprint=source_fingerprint,
+            teacher_model=teacher_model,
+            backbone=backbone,
+            distill_steps=distill_steps,
+            distill_batch_size=distill_batch_size,
+            finetune_steps=finetune_steps,
+            finetune_batch_size=finetune_batch_size,
+            evaluate_batch_size=evaluate_batch_size,
+            s3_endpoint=s3_endpoint,
+            s3_secure=s3_secure,
+        )
+        cpu_task(setup, "prepare", cpu_image).set_caching_options(False)
+        kubernetes.use_secret_as_env(setup, s3_secret, o.s3_secret_keys, optional=True)
+        model_cache(setup)  # a path source on the cache volume is listed where preprocess reads it
+        config = {stage: setup.outputs[f"{stage}_config"] for stage in STAGES}
+
+        prep = preprocess(
+            config=config["preprocess"],
+            source_fingerprint=setup.outputs["source_fingerprint"],
             s3_endpoint=s3_endpoint,
             s3_secure=s3_secure,
         )
@@ -245,18 +291,18 @@ def build_pipeline(options: PipelineOptions | None = None):
         model_cache(prep)
         data = prep.outputs["dataset"]
 
-        teacher = train_teacher(config=teacher_config, dataset=data)
+        teacher = train_teacher(config=config["teacher"], dataset=data)
         cpu_task(teacher, "teacher", cpu_image)
 
-        soft = distill(config=distill_config, dataset=data, teacher=teacher.outputs["teacher"])
+        soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
         gpu_task(soft, "distill", gpu_image)
         hf_token(soft)
 
-        tuned = finetune(config=finetune_config, dataset=data, soft_prompt=soft.outputs["soft_prompt"])
+        tuned = finetune(config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"])
         gpu_task(tuned, "finetune", gpu_image).set_display_name("finetune")
         hf_token(tuned)
         # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
-        ablation = finetune(config=finetune_config, dataset=data)
+        ablation = finetune(config=config["finetune"], dataset=data)
         gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
         hf_token(ablation)
 
@@ -266,7 +312,7 @@ def build_pipeline(options: PipelineOptions | None = None):
             ablation.after(tuned)
 
         ev = evaluate(
-            config=evaluate_config,
+            config=config["evaluate"],
             dataset=data,
             teacher=teacher.outputs["teacher"],
             delrec=tuned.outputs["model"],
@@ -279,11 +325,11 @@ def build_pipeline(options: PipelineOptions | None = None):
         with dsl.If(publish_to != "", name="publish-configured"):
             pub = publish(
                 metrics=ev.outputs["Output"],
-                preprocess_config=preprocess_config,
-                teacher_config=teacher_config,
-                distill_config=distill_config,
-                finetune_config=finetune_config,
-                evaluate_config=evaluate_config,
+                preprocess_config=config["preprocess"],
+                teacher_config=config["teacher"],
+                distill_config=config["distill"],
+                finetune_config=config["finetune"],
+                evaluate_config=config["evaluate"],
                 model=tuned.outputs["model"],
                 soft_prompt=soft.outputs["soft_prompt"],
                 evaluation=ev.outputs["evaluation"],
@@ -314,26 +360,14 @@ def build_pipeline(options: PipelineOptions | None = None):
 # --------------------------------------------------------------------------- arguments
 
 
-def _fingerprint(source: str, s3_endpoint: str) -> str:
-    """A hash of the source's contents so the preprocess cache key sees new data behind the same name."""
-    from delrec.store import S3Store, local_fingerprint
-
-    try:
-        if is_s3_uri(source):
-            return S3Store.from_env(s3_endpoint or None, attempts=1).fingerprint(source)
-        if Path(source).exists():
-            return local_fingerprint(source)
-    except Exception as exc:  # best effort: the store may be reachable only inside the cluster
-        log.warning(
-            "no fingerprint of %s (%s): a cached preprocess may be reused if its data changed", source, exc
-        )
-    return ""
-
-
 def pipeline_arguments(
     preset: str, data: str | None = None, overrides: Sequence[str] = ()
 ) -> tuple[PipelineOptions, dict[str, Any]]:
-    """Options and run arguments from a preset, ``--data`` and ``param=value`` overrides (validated)."""
+    """Options and run arguments from a preset, ``--data`` and ``param=value`` overrides (validated).
+
+    The fields of ``delrec.config.RUN_PARAMETERS`` become flat run parameters (their stage dicts lose
+    them); the source's fingerprint is the pipeline's own first task, taken when the run starts.
+    """
     sections = load_preset(preset)
     pipeline_section = dict(sections.get("pipeline", {}))
     configs = {stage: dict(sections.get(stage, {})) for stage in STAGES}
@@ -352,14 +386,19 @@ def pipeline_arguments(
                 configs[section][field] = value
             else:
                 raise DelrecError(f"{item!r}: unknown section {section!r}; expected one of {list(STAGES)}")
-        elif key in ("source", "source_fingerprint", *OPTION_RUN_PARAMS):
-            run_params[key] = raw if key.startswith("source") else value
+        elif key == "source":
+            configs["preprocess"]["source"] = raw  # a path or URI, never YAML
+        elif key in OPTION_RUN_PARAMS:
+            run_params[key] = value
             if key in option_fields:
                 pipeline_section[key] = value
         elif key in COMPILE_TIME_OPTIONS:
             pipeline_section[key] = value
-        elif key == "teacher":
+        elif key == "teacher":  # short for teacher_model
             configs["teacher"]["model"] = value
+        elif key in RUN_PARAMETERS:
+            for stage, field in RUN_PARAMETERS[key]:
+                configs[stage][field] = value
         else:
             hit = [s for s in STAGES if key in _config_class(s).model_fields]
             if not hit:
@@ -371,17 +410,22 @@ def pipeline_arguments(
     publish_to = run_params.get("publish_to", options.publish_to)
     if publish_to and not is_s3_uri(publish_to):
         raise DelrecError(f"publish_to must be an s3://bucket[/prefix] URI, got {publish_to!r}")
-    for stage in STAGES:  # fail now, not an hour into the run
-        _config_class(stage).from_dict(configs[stage], source=f"preset {preset}: {stage}")
-    arguments: dict[str, Any] = {f"{stage}_config": configs[stage] for stage in STAGES}
     if data:
-        run_params["source"] = str(Path(data).resolve()) if not data.startswith("s3://") else data
-    # A source set in the preprocess config (not --data) needs a fingerprint as much.
-    source = run_params.get("source") or str(configs["preprocess"].get("source") or "")
-    if source and "source_fingerprint" not in run_params:
-        run_params["source_fingerprint"] = _fingerprint(
-            source, run_params.get("s3_endpoint", options.s3_endpoint)
-        )
+        configs["preprocess"]["source"] = str(Path(data).resolve()) if not data.startswith("s3://") else data
+    validated = {  # fail now, not an hour into the run
+        stage: _config_class(stage).from_dict(configs[stage], source=f"preset {preset}: {stage}")
+        for stage in STAGES
+    }
+    for name, fields in RUN_PARAMETERS.items():
+        values = {getattr(validated[stage], field) for stage, field in fields}
+        if len(values) > 1:
+            where = ", ".join(f"{stage}.{field}" for stage, field in fields)
+            raise DelrecError(f"{where} differ ({sorted(map(str, values))}): set {name}=... for all of them")
+        (value,) = values
+        run_params[name] = "" if value is None else value
+        for stage, field in fields:
+            configs[stage].pop(field, None)  # the run parameter decides: no second, ignored copy
+    arguments: dict[str, Any] = {f"{stage}_config": configs[stage] for stage in STAGES}
     for name in OPTION_RUN_PARAMS:
         run_params.setdefault(name, getattr(options, name))
     arguments.update(run_params)
@@ -391,10 +435,26 @@ def pipeline_arguments(
 # --------------------------------------------------------------------------- commands
 
 
-def compile_pipeline(out: str | Path = COMPILED, options: PipelineOptions | None = None) -> Path:
+def _sorted_header_defaults(text: str) -> str:
+    """KFP's header comment lists a dict parameter's default in protobuf map order, which changes from
+    one process to the next: sort it, so the same pipeline compiles to the same file."""
+
+    def ordered(value: Any) -> Any:
+        return {k: ordered(value[k]) for k in sorted(value)} if isinstance(value, dict) else value
+
+    def fix(match: re.Match) -> str:
+        return f"{match[1]}{ordered(ast.literal_eval(match[2]))}]"
+
+    return re.sub(r"^(#    \w+: dict \[Default: )(\{.*\})\]$", fix, text, flags=re.M)
+
+
+def compile_pipeline(
+    out: str | Path = COMPILED, options: PipelineOptions | None = None, defaults: dict[str, Any] | None = None
+) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(options), str(out))
+    compiler.Compiler().compile(build_pipeline(options, defaults), str(out))
+    out.write_text(_sorted_header_defaults(out.read_text()))
     return out
 
 

@@ -12,9 +12,19 @@ keys see what a stage consumed, and the local cache checks a hit's files against
 from components.distill import distill
 from components.evaluate import evaluate
 from components.finetune import finetune
+from components.prepare import prepare
 from components.preprocess import preprocess
 from components.publish import publish
 from components.recommend import recommend
 from components.train_teacher import train_teacher
 
-__all__ = ["distill", "evaluate", "finetune", "preprocess", "publish", "recommend", "train_teacher"]
+__all__ = [
+    "distill",
+    "evaluate",
+    "finetune",
+    "prepare",
+    "preprocess",
+    "publish",
+    "recommend",
+    "train_teacher",
+]

@@ -37,6 +37,7 @@ def test_compiled_yaml_gpu_scheduling_secrets_and_resources():
     spec, k8s = load_compiled(pipeline.COMPILED)
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {
+        "exec-prepare",
         "exec-preprocess",
         "exec-train-teacher",
         *GPU_EXECUTORS,
@@ -68,7 +69,7 @@ def test_compiled_yaml_gpu_scheduling_secrets_and_resources():
               {"envVar": "DELREC_S3_SECRET_KEY", "secretKey": "secretkey"}]  # fmt: skip
     for name in set(executors) - set(GPU_EXECUTORS):
         assert "nodeSelector" not in k8s[name], name
-    for name in ("exec-preprocess", "exec-publish"):
+    for name in ("exec-prepare", "exec-preprocess", "exec-publish"):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["keyToEnv"] == s3_env
         assert "s3_secret" in str(secret["secretNameParameter"])  # the secret's name is a run parameter
@@ -80,16 +81,18 @@ def test_compiled_yaml_caching_retries_and_publish_condition():
     for name, task in tasks.items():
         if name.startswith("condition"):
             continue
-        assert task["cachingOptions"] == {"enableCache": True}, name
         assert task["retryPolicy"]["maxRetryCount"] == 2, name
-    # KFP's cache key hashes a task's inputs: each stage's config dict and the data fingerprint are inputs,
-    # so a changed config or changed data is a cache miss.
+        if name != "prepare":
+            assert task["cachingOptions"] == {"enableCache": True}, name
+    # KFP's cache key hashes a task's inputs: each stage's config dict (the run parameters applied by
+    # prepare) and the data fingerprint are inputs, so a changed config or changed data is a cache miss.
     stage_config = {"preprocess": "preprocess", "train-teacher": "teacher", "distill": "distill",
                     "finetune": "finetune", "finetune-2": "finetune", "evaluate": "evaluate"}  # fmt: skip
     for task, stage in stage_config.items():
-        assert tasks[task]["inputs"]["parameters"]["config"] == {"componentInputParameter": f"{stage}_config"}
-    fingerprint = tasks["preprocess"]["inputs"]["parameters"]["source_fingerprint"]
-    assert fingerprint == {"componentInputParameter": "source_fingerprint"}
+        config = tasks[task]["inputs"]["parameters"]["config"]
+        assert config == {
+            "taskOutputParameter": {"outputParameterKey": f"{stage}_config", "producerTask": "prepare"}
+        }
     (condition,) = [t for n, t in tasks.items() if n.startswith("condition")]
     assert "publish_to" in condition["triggerPolicy"]["condition"]
     publish = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]["publish"]
@@ -97,6 +100,103 @@ def test_compiled_yaml_caching_retries_and_publish_condition():
     # The bundle's folder is the job id: a recurring run's name is empty, its id never is.
     params = publish["inputs"]["parameters"]
     assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
+def test_the_source_is_fingerprinted_each_run_by_a_first_task_that_is_never_cached():
+    spec, _ = load_compiled(pipeline.COMPILED)
+    tasks = spec["root"]["dag"]["tasks"]
+    prepare = tasks["prepare"]
+    # A cached prepare would hand every scheduled run the first run's fingerprint: no retraining.
+    assert prepare["cachingOptions"].get("enableCache") is not True
+    assert "dependentTasks" not in prepare and "prepare" in tasks["preprocess"]["dependentTasks"]
+    fingerprint = tasks["preprocess"]["inputs"]["parameters"]["source_fingerprint"]
+    assert fingerprint == {
+        "taskOutputParameter": {"outputParameterKey": "source_fingerprint", "producerTask": "prepare"}
+    }
+    # Nothing fingerprinted at submit time: a schedule's arguments are fixed when it is created.
+    assert "source_fingerprint" not in spec["root"]["inputDefinitions"]["parameters"]
+    executor = spec["deploymentSpec"]["executors"]["exec-prepare"]["container"]
+    assert executor["image"] == "{{$.inputs.parameters['pipelinechannel--cpu_image']}}"
+    assert "accelerator" not in executor["resources"]
+
+
+FLAT_TYPES = {"source": "STRING", "teacher_model": "STRING", "backbone": "STRING",
+              "distill_steps": "NUMBER_INTEGER", "distill_batch_size": "NUMBER_INTEGER",
+              "finetune_steps": "NUMBER_INTEGER", "finetune_batch_size": "NUMBER_INTEGER",
+              "evaluate_batch_size": "NUMBER_INTEGER", "publish_to": "STRING"}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", [None, "demo"])
+def test_run_parameters_are_flat_typed_and_default_to_the_preset(tmp_path, preset):
+    if preset is None:  # the committed YAML: the default preset's values
+        path, sections = pipeline.COMPILED, pipeline.load_preset(pipeline.DEFAULT_PRESET)
+    else:
+        path = pipeline.compile_pipeline(tmp_path / "p.yaml", *pipeline.pipeline_arguments(preset))
+        sections = pipeline.load_preset(preset)
+    spec, _ = load_compiled(path)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {name: params[name]["parameterType"] for name in FLAT_TYPES} == FLAT_TYPES
+    assert set(FLAT_TYPES) == {*pipeline.RUN_PARAMETERS, "publish_to"}
+    expected = {
+        "source": sections["preprocess"].get("source") or "",
+        "teacher_model": sections["teacher"]["model"],
+        "backbone": sections["distill"]["backbone"],
+        "distill_steps": sections["distill"]["steps"],
+        "distill_batch_size": sections["distill"]["batch_size"],
+        "finetune_steps": sections["finetune"]["steps"],
+        "finetune_batch_size": sections["finetune"]["batch_size"],
+        "evaluate_batch_size": sections["evaluate"]["batch_size"],
+        "publish_to": sections.get("pipeline", {}).get("publish_to", "") if preset else "",
+    }
+    assert {name: params[name]["defaultValue"] for name in FLAT_TYPES} == expected
+    # "Create run" in the UI needs nothing pasted: every root parameter has a default.
+    for name, param in params.items():
+        assert param.get("isOptional") is True and "defaultValue" in param, name
+    # The rest of each stage's config is a dict parameter with the preset's values, without the flat fields.
+    distill = params["distill_config"]["defaultValue"]
+    assert distill["warmup_steps"] == sections["distill"]["warmup_steps"]
+    assert not {"steps", "batch_size", "backbone"} & set(distill)
+
+
+def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
+    from components import prepare
+    from delrec.config import apply_run_parameters
+
+    source = tmp_path / "raw"
+    source.mkdir()
+    (source / "u.data").write_text("1\t1\t5\t1\n")
+    configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
+    configs["distill_config"] = {"steps": 20, "batch_size": 2, "backbone": "a", "warmup_steps": 4}
+    configs["preprocess_config"] = {"dataset": "ml-100k", "source": "/elsewhere"}
+    out = prepare.python_func(**configs, source=str(source), backbone="b", distill_steps=5, finetune_steps=0)
+    assert out.distill_config == {"steps": 5, "batch_size": 2, "backbone": "b", "warmup_steps": 4}
+    assert out.finetune_config == {"backbone": "b"} and out.evaluate_config == {"backbone": "b"}
+    assert out.preprocess_config == {"dataset": "ml-100k", "source": str(source)}
+    assert out.source_fingerprint == pipeline.local_fingerprint(source)
+    # An empty run parameter leaves the dict's value; no source at all: nothing to fingerprint.
+    configs["preprocess_config"] = {"dataset": "ml-100k"}
+    out = prepare.python_func(**configs, source="")
+    assert out.preprocess_config == {"dataset": "ml-100k"} and out.source_fingerprint == ""
+    with pytest.raises(pipeline.DelrecError, match="unknown run parameter"):
+        apply_run_parameters({}, {"steps": 5})
+
+
+def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint):  # noqa: F811
+    from components import prepare
+
+    uri = f"s3://{BUCKET}/raw/tiny"
+    configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
+
+    def fingerprint() -> str:
+        return prepare.python_func(
+            **configs, source=uri, s3_endpoint=moto_endpoint, s3_secure=False
+        ).source_fingerprint
+
+    store.put_bytes(b"1\t1\t5\t1\n", f"{uri}/u.data")
+    first = fingerprint()
+    assert len(first) == 16 and fingerprint() == first  # unchanged data: the same key, a cache hit
+    store.put_bytes(b"1\t1\t5\t2\n", f"{uri}/u.data")
+    assert fingerprint() != first  # new data behind the same URI: a new key, a new model
 
 
 def gpu_counts(spec: dict) -> dict[str, str]:
@@ -166,33 +266,38 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
         str(data),
         ["seed=7", "teacher=gru4rec", "finetune.steps=3", "publish_to=s3://models", "pipeline.gpus=2"],
     )
-    assert args["source"] == str(data.resolve()) and len(args["source_fingerprint"]) == 16
+    assert args["source"] == str(data.resolve()) and "source" not in args["preprocess_config"]
+    assert "source_fingerprint" not in args  # the pipeline's prepare task takes it when the run starts
     for stage in ("preprocess", "teacher", "distill", "finetune", "evaluate"):
         assert args[f"{stage}_config"]["seed"] == 7
-    assert args["teacher_config"]["model"] == "gru4rec"
-    assert args["finetune_config"]["steps"] == 3
+    # The fields of RUN_PARAMETERS travel as flat run parameters, once: not also in their stage dicts.
+    assert args["teacher_model"] == "gru4rec" and "model" not in args["teacher_config"]
+    assert args["finetune_steps"] == 3 and "steps" not in args["finetune_config"]
     assert args["publish_to"] == "s3://models" and options.publish_to == "s3://models"
     assert options.gpus == 2 and "gpus" not in args  # compiled in, not a run argument
-    (data / "u.data").write_text("1\t1\t5\t2\n")  # new content, same path: a new cache key
-    assert (
-        pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"] != args["source_fingerprint"]
-    )
-    # The same when the source comes in the preprocess config rather than --data.
+    # The same source in the preprocess config rather than --data.
     by_config = pipeline.pipeline_arguments("demo", None, [f"preprocess.source={data}"])[1]
-    assert (
-        by_config["source_fingerprint"]
-        == pipeline.pipeline_arguments("demo", str(data))[1]["source_fingerprint"]
-    )
+    assert by_config["source"] == str(data)
 
 
-def test_s3_source_fingerprint_follows_the_objects(store, moto_endpoint):  # noqa: F811
-    uri = f"s3://{BUCKET}/raw/tiny"
-    store.put_bytes(b"1\t1\t5\t1\n", f"{uri}/u.data")
-    params = [f"source={uri}", f"s3_endpoint=http://{moto_endpoint}"]
-    first = pipeline.pipeline_arguments("demo", None, params)[1]["source_fingerprint"]
-    store.put_bytes(b"1\t1\t5\t2\n", f"{uri}/u.data")
-    second = pipeline.pipeline_arguments("demo", None, params)[1]["source_fingerprint"]
-    assert len(first) == 16 and first != second
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["distill.steps=5", "backbone=tiny-llama-2"],
+        ["distill_steps=5", "distill.backbone=tiny-llama-2", "finetune.backbone=tiny-llama-2",
+         "evaluate.backbone=tiny-llama-2"],
+    ],
+)  # fmt: skip
+def test_overrides_set_the_flat_run_parameters(overrides):
+    args = pipeline.pipeline_arguments("demo", None, overrides)[1]
+    assert args["distill_steps"] == 5 and args["backbone"] == "tiny-llama-2"
+    for stage in ("distill", "finetune", "evaluate"):
+        assert "backbone" not in args[f"{stage}_config"]
+
+
+def test_one_backbone_for_every_llm_stage():
+    with pytest.raises(pipeline.DelrecError, match="set backbone="):
+        pipeline.pipeline_arguments("demo", None, ["distill.backbone=other"])
 
 
 @pytest.mark.parametrize(
@@ -243,9 +348,10 @@ def test_submit_calls_kfp_client(client):
     assert call.kwargs["pipeline_root"] == "s3://mlpipeline/delrec"
     assert call.kwargs["run_name"] == "try-1"
     arguments = call.kwargs["arguments"]
-    assert arguments["distill_config"]["steps"] == 5
-    # No object store reachable from here: no fingerprint, the run still goes out.
-    assert arguments["source"] == "s3://raw/ml-100k" and arguments["source_fingerprint"] == ""
+    assert arguments["distill_steps"] == 5 and "steps" not in arguments["distill_config"]
+    # Nothing is listed at submit time (the store may be reachable only inside the cluster): the run's
+    # prepare task fingerprints the source.
+    assert arguments["source"] == "s3://raw/ml-100k" and "source_fingerprint" not in arguments
     assert arguments["gpu_image"] == "registry.local/delrec-gpu:dev"
     assert call.args[0].name == "delrec"
 

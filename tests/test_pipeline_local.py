@@ -22,6 +22,8 @@ import pipeline  # noqa: E402
 
 REGISTRY = f"s3://{BUCKET}/registry"
 STAGES = ("preprocess", "train_teacher", "distill", "finetune", "finetune (ablation)", "evaluate")
+# Never cached: it fingerprints the source in every run.
+PREPARE = {"prepare": "ran"}
 # The demo's tiny models with even fewer steps and examples: these runs check wiring and caching.
 SHORT = [
     f"{stage}.{field}={value}"
@@ -100,10 +102,19 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
     table = out[out.index("== DELRec metrics") :]
     for label in ("DELRec", "teacher", "LLM, no soft prompt", "HR@1", "NDCG@5"):
         assert label in table
-    assert statuses(out) == {**dict.fromkeys(STAGES, "ran"), "publish": "ran"}
+    assert statuses(out) == {**PREPARE, **dict.fromkeys(STAGES, "ran"), "publish": "ran"}
     run_dir = Path(re.search(r"^run folder:\s+(\S+)", out, flags=re.M)[1])
     assert run_dir.parent == Path(runs["root"])
-    for task in ("preprocess", "train-teacher", "distill", "finetune", "finetune-2", "evaluate", "publish"):
+    for task in (
+        "prepare",
+        "preprocess",
+        "train-teacher",
+        "distill",
+        "finetune",
+        "finetune-2",
+        "evaluate",
+        "publish",
+    ):
         assert (run_dir / task / "executor_output.json").is_file(), task
 
     # The bundle is in the registry under <pipeline>/<job id>/, and `latest` follows the gate's verdict.
@@ -128,19 +139,26 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
 
 def test_an_unchanged_rerun_serves_every_stage_from_the_cache(runs):
     out = runs["again"]
-    assert statuses(out) == dict.fromkeys(STAGES, "cached")
-    assert "6 cached" in out and "run folder:  (none: every task was cached)" in out
+    assert statuses(out) == {**PREPARE, **dict.fromkeys(STAGES, "cached")}
+    assert "1 tasks ran, 6 cached" in out
+    run_dir = Path(re.search(r"^run folder:\s+(\S+)", out, flags=re.M)[1])
+    assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {"prepare"}
     # The metrics table and each stage's own time come from the first run's artifacts.
     first_run = re.search(r"^run folder:\s+\S+/(\S+)", runs["first"], flags=re.M)[1]
     assert "| " in out[out.index("== DELRec metrics") :] and out.count(first_run) >= len(STAGES)
 
 
 def test_a_cached_artifact_whose_files_changed_is_a_miss(runs):
-    assert statuses(runs["tampered"]) == {**dict.fromkeys(STAGES[:-1], "cached"), "evaluate": "ran"}
+    assert statuses(runs["tampered"]) == {
+        **PREPARE,
+        **dict.fromkeys(STAGES[:-1], "cached"),
+        "evaluate": "ran",
+    }
 
 
 def test_a_changed_finetune_config_reruns_finetune_and_downstream_only(runs):
     assert statuses(runs["finetune_steps"]) == {
+        **PREPARE,
         "preprocess": "cached",
         "train_teacher": "cached",
         "distill": "cached",
@@ -151,4 +169,5 @@ def test_a_changed_finetune_config_reruns_finetune_and_downstream_only(runs):
 
 
 def test_a_changed_byte_of_the_source_reruns_everything(runs):
-    assert statuses(runs["source_byte"]) == dict.fromkeys(STAGES, "ran")
+    # The same path, one changed byte: prepare's fingerprint changes, and with it every key downstream.
+    assert statuses(runs["source_byte"]) == {**PREPARE, **dict.fromkeys(STAGES, "ran")}

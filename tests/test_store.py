@@ -506,3 +506,17 @@ def test_concurrent_publishers_converge_and_latest_never_disappears(store, tmp_p
     records = store.list(f"s3://{BUCKET}/p/_runs")
     newest = store.get_json(f"s3://{BUCKET}/p/_runs/{max(records)}")
     assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == newest["run"]
+
+
+def test_source_fingerprint_of_each_kind_of_source(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "u.data").write_text("1\t1\t5\t1\n")
+    local = st.source_fingerprint(str(raw))
+    assert local == st.local_fingerprint(raw) and st.source_fingerprint(raw.as_uri()) == local
+    (raw / "u.data").write_text("1\t1\t5\t2\n")
+    assert st.source_fingerprint(str(raw)) != local
+    # Nothing to list: the dataset's default download, or a web URL (the URL itself is in the key).
+    assert st.source_fingerprint(None) == st.source_fingerprint("https://example.org/ml-100k.zip") == ""
+    with pytest.raises(DelrecError, match="no such file"):
+        st.source_fingerprint(str(tmp_path / "missing"))

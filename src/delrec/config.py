@@ -88,3 +88,38 @@ def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]
             raise DelrecError(f"{option} expects KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+# The fields a team changes from run to run, as flat pipeline parameters (typed, and readable in the KFP
+# UI's run form and run comparison): parameter -> the (stage, field) pairs it sets. The rest of each
+# stage config stays in its dict parameter.
+RUN_PARAMETERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "source": (("preprocess", "source"),),
+    "teacher_model": (("teacher", "model"),),
+    "backbone": (("distill", "backbone"), ("finetune", "backbone"), ("evaluate", "backbone")),
+    "distill_steps": (("distill", "steps"),),
+    "distill_batch_size": (("distill", "batch_size"),),
+    "finetune_steps": (("finetune", "steps"),),
+    "finetune_batch_size": (("finetune", "batch_size"),),
+    "evaluate_batch_size": (("evaluate", "batch_size"),),
+}
+
+
+def apply_run_parameters(
+    configs: dict[str, dict[str, Any]], params: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Stage configs with the run parameters' fields set: a run parameter wins over its stage dict.
+
+    An empty string or 0 leaves the stage's value (no source: the dataset's default download; steps and
+    batch sizes are at least 1), so a component's defaults can mean "the dict's".
+    """
+    unknown = set(params) - set(RUN_PARAMETERS)
+    if unknown:
+        raise DelrecError(f"unknown run parameter(s) {sorted(unknown)}; expected {list(RUN_PARAMETERS)}")
+    merged = {stage: dict(configs.get(stage) or {}) for stage in STAGES}
+    for name, value in params.items():
+        if value in ("", 0):
+            continue
+        for stage, field in RUN_PARAMETERS[name]:
+            merged[stage][field] = value
+    return merged

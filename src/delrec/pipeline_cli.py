@@ -50,8 +50,8 @@ class Graph:
     """the pipeline's name (on a KFP server too)"""
     build: Callable[[Any], Callable[..., Any]]
     """options (None: the defaults) -> the pipeline function"""
-    compile: Callable[[Path, Any], Path]
-    """(out, options) -> the compiled YAML written"""
+    compile: Callable[[Path, Any, Any], Path]
+    """(out, options, run-parameter defaults; None: the defaults) -> the compiled YAML written"""
     arguments: Callable[..., tuple[Any, dict[str, Any]]]
     """(preset, data=None, overrides=()) -> (options, run arguments), validated"""
     compiled: Path
@@ -140,8 +140,9 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
 
 
 def cmd_compile(args: argparse.Namespace, graph: Graph) -> int:
-    options = graph.arguments(args.preset)[0] if args.preset else None
-    print(graph.compile(Path(args.out), options))
+    # The preset's values become the compiled run parameters' defaults.
+    options, defaults = graph.arguments(args.preset) if args.preset else (None, None)
+    print(graph.compile(Path(args.out), options, defaults))
     return 0
 
 
@@ -176,7 +177,7 @@ def cmd_schedule(args: argparse.Namespace, graph: Graph) -> int:
     client = _client(args.host)
     experiment = client.create_experiment(args.experiment)
     with tempfile.TemporaryDirectory() as tmp:
-        package = graph.compile(Path(tmp) / "pipeline.yaml", options)
+        package = graph.compile(Path(tmp) / "pipeline.yaml", options, arguments)
         pipeline_id, version_id, version, created = ensure_version(client, package, graph.name)
     print(f"pipeline {graph.name} version {version} ({'uploaded' if created else 'already there'})")
     job = replace_recurring_run(

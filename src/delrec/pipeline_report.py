@@ -15,6 +15,7 @@ from delrec.pipeline_cache import VerifiedCache
 # Display names, in the order the tables list them: kfp.local's task names (the graph's order), then
 # the models of evaluate's metrics.json.
 LABELS = {
+    "prepare": "prepare",
     "preprocess": "preprocess",
     "train-teacher": "train_teacher",
     "distill": "distill",

@@ -791,3 +791,24 @@ def local_fingerprint(path: str | os.PathLike) -> str:
     return config_hash(
         {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*")) if p.is_file()}
     )
+
+
+def source_fingerprint(source: str | None, endpoint: str | None = None, secure: bool | None = None) -> str:
+    """A short hash of what a dataset source holds now, for the preprocess cache key: the keys and ETags
+    under an ``s3://`` URI, the names and sha256 of a local path or ``file://`` URL.
+
+    Empty for no source (the dataset's default download) and for an ``http(s)://`` URL: nothing to list
+    there, so the URL itself is the key.
+    """
+    if not source:
+        return ""
+    if is_s3_uri(source):
+        return S3Store.from_env(endpoint or None, secure).fingerprint(source)
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        from urllib.request import url2pathname
+
+        return local_fingerprint(url2pathname(parsed.path))
+    if parsed.scheme in ("http", "https"):
+        return ""
+    return local_fingerprint(source)

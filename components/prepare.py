@@ -1,0 +1,78 @@
+"""Prepare: the run parameters applied to the stage configs, and a fingerprint of the source as it is now.
+
+Never served from a cache (the pipeline disables it): it lists the source at run time, so a scheduled
+run whose data did not change is a cache hit from preprocess on, and one with new data retrains.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from delrec.images import cpu_image
+
+
+@dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
+def prepare(
+    preprocess_config: dict,
+    teacher_config: dict,
+    distill_config: dict,
+    finetune_config: dict,
+    evaluate_config: dict,
+    source: str = "",
+    teacher_model: str = "",
+    backbone: str = "",
+    distill_steps: int = 0,
+    distill_batch_size: int = 0,
+    finetune_steps: int = 0,
+    finetune_batch_size: int = 0,
+    evaluate_batch_size: int = 0,
+    s3_endpoint: str = "",
+    s3_secure: bool = True,
+) -> NamedTuple(
+    "Prepared",
+    [
+        ("source_fingerprint", str),
+        ("preprocess_config", dict),
+        ("teacher_config", dict),
+        ("distill_config", dict),
+        ("finetune_config", dict),
+        ("evaluate_config", dict),
+    ],
+):
+    """Each stage config with the run parameters set (``delrec.config.apply_run_parameters``: a run
+    parameter wins over its stage dict; an empty string or 0 leaves the dict's value), and
+    ``delrec.store.source_fingerprint`` of the resulting source (S3 ETags, or file hashes)."""
+    import os
+    from collections import namedtuple
+
+    from delrec.config import apply_run_parameters
+    from delrec.store import source_fingerprint
+
+    params = {
+        "source": source,
+        "teacher_model": teacher_model,
+        "backbone": backbone,
+        "distill_steps": distill_steps,
+        "distill_batch_size": distill_batch_size,
+        "finetune_steps": finetune_steps,
+        "finetune_batch_size": finetune_batch_size,
+        "evaluate_batch_size": evaluate_batch_size,
+    }
+    configs = apply_run_parameters(
+        {
+            "preprocess": preprocess_config,
+            "teacher": teacher_config,
+            "distill": distill_config,
+            "finetune": finetune_config,
+            "evaluate": evaluate_config,
+        },
+        params,
+    )
+    # As in preprocess: delrec.store reads its endpoint from the environment.
+    if s3_endpoint:
+        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
+    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
+    fingerprint = source_fingerprint(configs["preprocess"].get("source"))
+    print(f"source fingerprint: {fingerprint or '(none: no source to list)'}")
+    fields = ["source_fingerprint", *(f"{stage}_config" for stage in configs)]
+    return namedtuple("Prepared", fields)(fingerprint, *configs.values())
