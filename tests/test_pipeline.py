@@ -161,6 +161,7 @@ def test_run_parameters_are_flat_typed_and_default_to_the_preset(tmp_path, prese
 def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
     from components import prepare
     from delrec.config import apply_run_parameters
+    from delrec.store import local_fingerprint
 
     source = tmp_path / "raw"
     source.mkdir()
@@ -172,7 +173,7 @@ def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
     assert out.distill_config == {"steps": 5, "batch_size": 2, "backbone": "b", "warmup_steps": 4}
     assert out.finetune_config == {"backbone": "b"} and out.evaluate_config == {"backbone": "b"}
     assert out.preprocess_config == {"dataset": "ml-100k", "source": str(source)}
-    assert out.source_fingerprint == pipeline.local_fingerprint(source)
+    assert out.source_fingerprint == local_fingerprint(source)
     # An empty run parameter leaves the dict's value; no source at all: nothing to fingerprint.
     configs["preprocess_config"] = {"dataset": "ml-100k"}
     out = prepare.python_func(**configs, source="")
