@@ -492,3 +492,11 @@ def test_concurrent_publishers_converge_and_latest_never_disappears(store, tmp_p
     records = store.list(f"s3://{BUCKET}/p/_runs")
     newest = store.get_json(f"s3://{BUCKET}/p/_runs/{max(records)}")
     assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == newest["run"]
+
+
+def test_remove_prefix_removes_that_prefix_only(store):
+    base = f"s3://{BUCKET}/checkpoints/run-1"
+    for key in ("finetune/state.pt", "finetune/sub/x", "finetune-ablation/state.pt"):
+        store.put_bytes(b"x", f"{base}/{key}")
+    assert store.remove_prefix(f"{base}/finetune") == 2
+    assert store.list(base) == ["finetune-ablation/state.pt"]
