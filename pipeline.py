@@ -54,7 +54,7 @@ from kfp.dsl import HTML, Artifact, Markdown
 from pydantic import Field, field_validator
 
 from components import distill, evaluate, finetune, prepare, preprocess, publish, train_teacher
-from delrec import images
+from delrec import checkpoints, images
 from delrec.config import RUN_PARAMETERS, STAGES, StageConfig, load_preset
 from delrec.errors import DelrecError
 from delrec.store import QualityGate, is_s3_uri
@@ -161,6 +161,19 @@ class PipelineOptions(StageConfig):
     """the claim's access mode. ReadWriteMany (manifests/overlays/gpu): the LLM tasks run side by side.
     ReadWriteOnce (the kind overlay): a volume attaches to one node at a time (two pods on two nodes:
     Multi-Attach error), so the tasks that mount it run one after another"""
+    checkpoint_root: str = "s3://delrec-artifacts/checkpoints"
+    """s3://bucket[/prefix] of the training tasks' checkpoints, one prefix per run and task
+    (``<run id>/<task>``), so a retried pod resumes where the last one stopped instead of at step 0
+    (``delrec.checkpoints``); a task removes its prefix once its output is written, a failed run's stay
+    (expire them with a lifecycle rule on the prefix); empty: on the pod's own disk, lost with it"""
+
+    @field_validator("checkpoint_root")
+    @classmethod
+    def _s3_or_empty(cls, root: str) -> str:
+        if root and not is_s3_uri(root):
+            raise ValueError(f"expected s3://bucket[/prefix] or empty, got {root!r}")
+        return root
+
     local_root: str = "local_outputs/pipeline_root"
     """pipeline root of ``run`` (kfp.local)"""
 
@@ -225,6 +238,22 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
     def model_cache(task: dsl.PipelineTask) -> None:
         if o.model_cache_pvc:
             kubernetes.mount_pvc(task, pvc_name=o.model_cache_pvc, mount_path="/cache")
+
+    def workspace(task: dsl.PipelineTask, name: str, s3_secret) -> None:
+        """Checkpoints under ``<checkpoint_root>/<run id>/<name>``, where a retried pod finds them.
+
+        An object-store prefix, not a volume: KFP puts the names of the claims a task mounts into its
+        cache key, so a claim per run (CreatePVC, or KFP's own workspace) would make every training
+        task a cache miss; and the ablation runs beside distill and finetune, on other nodes. The run
+        id comes from the pod's label, not an input (PIPELINE_JOB_ID_PLACEHOLDER): inputs are in the
+        cache key too. kfp.local sets no labels, so a local run keeps ``<out>.partial``.
+        """
+        if not o.checkpoint_root:
+            return
+        task.set_env_variable(checkpoints.ENV_ROOT, o.checkpoint_root)
+        task.set_env_variable(checkpoints.ENV_TASK, name)
+        kubernetes.use_field_path_as_env(task, checkpoints.ENV_RUN_ID, "metadata.labels['pipeline/runid']")
+        kubernetes.use_secret_as_env(task, s3_secret, o.s3_secret_keys)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -291,20 +320,28 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         model_cache(prep)
         data = prep.outputs["dataset"]
 
-        teacher = train_teacher(config=config["teacher"], dataset=data)
+        # The object store of the training tasks' checkpoint workspace (see workspace()).
+        store = {"s3_endpoint": s3_endpoint, "s3_secure": s3_secure}
+        teacher = train_teacher(config=config["teacher"], dataset=data, **store)
         cpu_task(teacher, "teacher", cpu_image)
+        workspace(teacher, "teacher", s3_secret)
 
-        soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
+        soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"], **store)
         gpu_task(soft, "distill", gpu_image)
         hf_token(soft)
+        workspace(soft, "distill", s3_secret)
 
-        tuned = finetune(config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"])
+        tuned = finetune(
+            config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"], **store
+        )
         gpu_task(tuned, "finetune", gpu_image).set_display_name("finetune")
         hf_token(tuned)
+        workspace(tuned, "finetune", s3_secret)
         # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
-        ablation = finetune(config=config["finetune"], dataset=data)
+        ablation = finetune(config=config["finetune"], dataset=data, **store)
         gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
         hf_token(ablation)
+        workspace(ablation, "finetune-ablation", s3_secret)
 
         if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":
             # The ablation would run beside distill and finetune: with a ReadWriteOnce cache, on another

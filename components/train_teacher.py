@@ -7,18 +7,37 @@ from delrec.images import cpu_image
 
 
 @dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
-def train_teacher(config: dict, dataset: Input[Dataset], teacher: Output[Model], metrics: Output[Metrics]):
-    """Run ``delrec.teachers.train_teacher`` and log its metrics."""
+def train_teacher(
+    config: dict,
+    dataset: Input[Dataset],
+    teacher: Output[Model],
+    metrics: Output[Metrics],
+    s3_endpoint: str = "",
+    s3_secure: bool = True,
+):
+    """Run ``delrec.teachers.train_teacher`` and log its metrics.
+
+    In a pipeline run it checkpoints to the run's workspace in the object store (``s3_endpoint``), so a
+    retried pod resumes (``delrec.checkpoints``).
+    """
     import json
+    import os
     import time
     from pathlib import Path
 
+    from delrec.checkpoints import location_from_env
     from delrec.store import local_fingerprint
     from delrec.teachers import TeacherConfig
     from delrec.teachers import train_teacher as run
 
     started = time.perf_counter()
-    result = run(dataset.path, TeacherConfig.from_dict(config, source="teacher config"), teacher.path)
+    # The pipeline says where to checkpoint through the environment (a run id among the inputs would
+    # change the cache key of every run); delrec.store reads its endpoint from there too.
+    if s3_endpoint:
+        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
+    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
+    config = TeacherConfig.from_dict(config, source="teacher config")
+    result = run(dataset.path, config, teacher.path, checkpoint=location_from_env())
     result = {
         k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }

@@ -93,6 +93,57 @@ def test_train_teacher_component(tmp_path, synthetic_dir):
     assert metrics.metadata["wall_seconds"] > 0 and len(metrics.metadata) > 1
 
 
+def test_a_retried_training_pod_resumes_from_the_run_workspace(
+    tmp_path,
+    synthetic_dir,
+    store,  # noqa: F811
+    moto_endpoint,  # noqa: F811
+    monkeypatch,
+    caplog,
+):
+    """The environment the pipeline gives a training pod makes the component checkpoint to
+    ``<root>/<run id>/<task>``: the retry, on a fresh disk, resumes there and removes it when done."""
+    from delrec import checkpoints
+
+    for name, value in {
+        checkpoints.ENV_ROOT: f"s3://{BUCKET}/checkpoints",
+        checkpoints.ENV_RUN_ID: "run-1",
+        checkpoints.ENV_TASK: "teacher",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)  # only the s3_endpoint input says where
+    config = {"hidden": 16, "inner": 32, "layers": 1, "max_epochs": 2, "batch_size": 64, "device": "cpu"}
+    real = checkpoints.Checkpoints.save
+
+    def save_then_die(self, state):
+        real(self, state)
+        raise KeyboardInterrupt  # the pod is killed after its first checkpoint
+
+    def run(pod: str) -> Model:
+        teacher = art(Model, tmp_path / pod / "teacher")
+        components.train_teacher.python_func(
+            config=config,
+            dataset=art(Dataset, synthetic_dir),
+            teacher=teacher,
+            metrics=art(Metrics, tmp_path / pod / "metrics"),
+            s3_endpoint=moto_endpoint,
+            s3_secure=False,
+        )
+        return teacher
+
+    prefix = f"s3://{BUCKET}/checkpoints/run-1/teacher"
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.Checkpoints, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run("pod1")
+    assert store.list(prefix) == ["state.pt"]
+    with caplog.at_level("INFO", logger="delrec"):
+        teacher = run("pod2")
+    assert "after epoch 1" in caplog.text  # resumed, not started again
+    assert read_manifest(teacher.path, producer="train_teacher")
+    assert store.list(prefix) == []
+
+
 def test_publish_component(tmp_path, store, moto_endpoint):  # noqa: F811
     folders = {}
     for name in ("model", "soft_prompt", "evaluation"):

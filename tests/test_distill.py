@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
 
 import delrec.distill as distill_module
 from delrec.distill import DistillConfig, distill, gradnorm_weights
@@ -73,7 +75,10 @@ def test_only_the_soft_prompt_changes(synthetic_dir, synthetic, teacher_dir, tmp
     assert prompt["teacher"] == "GRU4Rec" and prompt["backbone_fingerprint"] == saved.fingerprint()
 
 
-def test_resumes_after_a_crash(synthetic_dir, teacher_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workspace", ["beside the output", "object store, fresh pod"])
+def test_resumes_after_a_crash(synthetic_dir, teacher_dir, tmp_path, monkeypatch, request, caplog, workspace):
+    """Locally the rerun resumes from ``<out>.partial``; in a pipeline the retried pod has a fresh disk
+    and resumes from the run's prefix in the object store."""
     config = tiny_distill_config(steps=4, eval_every=4)
     straight = tmp_path / "straight"
     distill(synthetic_dir, teacher_dir, config, straight)
@@ -87,14 +92,28 @@ def test_resumes_after_a_crash(synthetic_dir, teacher_dir, tmp_path, monkeypatch
             raise RuntimeError("killed")
         return real(grads, alpha)
 
-    resumed = tmp_path / "resumed"
+    remote = workspace.startswith("object store")
+    checkpoint = f"s3://{BUCKET}/checkpoints/run-1/distill" if remote else None
+    if remote:
+        store = request.getfixturevalue("store")
+        monkeypatch.setenv("DELREC_S3_ENDPOINT", request.getfixturevalue("moto_endpoint"))
+        monkeypatch.setenv("DELREC_S3_SECURE", "0")
+    resumed = tmp_path / "pod1" / "resumed"
     monkeypatch.setattr(distill_module, "gradnorm_weights", crash_on_third_step)
     with pytest.raises(RuntimeError, match="killed"):
-        distill(synthetic_dir, teacher_dir, config, resumed)
-    assert not resumed.exists() and (tmp_path / "resumed.partial" / "state.pt").is_file()
+        distill(synthetic_dir, teacher_dir, config, resumed, checkpoint=checkpoint)
+    assert not resumed.exists() and (tmp_path / "pod1" / "resumed.partial" / "state.pt").is_file()
+    if remote:
+        assert store.list(checkpoint) == ["state.pt"]
+        shutil.rmtree(tmp_path / "pod1")  # the pod's disk is gone with it
+        resumed = tmp_path / "pod2" / "resumed"
     monkeypatch.setattr(distill_module, "gradnorm_weights", real)
-    distill(synthetic_dir, teacher_dir, config, resumed)
-    assert not (tmp_path / "resumed.partial").exists()
+    with caplog.at_level("INFO", logger="delrec.artifacts"):
+        distill(synthetic_dir, teacher_dir, config, resumed, checkpoint=checkpoint)
+    assert "resuming from" in caplog.text  # not started again at step 1
+    assert not resumed.with_name("resumed.partial").exists()
+    if remote:
+        assert store.list(checkpoint) == []
     # Same losses at every step (steps 3-4 depend on the restored soft prompt and Lion state).
     losses = [
         [(h["loss_ta"], h["loss_rps"]) for h in json.loads((d / "history.json").read_text())[1:]]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
 
 import delrec.finetune as finetune_module
 from delrec.distill import DistillConfig, distill
@@ -130,7 +132,10 @@ def test_adalora_needs_room_for_its_schedule(synthetic_dir, tmp_path):
         finetune(synthetic_dir, tiny_finetune_config(steps=4, tinit=3, tfinal=2), tmp_path / "x")
 
 
-def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workspace", ["beside the output", "object store, fresh pod"])
+def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, caplog, workspace):
+    """Locally the rerun resumes from ``<out>.partial``; in a pipeline the retried pod has a fresh disk
+    and resumes from the run's prefix in the object store."""
     config = tiny_finetune_config(steps=4, adapter="lora", eval_every=10)
     straight = tmp_path / "straight"
     finetune(synthetic_dir, config, straight)
@@ -143,13 +148,25 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
+    remote = workspace.startswith("object store")
+    checkpoint = f"s3://{BUCKET}/checkpoints/run-1/finetune" if remote else None
+    if remote:
+        store = request.getfixturevalue("store")
+        monkeypatch.setenv("DELREC_S3_ENDPOINT", request.getfixturevalue("moto_endpoint"))
+        monkeypatch.setenv("DELREC_S3_SECURE", "0")
     monkeypatch.setattr(finetune_module, "task_loss", crash_on_fourth_step)
-    resumed = tmp_path / "resumed"
+    resumed = tmp_path / "pod1" / "resumed"
     with pytest.raises(RuntimeError, match="killed"):
-        finetune(synthetic_dir, config, resumed)
-    assert (tmp_path / "resumed.partial" / "state.pt").is_file()
+        finetune(synthetic_dir, config, resumed, checkpoint=checkpoint)
+    assert (tmp_path / "pod1" / "resumed.partial" / "state.pt").is_file()
+    if remote:
+        assert store.list(checkpoint) == ["state.pt"]
+        shutil.rmtree(tmp_path / "pod1")  # the pod's disk is gone with it
+        resumed = tmp_path / "pod2" / "resumed"
     monkeypatch.setattr(finetune_module, "task_loss", real)
-    finetune(synthetic_dir, config, resumed)
+    with caplog.at_level("INFO", logger="delrec.artifacts"):
+        finetune(synthetic_dir, config, resumed, checkpoint=checkpoint)
+    assert "resuming from" in caplog.text  # not started again at step 1
     losses = [
         [h["loss"] for h in json.loads((d / "history.json").read_text())[1:]] for d in (straight, resumed)
     ]
@@ -158,6 +175,9 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch):
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert not resumed.with_name("resumed.partial").exists()
+    if remote:
+        assert store.list(checkpoint) == []
 
 
 def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from delrec.checkpoints import Checkpoints
 from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.llm.optim import Lion, linear_warmup
 
 
 def _make_loop(partial, steps=6, crash_at=None, scores=None):
-    """A one-parameter regression trained with Lion; ``scores`` fakes the validation figure by step."""
+    """A one-parameter regression trained with Lion; ``scores`` fakes the validation figure by step.
+
+    ``partial``: the checkpoint folder, or a :class:`Checkpoints` (one mirrored to the object store)."""
     weight = torch.nn.Parameter(torch.zeros(3))
     params = {"w": weight}
     optimizer = Lion([weight], lr=0.1)
@@ -38,7 +41,7 @@ def _make_loop(partial, steps=6, crash_at=None, scores=None):
         seed=3,
         stream=1,
         run_key={"config": "abc"},
-        partial=partial,
+        checkpoints=partial if isinstance(partial, Checkpoints) else Checkpoints(partial),
         step=step,
         state=lambda: optimiser_state(params, optimizer, scheduler),
         restore=lambda saved: restore_optimiser_state(saved, params, optimizer, scheduler),

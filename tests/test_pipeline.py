@@ -553,3 +553,41 @@ def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tm
     assert pipeline_report.failure_line(RuntimeError("Inner task failed: 'finetune-2'."), "").startswith(
         "task finetune (ablation) failed"
     )
+
+
+TRAINING_TASKS = {"train-teacher": "teacher", "distill": "distill", "finetune": "finetune",
+                  "finetune-2": "finetune-ablation"}  # fmt: skip
+
+
+def test_every_training_task_checkpoints_to_its_own_prefix_of_the_run(tmp_path):
+    spec, k8s = load_compiled(pipeline.COMPILED)
+    tasks, executors = spec["root"]["dag"]["tasks"], spec["deploymentSpec"]["executors"]
+    s3_env = [{"envVar": "DELREC_S3_ACCESS_KEY", "secretKey": "accesskey"},
+              {"envVar": "DELREC_S3_SECRET_KEY", "secretKey": "secretkey"}]  # fmt: skip
+    for task, name in TRAINING_TASKS.items():
+        executor = tasks[task]["componentRef"]["name"].replace("comp-", "exec-")
+        env = {e["name"]: e["value"] for e in executors[executor]["container"]["env"]}
+        assert env == {"DELREC_CHECKPOINT_ROOT": "s3://delrec-artifacts/checkpoints", "DELREC_TASK": name}
+        # The run id comes from the pod's label: a retried pod of the same run gets the same prefix.
+        assert k8s[executor]["fieldPathAsEnv"] == [
+            {"fieldPath": "metadata.labels['pipeline/runid']", "name": "DELREC_RUN_ID"}
+        ]
+        secret = next(s for s in k8s[executor]["secretAsEnv"] if s["keyToEnv"] == s3_env)
+        assert "s3_secret" in str(secret["secretNameParameter"]) and not secret.get("optional")
+        params = tasks[task]["inputs"]["parameters"]
+        assert params["s3_endpoint"] == {"componentInputParameter": "s3_endpoint"}
+        # Nothing run-specific among the inputs: KFP's cache key holds every input value.
+        assert "{{$.pipeline_job" not in str(params) and "{{$.pipeline_task" not in str(params), task
+    for executor in ("exec-preprocess", "exec-evaluate", "exec-publish"):
+        assert "env" not in executors[executor]["container"] and "fieldPathAsEnv" not in k8s[executor]
+    # No claim per run: KFP puts the names of mounted claims into the cache key.
+    assert not any("createpvc" in str(e["container"]["image"]).lower() for e in executors.values())
+    options = pipeline.PipelineOptions(checkpoint_root="")
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    assert not any("env" in e["container"] for e in spec["deploymentSpec"]["executors"].values())
+    assert not any("fieldPathAsEnv" in e for e in k8s.values())
+
+
+def test_checkpoint_root_must_be_an_s3_prefix():
+    with pytest.raises(ValueError, match="s3://bucket"):
+        pipeline.PipelineOptions(checkpoint_root="/mnt/checkpoints")

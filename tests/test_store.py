@@ -520,3 +520,11 @@ def test_source_fingerprint_of_each_kind_of_source(tmp_path):
     assert st.source_fingerprint(None) == st.source_fingerprint("https://example.org/ml-100k.zip") == ""
     with pytest.raises(DelrecError, match="no such file"):
         st.source_fingerprint(str(tmp_path / "missing"))
+
+
+def test_remove_prefix_removes_that_prefix_only(store):
+    base = f"s3://{BUCKET}/checkpoints/run-1"
+    for key in ("finetune/state.pt", "finetune/sub/x", "finetune-ablation/state.pt"):
+        store.put_bytes(b"x", f"{base}/{key}")
+    assert store.remove_prefix(f"{base}/finetune") == 2
+    assert store.list(base) == ["finetune-ablation/state.pt"]

@@ -4,7 +4,8 @@ Each step takes one Temporal Analysis batch and one Recommendation Pattern Simul
 from training examples and the teacher's top-10), computes each task's loss, and combines the two
 gradients with GradNorm-like weights: w_i proportional to (1 / ||dL_i/d soft prompt||)^alpha, summing
 to 1. Lion, linear warm-up, gradient clipping. TA and RPS accuracy on validation examples is logged
-every ``eval_every`` steps and the best soft prompt is kept. A killed run resumes from ``<out>.partial/``.
+every ``eval_every`` steps and the best soft prompt is kept. A killed run resumes from its checkpoints
+(``<out>.partial/`` by default; see :mod:`delrec.checkpoints`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -22,7 +22,8 @@ import torch
 from pydantic import Field
 
 from delrec import layout
-from delrec.artifacts import atomic_dir, partial_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
 from delrec.llm.backbone import save_if_built, stage_backbone
@@ -66,9 +67,16 @@ def distill(
     teacher_dir: str | os.PathLike,
     config: DistillConfig,
     out: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
-    """Train the soft prompt; write it (best by validation accuracy) with its prompt config to ``out``."""
+    """Train the soft prompt; write it (best by validation accuracy) with its prompt config to ``out``.
+
+    ``checkpoint``: where the training state is kept and resumed from, a folder or an ``s3://`` prefix
+    (default ``<out>.partial``; see :class:`delrec.checkpoints.Checkpoints`).
+    """
     started = time.time()
+    checkpoints = Checkpoints.for_output(out, checkpoint)
     dataset = load_dataset(dataset_dir)
     topk = load_topk(teacher_dir, dataset_dir)
     teacher = teacher_name(teacher_dir)
@@ -102,7 +110,7 @@ def distill(
             "teacher": read_manifest(teacher_dir)["id"],
             "backbone": backbone.fingerprint(),
         },
-        partial=partial_dir(out),
+        checkpoints=checkpoints,
         step=training.step,
         state=training.state,
         restore=training.restore,
@@ -137,7 +145,7 @@ def distill(
     _write_output(
         out, config, dataset, backbone, soft, teacher, metrics, result.history, dataset_dir, teacher_dir
     )
-    shutil.rmtree(partial_dir(out), ignore_errors=True)
+    checkpoints.clear()
     log.info(
         "distill done in %.0f s: best valid accuracy %.4f at step %d",
         metrics["seconds"],

@@ -4,7 +4,8 @@ The stage-2 prompt holds the frozen soft prompt from distill; no teacher output 
 distill folder the same LLM is fine-tuned on the prompt without the soft prompt (the ablation). The
 objective is cross-entropy over the candidates' scores (default) or the target title's likelihood;
 with AdaLoRA the loss includes its orthogonality regulariser and ``update_and_allocate`` runs every
-step, as AdaLoRA intends. A killed run resumes from ``<out>.partial/``.
+step, as AdaLoRA intends. A killed run resumes from its checkpoints (``<out>.partial/`` by default; see
+:mod:`delrec.checkpoints`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pydantic import Field
 
 from delrec import layout
 from delrec.adapter_io import save_adapter
-from delrec.artifacts import atomic_dir, partial_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.distill import read_prompt_config
 from delrec.errors import DelrecError
@@ -170,8 +172,14 @@ def finetune(
     config: FinetuneConfig,
     out: str | os.PathLike,
     distill_dir: str | os.PathLike | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
-    """Fine-tune the LLM with the frozen soft prompt from ``distill_dir`` (None: the ablation)."""
+    """Fine-tune the LLM with the frozen soft prompt from ``distill_dir`` (None: the ablation).
+
+    ``checkpoint``: where the training state is kept and resumed from, a folder or an ``s3://`` prefix
+    (default ``<out>.partial``; see :class:`delrec.checkpoints.Checkpoints`).
+    """
     from peft import get_peft_model
 
     started = time.time()
@@ -193,9 +201,9 @@ def finetune(
         max_prompt_tokens=config.max_prompt_tokens,
         max_title_chars=config.max_title_chars,
     )
-    partial = partial_dir(out)
+    checkpoints = Checkpoints.for_output(out, checkpoint)
     if backbone.name in TINY:  # saved now: the base weights are harder to get back once peft wraps them
-        backbone.save(partial / "backbone")
+        backbone.save(checkpoints.folder / "backbone")
     backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
     if config.adapter == "adalora" and config.adalora_init == "orthogonal":
         orthogonal_factors(backbone.model)
@@ -214,7 +222,7 @@ def finetune(
             "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
             "backbone": backbone.fingerprint(),
         },
-        partial=partial,
+        checkpoints=checkpoints,
         step=training.step,
         state=training.state,
         restore=training.restore,
@@ -231,9 +239,19 @@ def finetune(
         "seconds": time.time() - started,
     }
     _write_output(
-        out, config, dataset, backbone, soft, prompt_config, metrics, result.history, dataset_dir, distill_dir
+        out,
+        config,
+        dataset,
+        backbone,
+        soft,
+        prompt_config,
+        metrics,
+        result.history,
+        dataset_dir,
+        distill_dir,
+        checkpoints.folder,
     )
-    shutil.rmtree(partial, ignore_errors=True)
+    checkpoints.clear()
     log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
     return metrics
 
@@ -349,14 +367,16 @@ def _write_output(
     history,
     dataset_dir,
     distill_dir,
+    scratch: Path,
 ) -> None:
-    """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest."""
+    """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest;
+    ``scratch`` (the checkpoint folder) holds the tiny test backbone's base weights."""
     with atomic_dir(out) as tmp:
         save_adapter(backbone.model, tmp / layout.ADAPTER)
         if soft is not None:
             soft.save(tmp, teacher=prompt_config["teacher"])
         if backbone.name in TINY:
-            shutil.copytree(partial_dir(out) / "backbone", tmp / "backbone")
+            shutil.copytree(scratch / "backbone", tmp / "backbone")
         write_json_atomic(
             tmp / layout.PROMPT_JSON,
             {

@@ -385,6 +385,15 @@ class S3Store:
             for p in files
         }
 
+    def remove_prefix(self, uri: str) -> int:
+        """Remove every object under the prefix ``uri/``; returns how many were removed."""
+        bucket, _ = parse_uri(uri)
+        keys = self.list(uri)
+        for key in keys:
+            target = parse_uri(join_uri(uri, key))[1]
+            self._retry(lambda t=target: self.client.remove_object(bucket, t), f"remove {uri}/{key}")
+        return len(keys)
+
     # ---- reads
 
     def exists(self, uri: str) -> bool:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from delrec.artifacts import load_checkpoint, save_checkpoint
+from delrec.checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class TrainLoop:
     stream: int
     """a number of this stage, so two stages with one seed draw different batches"""
     run_key: Mapping[str, str]
-    partial: Path
+    checkpoints: Checkpoints
     step: Callable[[int, np.random.Generator], Record]
     state: Callable[[], State]
     restore: Callable[[State], None]
@@ -78,7 +77,7 @@ class TrainLoop:
     def run(self) -> LoopResult:
         history: list[Record] = []
         start = 0
-        saved = load_checkpoint(self.partial, self.run_key)
+        saved = self.checkpoints.load(self.run_key)
         if saved is not None:
             self.restore(saved["stage"])
             start, history, self._best = int(saved["step"]), list(saved["history"]), dict(saved["best"])
@@ -102,8 +101,7 @@ class TrainLoop:
                 log.info("%s step %d: %s", self.name, done, _fmt(record))
             history.append(record)
             if done % self.checkpoint_every == 0 and done < self.steps:
-                save_checkpoint(
-                    self.partial,
+                self.checkpoints.save(
                     {
                         "run_key": dict(self.run_key),
                         "step": done,

@@ -5,8 +5,9 @@ stopping on full-ranking NDCG@10) and the test split is scored once, with the be
 Ranking excludes every item the user interacted with before the target (their training items before
 that point and the example's history), as RecBole and the SASRec paper do.
 
-A run checkpoints every epoch into ``<out>.partial/``; started again with the same config on the same
-dataset, it resumes there and ends with the same result as an uninterrupted run.
+A run checkpoints every epoch (into ``<out>.partial/`` by default; see :mod:`delrec.checkpoints`); started
+again with the same config on the same dataset, it resumes there and ends with the same result as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,14 +34,12 @@ from tqdm import tqdm
 from delrec import layout
 from delrec.artifacts import (
     atomic_dir,
-    load_checkpoint,
-    partial_dir,
     read_manifest,
     require_same_input,
-    save_checkpoint,
     write_json_atomic,
     write_manifest,
 )
+from delrec.checkpoints import Checkpoints
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
 from delrec.data.dataset import SPLITS
@@ -346,11 +344,14 @@ def train_teacher(
     out: str | os.PathLike,
     *,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Train a teacher on ``dataset_dir``; write weights, config, metrics, top-k and manifest to ``out``.
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is saved (for logging; an
-    exception raised there stops the run, which a later call resumes). Returns flat metrics.
+    exception raised there stops the run, which a later call resumes). ``checkpoint``: where the training
+    state is kept and resumed from, a folder or an ``s3://`` prefix (default ``<out>.partial``; see
+    :class:`delrec.checkpoints.Checkpoints`). Returns flat metrics.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -376,7 +377,7 @@ def train_teacher(
         torch.get_num_threads(),
     )
 
-    partial = partial_dir(out)
+    checkpoints = Checkpoints.for_output(out, checkpoint)
     run_key = {"config": config.hash(), "dataset": dataset.manifest["id"]}
     progress: dict[str, Any] = {
         "epoch": 0,
@@ -389,7 +390,7 @@ def train_teacher(
         "stopped": "max_epochs",
     }
     best_state = copy.deepcopy(model.state_dict())
-    state = load_checkpoint(partial, run_key, map_location=device)
+    state = checkpoints.load(run_key, map_location=device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -398,7 +399,7 @@ def train_teacher(
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         best_state = state["best_model"]
         progress = state["progress"]
-        log.info("resuming from %s after epoch %d", partial, progress["epoch"])
+        log.info("resuming from %s after epoch %d", checkpoints.folder, progress["epoch"])
     setup_s = time.perf_counter() - started
 
     done = progress["bad_evals"] >= config.patience or (
@@ -453,8 +454,7 @@ def train_teacher(
         elif config.time_budget_s is not None and progress["seconds"] >= config.time_budget_s:
             progress["stopped"] = "time_budget"
             done = True
-        save_checkpoint(
-            partial,
+        checkpoints.save(
             {
                 "run_key": run_key,
                 "model": model.state_dict(),
@@ -530,7 +530,7 @@ def train_teacher(
             rows={split: len(dataset.examples[split]) for split in SPLITS},
             extra={"model": config.model, "topk": config.topk},
         )
-    shutil.rmtree(partial, ignore_errors=True)
+    checkpoints.clear()
     log.info(
         "%s: test HR@10 %.4f NDCG@10 %.4f MRR@10 %.4f; best epoch %d after %.1f s",
         config.model,

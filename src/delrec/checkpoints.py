@@ -1,0 +1,122 @@
+"""Where a resumable stage keeps its training state, and how it survives the machine it ran on.
+
+Locally a stage checkpoints into ``<out>.partial/`` beside its output, and a killed run started again
+resumes there. In a Kubeflow pod that folder lies on the pod's own disk: a retried pod would start from
+step 0. So the pipeline gives each training task a workspace in the object store, one prefix per run and
+task (``<root>/<KFP run id>/<task>``): the stage copies each checkpoint there as it writes it, restores it
+on start, and removes it once its output is in place. The run key inside the checkpoint (config and
+inputs) still decides whether it may be resumed at all.
+
+The pipeline says "checkpoint here" through the environment (:data:`ENV_ROOT`, :data:`ENV_RUN_ID`,
+:data:`ENV_TASK`, read by :func:`location_from_env`), not through component inputs: KFP's cache key
+holds every input value, and a run id among them would make every run a cache miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from delrec import layout
+from delrec.artifacts import load_checkpoint, partial_dir, save_checkpoint
+from delrec.errors import DelrecError
+from delrec.store import S3Store, is_s3_uri, join_uri, parse_uri
+
+log = logging.getLogger(__name__)
+
+ENV_ROOT = "DELREC_CHECKPOINT_ROOT"
+"""``s3://bucket/prefix`` under which the pipeline's training tasks keep their checkpoints"""
+ENV_RUN_ID = "DELREC_RUN_ID"
+"""the KFP run id (the pipeline sets it from the pod's ``pipeline/runid`` label)"""
+ENV_TASK = "DELREC_TASK"
+"""the task's name in the graph, so two tasks of one run never share a checkpoint"""
+
+
+def location_from_env() -> str | None:
+    """``<root>/<run id>/<task>`` from the environment the pipeline sets; None: keep ``<out>.partial``.
+
+    Without a run id (kfp.local applies the task's plain environment but no pod labels) or without an
+    object-store endpoint, the checkpoints stay beside the output, as in a local run.
+    """
+    root = os.environ.get(ENV_ROOT, "")
+    if not root:
+        return None
+    if not is_s3_uri(root):
+        raise DelrecError(f"expected s3://bucket[/prefix], got {root!r}", field=ENV_ROOT)
+    run_id, task = os.environ.get(ENV_RUN_ID, ""), os.environ.get(ENV_TASK, "")
+    if not run_id:
+        log.info(
+            "%s is set but no %s (not a KFP pod): checkpoints stay beside the output", ENV_ROOT, ENV_RUN_ID
+        )
+        return None
+    if not task:
+        raise DelrecError(f"{ENV_ROOT} and {ENV_RUN_ID} are set but not {ENV_TASK}", field=ENV_TASK)
+    if not os.environ.get("DELREC_S3_ENDPOINT"):
+        log.warning(
+            "no object-store endpoint (DELREC_S3_ENDPOINT): checkpoints stay on this pod's disk, so a "
+            "retried pod starts from step 0 (set the pipeline's s3_endpoint)"
+        )
+        return None
+    return join_uri(root, run_id, task)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """A stage's checkpoint folder, mirrored to an ``s3://`` prefix when ``remote`` is set.
+
+    Build it with :meth:`for_output`. The stage reads and writes :attr:`folder` (it may keep other files
+    there that it can rebuild, as finetune does with the tiny test backbone); only the training state
+    (``state.pt``) travels to ``remote``.
+    """
+
+    folder: Path
+    remote: str | None = None
+    store: S3Store | None = None
+
+    @classmethod
+    def for_output(cls, out: str | os.PathLike, where: str | os.PathLike | None = None) -> Checkpoints:
+        """The checkpoints of the stage writing ``out``: ``where`` is a local folder, an ``s3://`` prefix
+        (mirrored from ``<out>.partial``), or None (``<out>.partial``, the default of every stage)."""
+        if where is None or str(where) == "":
+            return cls(partial_dir(out))
+        if is_s3_uri(str(where)):
+            parse_uri(str(where))  # a clear error for a malformed URI, before any training
+            return cls(partial_dir(out), str(where), S3Store.from_env())
+        return cls(Path(where))
+
+    def _remote_state(self) -> str:
+        return join_uri(self.remote or "", layout.CHECKPOINT)
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (see :func:`delrec.artifacts.save_checkpoint`) and copy it to ``remote``.
+
+        A failed copy costs only the resume point, not the run: it is logged and training goes on.
+        """
+        save_checkpoint(self.folder, state)
+        if self.store is not None:
+            try:
+                self.store.put_file(self.folder / layout.CHECKPOINT, self._remote_state())
+            except Exception as exc:
+                log.warning(
+                    "checkpoint not copied to %s (%s): a retry would resume from an older one",
+                    self.remote,
+                    exc,
+                )
+
+    def load(self, run_key: Mapping[str, str], *, map_location: Any = "cpu") -> dict[str, Any] | None:
+        """The saved state of this exact run, from ``remote`` if it holds one, else from :attr:`folder`."""
+        if self.store is not None and self.store.exists(self._remote_state()):
+            log.info("restoring the checkpoint %s", self._remote_state())
+            self.store.get_file(self._remote_state(), self.folder / layout.CHECKPOINT)
+        return load_checkpoint(self.folder, run_key, map_location=map_location)
+
+    def clear(self) -> None:
+        """Remove the checkpoints (the stage's output is in place): the folder and the remote prefix."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.store is not None:
+            self.store.remove_prefix(self.remote or "")
