@@ -244,15 +244,26 @@ def test_gpu_overlay_runs_the_device_plugin_on_gpu_nodes():
     assert plugin["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in plugin["tolerations"]
     # The kind GPU worker carries the same label and taint.
-    worker = [
+    workers = [
         n for n in load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"] if n["role"] == "worker"
     ]
-    assert worker and worker[0]["labels"] == plugin["nodeSelector"]
-    assert "key: nvidia.com/gpu" in worker[0]["kubeadmConfigPatches"][0]
+    gpu = [n for n in workers if n.get("labels") == plugin["nodeSelector"]]
+    assert len(gpu) == 1 and "key: nvidia.com/gpu" in gpu[0]["kubeadmConfigPatches"][0]
     assert (
         find(docs, "PersistentVolumeClaim", "delrec-model-cache")["spec"]["resources"]["requests"]["storage"]
         == "200Gi"
     )
+
+
+def test_gpu_kind_cluster_has_an_untainted_node_for_kfp_and_the_cpu_stages():
+    """kind taints its control plane: without a worker free of the GPU taint, KFP never schedules."""
+    nodes = load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"]
+    schedulable = [
+        n
+        for n in nodes
+        if n["role"] == "worker" and "taints" not in "".join(n.get("kubeadmConfigPatches", []))
+    ]
+    assert schedulable and not any(n.get("labels") for n in schedulable)
 
 
 @pytest.mark.parametrize(
