@@ -46,7 +46,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
 from kfp.local import cache as kfp_cache
 from kfp.local.cache import LocalCache
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 import delrec
 from components import distill, evaluate, finetune, preprocess, publish, train_teacher
@@ -117,7 +117,17 @@ class PipelineOptions(StageConfig):
         return image
 
     gpus: int = Field(1, ge=0)
-    """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks"""
+    """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks, on the CPU image
+    unless gpu_image is given"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_image_without_gpus(cls, data: Any) -> Any:
+        # Without a GPU the ~6 GB CUDA image buys nothing, and a kind cluster holds only the CPU image.
+        if isinstance(data, dict) and data.get("gpus") == 0 and "gpu_image" not in data:
+            data = {**data, "gpu_image": data.get("cpu_image") or images.cpu_image()}
+        return data
+
     gpu_toleration: str = "nvidia.com/gpu"
     """taint key the GPU tasks tolerate (operator Exists, effect NoSchedule)"""
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})

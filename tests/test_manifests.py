@@ -267,7 +267,8 @@ def test_gpu_kind_cluster_has_an_untainted_node_for_kfp_and_the_cpu_stages():
 
 
 @pytest.mark.parametrize(
-    ("overlay", "preset"), [("overlays/kind", "demo"), ("overlays/gpu", "ml-100k"), ("base", "demo")]
+    ("overlay", "preset"),
+    [("overlays/kind", "demo"), ("overlays/kind", "kind"), ("overlays/gpu", "ml-100k"), ("base", "demo")],
 )
 def test_model_cache_access_mode_matches_the_pipeline_compiled_for_it(overlay, preset):
     """kind keeps a ReadWriteOnce cache and its preset serialises the tasks that mount it; the gpu overlay
