@@ -70,11 +70,14 @@ CONFIG_CLASSES = {
 
 # Run parameters whose defaults come from the preset's pipeline: section.
 OPTION_RUN_PARAMS = (
-    "cpu_image", "gpu_image", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
+    "cpu_image", "gpu_image", "s3_secret", "publish_to", "gate",
 )  # fmt: skip
 # Options that are baked into the compiled spec (no run parameter), settable as ``name=value`` too: KFP's
 # driver fills pod-spec placeholders with a parameter's *string* value, so an int GPU count would be lost.
 COMPILE_TIME_OPTIONS = ("gpus",)
+# What delrec.store reads besides the credentials: the keys of the s3_config_map ConfigMap, set as these
+# environment variables of every task.
+S3_SETTINGS_ENV = ("DELREC_S3_ENDPOINT", "DELREC_S3_SECURE", "DELREC_S3_REGION")
 
 log = logging.getLogger("pipeline")
 
@@ -151,9 +154,9 @@ class PipelineOptions(StageConfig):
     """secret key -> environment variable (KFP's own mlpipeline-minio-artifact secret uses these keys)"""
     hf_secret: str = "delrec-hf"
     """optional secret whose ``token`` becomes HF_TOKEN on the tasks that load the LLM (gated models)"""
-    s3_endpoint: str = ""
-    """host:port of the object store (empty: $DELREC_S3_ENDPOINT in the task)"""
-    s3_secure: bool = True
+    s3_config_map: str = "delrec-object-store"
+    """ConfigMap (manifests/base) whose keys DELREC_S3_ENDPOINT (host:port or URL), DELREC_S3_SECURE and
+    DELREC_S3_REGION become every task's environment: the one place that says where the object store is"""
     publish_to: str = ""
     """s3://bucket[/prefix] of the model registry; empty: no publish step"""
     gate: dict[str, Any] = Field(default_factory=dict)
@@ -204,6 +207,11 @@ def build_pipeline(options: PipelineOptions | None = None):
         _resources(task, o.resources.get(stage) or _default_resources()[stage])
         task.set_retry(o.retries, o.retry_backoff, o.retry_backoff_factor, o.retry_backoff_max)
         kubernetes.set_timeout(task, o.cpu_timeout_s)
+        if o.s3_config_map:
+            # Optional: a run that never touches s3:// needs no ConfigMap; one that does fails naming it.
+            kubernetes.use_config_map_as_env(
+                task, o.s3_config_map, {key: key for key in S3_SETTINGS_ENV}, optional=True
+            )
         return task.set_display_name(stage)
 
     def gpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
@@ -242,8 +250,6 @@ def build_pipeline(options: PipelineOptions | None = None):
         cpu_image: str = o.cpu_image,
         gpu_image: str = o.gpu_image,
         s3_secret: str = o.s3_secret,
-        s3_endpoint: str = o.s3_endpoint,
-        s3_secure: bool = o.s3_secure,
         publish_to: str = o.publish_to,
         gate: dict = o.gate,
     ) -> Outputs:
@@ -251,8 +257,6 @@ def build_pipeline(options: PipelineOptions | None = None):
             config=preprocess_config,
             source=source,
             source_fingerprint=source_fingerprint,
-            s3_endpoint=s3_endpoint,
-            s3_secure=s3_secure,
         )
         cpu_task(prep, "preprocess", cpu_image)
         # Optional: only an s3:// source needs the credentials.
@@ -309,8 +313,6 @@ def build_pipeline(options: PipelineOptions | None = None):
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 gate=gate,
-                s3_endpoint=s3_endpoint,
-                s3_secure=s3_secure,
             )
             # Never served from cache: a re-run must really push (and re-check the gate).
             cpu_task(pub, "publish", cpu_image).set_caching_options(False)
@@ -329,13 +331,13 @@ def build_pipeline(options: PipelineOptions | None = None):
 # --------------------------------------------------------------------------- arguments
 
 
-def _fingerprint(source: str, s3_endpoint: str) -> str:
+def _fingerprint(source: str) -> str:
     """A hash of the source's contents so the preprocess cache key sees new data behind the same name."""
     from delrec.store import S3Store, local_fingerprint
 
     try:
         if is_s3_uri(source):
-            return S3Store.from_env(s3_endpoint or None, attempts=1).fingerprint(source)
+            return S3Store.from_env(attempts=1).fingerprint(source)
         if Path(source).exists():
             return local_fingerprint(source)
     except Exception as exc:  # best effort: the store may be reachable only inside the cluster
@@ -394,9 +396,7 @@ def pipeline_arguments(
     # A source set in the preprocess config (not --data) needs a fingerprint as much.
     source = run_params.get("source") or str(configs["preprocess"].get("source") or "")
     if source and "source_fingerprint" not in run_params:
-        run_params["source_fingerprint"] = _fingerprint(
-            source, run_params.get("s3_endpoint", options.s3_endpoint)
-        )
+        run_params["source_fingerprint"] = _fingerprint(source)
     for name in OPTION_RUN_PARAMS:
         run_params.setdefault(name, getattr(options, name))
     arguments.update(run_params)

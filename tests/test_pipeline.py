@@ -184,10 +184,11 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
     )
 
 
-def test_s3_source_fingerprint_follows_the_objects(store, moto_endpoint):  # noqa: F811
+def test_s3_source_fingerprint_follows_the_objects(store, moto_endpoint, monkeypatch):  # noqa: F811
     uri = f"s3://{BUCKET}/raw/tiny"
     store.put_bytes(b"1\t1\t5\t1\n", f"{uri}/u.data")
-    params = [f"source={uri}", f"s3_endpoint=http://{moto_endpoint}"]
+    monkeypatch.setenv("DELREC_S3_ENDPOINT", f"http://{moto_endpoint}")
+    params = [f"source={uri}"]
     first = pipeline.pipeline_arguments("demo", None, params)[1]["source_fingerprint"]
     store.put_bytes(b"1\t1\t5\t2\n", f"{uri}/u.data")
     second = pipeline.pipeline_arguments("demo", None, params)[1]["source_fingerprint"]
