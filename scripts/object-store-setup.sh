@@ -34,9 +34,10 @@ access="$(k get secret "$SECRET" -o jsonpath='{.data.accesskey}' | base64 -d)"
 secret="$(k get secret "$SECRET" -o jsonpath='{.data.secretkey}' | base64 -d)"
 [ -n "$access" ] && [ -n "$secret" ] || { echo "object-store-setup: secret $SECRET lacks accesskey/secretkey" >&2; exit 1; }
 
-existing="$(echo "s3.bucket.list" | weed)"
+# s3.bucket.list prints one bucket a line, its name first.
+existing="$(echo "s3.bucket.list" | weed | awk '{print $1}')"
 for bucket in $BUCKETS; do
-  if grep -qw -- "$bucket" <<<"$existing"; then
+  if grep -qx -- "$bucket" <<<"$existing"; then
     echo "bucket $bucket exists"
   else
     echo "s3.bucket.create -name $bucket" | weed

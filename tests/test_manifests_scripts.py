@@ -129,16 +129,17 @@ def test_object_store_setup_gives_pipelines_their_own_key_on_their_buckets_only(
     # The key travels on stdin only: never in a command line, never printed.
     assert "SKPIPELINE42" not in calls + out.stdout + out.stderr
 
-    # Again, with the secret and buckets in place: the same key re-applied, nothing created.
+    # Again, with the secret and two buckets in place: the same key re-applied, only the missing bucket made.
     (state / "secrets").touch()
     (state / "buckets").write_text(
-        "  delrec-artifacts\tsize:0\n  delrec-data\n  delrec-models\n  mlpipeline\n"
+        "  delrec-artifacts\tsize:0\n  delrec-data-old\n  delrec-models\n  mlpipeline\n"
     )
     (state / "weed").write_text("")
     log.write_text("")
     assert run("object-store-setup.sh", env).returncode == 0
     weed = (state / "weed").read_text()
-    assert "create secret" not in log.read_text() and "s3.bucket.create" not in weed
+    assert "create secret" not in log.read_text()
+    assert [c for c in weed.splitlines() if "s3.bucket.create" in c] == ["s3.bucket.create -name delrec-data"]
     assert "-access_key AKIDPIPE -secret_key SKPIPELINE42" in weed
 
 
