@@ -74,7 +74,9 @@ echo "== 1/5 kind cluster, KFP, manifests, object store"
 scripts/kind-up.sh
 
 echo "== 2/5 CPU image, loaded into the cluster"
-read -r cpu_image _ <<<"$(PYTHONPATH=src "$PY" -m delrec.images)"
+images="$(PYTHONPATH=src "$PY" -m delrec.images)"
+cpu_image="${images%% *}"
+[ -n "$cpu_image" ] || { echo "e2e: no image name from delrec.images" >&2; exit 1; }
 "$ENGINE" build -f docker/Dockerfile -t "$cpu_image" .
 scripts/kind-load.sh "$cpu_image"
 
