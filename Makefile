@@ -73,7 +73,7 @@ EXPERIMENT ?=
 PIPELINE_ROOT ?=
 PARAMS ?=
 
-.PHONY: images image-cpu image-gpu image-names kind-up kind-down kind-load submit
+.PHONY: images image-cpu image-gpu image-names kind-up kind-down kind-load submit e2e
 
 images: image-cpu image-gpu  ## build both container images (ENGINE=docker|podman, BUILD_ARGS=...)
 
@@ -99,3 +99,7 @@ kind-load:  ## copy the built images into the kind cluster's nodes
 submit: compile  ## compile, then submit a run to KFP_HOST (PRESET, DATA=s3://..., EXPERIMENT, PIPELINE_ROOT, PARAMS="k=v ...")
 	$(PY) pipeline.py submit --host $(KFP_HOST) --preset $(PRESET) $(if $(DATA),--data $(DATA)) \
 	  $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(PIPELINE_ROOT),--pipeline-root $(PIPELINE_ROOT)) $(PARAMS)
+
+# Its own cluster (delrec-e2e), on the same host ports as kind-up's: `make kind-down` that one first.
+e2e: $(VENV)/.installed  ## end to end on kind: cluster, CPU image, demo run, bundle check, teardown (KEEP=1 keeps it)
+	ENGINE=$(ENGINE) KIND="$(KIND)" PY=$(PY) scripts/e2e-kind.sh

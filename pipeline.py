@@ -51,7 +51,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from components import distill, evaluate, finetune, prepare, preprocess, publish, train_teacher
 from delrec import checkpoints, images
@@ -74,11 +74,14 @@ CONFIG_CLASSES = {
 
 # Run parameters whose defaults come from the preset's pipeline: section.
 OPTION_RUN_PARAMS = (
-    "cpu_image", "gpu_image", "s3_secret", "s3_endpoint", "s3_secure", "publish_to", "gate",
+    "cpu_image", "gpu_image", "s3_secret", "publish_to", "gate",
 )  # fmt: skip
 # Options that are baked into the compiled spec (no run parameter), settable as ``name=value`` too: KFP's
 # driver fills pod-spec placeholders with a parameter's *string* value, so an int GPU count would be lost.
 COMPILE_TIME_OPTIONS = ("gpus",)
+# What delrec.store reads besides the credentials: the keys of the s3_config_map ConfigMap, set as these
+# environment variables of every task.
+S3_SETTINGS_ENV = ("DELREC_S3_ENDPOINT", "DELREC_S3_SECURE", "DELREC_S3_REGION")
 
 log = logging.getLogger("pipeline")
 
@@ -122,7 +125,17 @@ class PipelineOptions(StageConfig):
         return image
 
     gpus: int = Field(1, ge=0)
-    """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks"""
+    """GPUs per GPU task, baked into the compiled spec; 0: the GPU stages run as CPU tasks, on the CPU image
+    unless gpu_image is given"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_image_without_gpus(cls, data: Any) -> Any:
+        # Without a GPU the ~6 GB CUDA image buys nothing, and a kind cluster holds only the CPU image.
+        if isinstance(data, dict) and data.get("gpus") == 0 and "gpu_image" not in data:
+            data = {**data, "gpu_image": data.get("cpu_image") or images.cpu_image()}
+        return data
+
     gpu_toleration: str = "nvidia.com/gpu"
     """taint key the GPU tasks tolerate (operator Exists, effect NoSchedule)"""
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
@@ -146,9 +159,9 @@ class PipelineOptions(StageConfig):
     """secret key -> environment variable (KFP's own mlpipeline-minio-artifact secret uses these keys)"""
     hf_secret: str = "delrec-hf"
     """optional secret whose ``token`` becomes HF_TOKEN on the tasks that load the LLM (gated models)"""
-    s3_endpoint: str = ""
-    """host:port of the object store (empty: $DELREC_S3_ENDPOINT in the task)"""
-    s3_secure: bool = True
+    s3_config_map: str = "delrec-object-store"
+    """ConfigMap (manifests/base) whose keys DELREC_S3_ENDPOINT (host:port or URL), DELREC_S3_SECURE and
+    DELREC_S3_REGION become every task's environment: the one place that says where the object store is"""
     publish_to: str = ""
     """s3://bucket[/prefix] of the model registry; empty: no publish step"""
     gate: dict[str, Any] = Field(default_factory=dict)
@@ -217,6 +230,11 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         _resources(task, o.resources.get(stage) or _default_resources()[stage])
         task.set_retry(o.retries, o.retry_backoff, o.retry_backoff_factor, o.retry_backoff_max)
         kubernetes.set_timeout(task, o.cpu_timeout_s)
+        if o.s3_config_map:
+            # Optional: a run that never touches s3:// needs no ConfigMap; one that does fails naming it.
+            kubernetes.use_config_map_as_env(
+                task, o.s3_config_map, {key: key for key in S3_SETTINGS_ENV}, optional=True
+            )
         return task.set_display_name(stage)
 
     def gpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
@@ -280,8 +298,6 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         cpu_image: str = o.cpu_image,
         gpu_image: str = o.gpu_image,
         s3_secret: str = o.s3_secret,
-        s3_endpoint: str = o.s3_endpoint,
-        s3_secure: bool = o.s3_secure,
         gate: dict = o.gate,
     ) -> Outputs:
         # Runs every time: it lists the source now (a schedule's arguments were fixed when it was
@@ -300,8 +316,6 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             finetune_steps=finetune_steps,
             finetune_batch_size=finetune_batch_size,
             evaluate_batch_size=evaluate_batch_size,
-            s3_endpoint=s3_endpoint,
-            s3_secure=s3_secure,
         )
         cpu_task(setup, "prepare", cpu_image).set_caching_options(False)
         kubernetes.use_secret_as_env(setup, s3_secret, o.s3_secret_keys, optional=True)
@@ -311,8 +325,6 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         prep = preprocess(
             config=config["preprocess"],
             source_fingerprint=setup.outputs["source_fingerprint"],
-            s3_endpoint=s3_endpoint,
-            s3_secure=s3_secure,
         )
         cpu_task(prep, "preprocess", cpu_image)
         # Optional: only an s3:// source needs the credentials.
@@ -320,25 +332,21 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         model_cache(prep)
         data = prep.outputs["dataset"]
 
-        # The object store of the training tasks' checkpoint workspace (see workspace()).
-        store = {"s3_endpoint": s3_endpoint, "s3_secure": s3_secure}
-        teacher = train_teacher(config=config["teacher"], dataset=data, **store)
+        teacher = train_teacher(config=config["teacher"], dataset=data)
         cpu_task(teacher, "teacher", cpu_image)
         workspace(teacher, "teacher", s3_secret)
 
-        soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"], **store)
+        soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
         gpu_task(soft, "distill", gpu_image)
         hf_token(soft)
         workspace(soft, "distill", s3_secret)
 
-        tuned = finetune(
-            config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"], **store
-        )
+        tuned = finetune(config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"])
         gpu_task(tuned, "finetune", gpu_image).set_display_name("finetune")
         hf_token(tuned)
         workspace(tuned, "finetune", s3_secret)
         # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
-        ablation = finetune(config=config["finetune"], dataset=data, **store)
+        ablation = finetune(config=config["finetune"], dataset=data)
         gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
         hf_token(ablation)
         workspace(ablation, "finetune-ablation", s3_secret)
@@ -377,8 +385,6 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 gate=gate,
-                s3_endpoint=s3_endpoint,
-                s3_secure=s3_secure,
             )
             # Never served from cache: a re-run must really push (and re-check the gate).
             cpu_task(pub, "publish", cpu_image).set_caching_options(False)

@@ -13,16 +13,13 @@ def distill(
     teacher: Input[Model],
     soft_prompt: Output[Model],
     metrics: Output[Metrics],
-    s3_endpoint: str = "",
-    s3_secure: bool = True,
 ):
     """Run ``delrec.distill.distill`` (TA + RPS soft-prompt training) and log its metrics.
 
-    In a pipeline run it checkpoints to the run's workspace in the object store (``s3_endpoint``), so a
-    retried pod resumes (``delrec.checkpoints``).
+    In a pipeline run it checkpoints to the run's workspace in the object store (its endpoint from the
+    delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``).
     """
     import json
-    import os
     import time
     from pathlib import Path
 
@@ -33,10 +30,7 @@ def distill(
 
     started = time.perf_counter()
     # The pipeline says where to checkpoint through the environment (a run id among the inputs would
-    # change the cache key of every run); delrec.store reads its endpoint from there too.
-    if s3_endpoint:
-        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
-    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
+    # change the cache key of every run); delrec.store reads its endpoint from there too (ConfigMap).
     config = DistillConfig.from_dict(config, source="distill config")
     result = run(dataset.path, teacher.path, config, soft_prompt.path, checkpoint=location_from_env())
     result = {

@@ -26,8 +26,6 @@ def prepare(
     finetune_steps: int = 0,
     finetune_batch_size: int = 0,
     evaluate_batch_size: int = 0,
-    s3_endpoint: str = "",
-    s3_secure: bool = True,
 ) -> NamedTuple(
     "Prepared",
     [
@@ -42,7 +40,6 @@ def prepare(
     """Each stage config with the run parameters set (``delrec.config.apply_run_parameters``: a run
     parameter wins over its stage dict; an empty string or 0 leaves the dict's value), and
     ``delrec.store.source_fingerprint`` of the resulting source (S3 ETags, or file hashes)."""
-    import os
     from collections import namedtuple
 
     from delrec.config import apply_run_parameters
@@ -68,10 +65,6 @@ def prepare(
         },
         params,
     )
-    # As in preprocess: delrec.store reads its endpoint from the environment.
-    if s3_endpoint:
-        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
-    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
     fingerprint = source_fingerprint(configs["preprocess"].get("source"))
     print(f"source fingerprint: {fingerprint or '(none: no source to list)'}")
     fields = ["source_fingerprint", *(f"{stage}_config" for stage in configs)]

@@ -13,8 +13,6 @@ def preprocess(
     metrics: Output[Metrics],
     source: str = "",
     source_fingerprint: str = "",
-    s3_endpoint: str = "",
-    s3_secure: bool = True,
 ):
     """Run ``delrec.data.preprocess``; ``source`` (if set: a path, URL or ``s3://`` URI) overrides the config's.
 
@@ -22,7 +20,6 @@ def preprocess(
     when the files behind an unchanged path change.
     """
     import json
-    import os
     import time
     from pathlib import Path
 
@@ -32,10 +29,6 @@ def preprocess(
     from delrec.store import local_fingerprint
 
     started = time.perf_counter()
-    # delrec.store reads its endpoint from the environment (the credentials come from a secret).
-    if s3_endpoint:
-        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
-    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
     settings = dict(config)
     if source:
         settings["source"] = source

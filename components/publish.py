@@ -24,8 +24,6 @@ def publish(
     run_id: str,
     gate: dict,
     run_name: str = "",
-    s3_endpoint: str = "",
-    s3_secure: bool = True,
 ) -> NamedTuple("PublishOutputs", [("uri", str), ("passed", bool)]):
     """Upload model + soft prompt + evaluation + the stage configs to ``<destination>/<pipeline>/<run_id>/``.
 
@@ -43,7 +41,8 @@ def publish(
 
     from delrec.store import QualityGate, S3Store, publish_bundle
 
-    store = S3Store.from_env(s3_endpoint or None, s3_secure)
+    # Endpoint and TLS from the DELREC_S3_* environment (pipeline.py's s3_config_map), keys from a secret.
+    store = S3Store.from_env()
     configs = {
         "preprocess": preprocess_config,
         "teacher": teacher_config,

@@ -16,8 +16,6 @@ def recommend(
     destination: str = "",
     pipeline_name: str = "delrec",
     run_id: str = "",
-    s3_endpoint: str = "",
-    s3_secure: bool = True,
 ) -> str:
     """Run ``delrec.recommend.recommend`` into the output artifact; with ``destination`` (the publish
     prefix) also upload it to ``<destination>/<pipeline>/recommendations/<run_id>/``. Returns that URI
@@ -37,7 +35,7 @@ def recommend(
     recommendations.metadata["content_fingerprint"] = local_fingerprint(recommendations.path)
     if not destination:
         return ""
-    store = S3Store.from_env(s3_endpoint or None, s3_secure)
+    store = S3Store.from_env()
     uri = publish_recommendations(store, recommendations.path, destination, pipeline_name, run_id)
     print(f"recommendations for {stats['users']} users: {uri}")
     return uri

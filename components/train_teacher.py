@@ -12,16 +12,13 @@ def train_teacher(
     dataset: Input[Dataset],
     teacher: Output[Model],
     metrics: Output[Metrics],
-    s3_endpoint: str = "",
-    s3_secure: bool = True,
 ):
     """Run ``delrec.teachers.train_teacher`` and log its metrics.
 
-    In a pipeline run it checkpoints to the run's workspace in the object store (``s3_endpoint``), so a
+    In a pipeline run it checkpoints to the run's workspace in the object store (endpoint from the delrec-object-store ConfigMap), so a
     retried pod resumes (``delrec.checkpoints``).
     """
     import json
-    import os
     import time
     from pathlib import Path
 
@@ -32,10 +29,7 @@ def train_teacher(
 
     started = time.perf_counter()
     # The pipeline says where to checkpoint through the environment (a run id among the inputs would
-    # change the cache key of every run); delrec.store reads its endpoint from there too.
-    if s3_endpoint:
-        os.environ["DELREC_S3_ENDPOINT"] = s3_endpoint
-    os.environ["DELREC_S3_SECURE"] = "1" if s3_secure else "0"
+    # change the cache key of every run); delrec.store reads its endpoint from there too (ConfigMap).
     config = TeacherConfig.from_dict(config, source="teacher config")
     result = run(dataset.path, config, teacher.path, checkpoint=location_from_env())
     result = {

@@ -22,6 +22,7 @@ need() { command -v "$1" >/dev/null 2>&1 || { echo "kind-up: '$1' not found: $2"
 need "$KIND" "install kind (v0.29.0 or later): https://kind.sigs.k8s.io/docs/user/quick-start/"
 need kubectl "install kubectl (1.31 or later): https://kubernetes.io/docs/tasks/tools/"
 need python3 "needed to generate random credentials"
+need base64 "needed to read the generated credentials back"
 need git "kubectl fetches the KFP manifests from GitHub with git"
 [ -d "manifests/overlays/$OVERLAY" ] || { echo "kind-up: no overlay manifests/overlays/$OVERLAY" >&2; exit 1; }
 
@@ -41,35 +42,23 @@ k apply -k "$KFP_MANIFESTS/cluster-scoped-resources?ref=$KFP_VERSION"
 k wait --for condition=established --timeout=120s crd/applications.app.k8s.io
 k apply -k "$KFP_MANIFESTS/env/platform-agnostic?ref=$KFP_VERSION"
 
-echo "== object-store credentials (random, created once, never written to disk)"
-k get namespace delrec >/dev/null 2>&1 || k create namespace delrec
-if ! k -n delrec get secret delrec-minio-root >/dev/null 2>&1; then
-  user="delrec-$(python3 -c 'import secrets; print(secrets.token_hex(4))')"
-  password="$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
-  k -n delrec create secret generic delrec-minio-root \
-    --from-literal=rootUser="$user" --from-literal=rootPassword="$password"
-fi
-if ! k -n kubeflow get secret delrec-s3 >/dev/null 2>&1; then
-  user="$(k -n delrec get secret delrec-minio-root -o jsonpath='{.data.rootUser}' | base64 -d)"
-  password="$(k -n delrec get secret delrec-minio-root -o jsonpath='{.data.rootPassword}' | base64 -d)"
-  k -n kubeflow create secret generic delrec-s3 \
-    --from-literal=accesskey="$user" --from-literal=secretkey="$password"
-fi
-
 echo "== applying manifests/overlays/$OVERLAY"
 k apply -k "manifests/overlays/$OVERLAY"
 
-echo "== waiting for KFP and MinIO (the first start pulls images: 5-15 minutes)"
+echo "== waiting for KFP (the first start pulls images: 5-15 minutes)"
 k -n kubeflow wait --for=condition=Available deployment --all --timeout="$TIMEOUT"
-k -n delrec wait --for=condition=Available deployment/delrec-minio --timeout=10m
-k -n delrec wait --for=condition=Complete job/delrec-create-buckets --timeout=10m
 k -n kubeflow wait --for=condition=Complete job/delrec-model-cache-init --timeout=10m
+
+# Buckets and the pipelines' own least-privilege key on KFP's SeaweedFS (random, created once, never
+# written to disk).
+KUBE_CONTEXT="kind-$KIND_CLUSTER" scripts/object-store-setup.sh
 
 cat <<MSG
 
 KFP is ready on kind cluster '$KIND_CLUSTER'.
   UI and API:    http://localhost:8080
-  MinIO S3 API:  http://localhost:9000  (buckets delrec-artifacts, delrec-data, delrec-models)
+  S3 API:        http://localhost:9000  (KFP's SeaweedFS; buckets delrec-artifacts, delrec-data, delrec-models;
+                 key in secret kubeflow/delrec-s3)
   Pipeline root: s3://delrec-artifacts/v2 (kfp-launcher ConfigMap in namespace kubeflow)
 If the cluster was not made from manifests/kind/cluster.yaml (no port mappings), forward the UI instead:
   kubectl --context kind-$KIND_CLUSTER -n kubeflow port-forward svc/ml-pipeline-ui 8080:80

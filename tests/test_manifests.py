@@ -106,6 +106,15 @@ def secret_templates() -> dict[tuple[str, str], dict]:
     return {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs}
 
 
+def import_pipeline():
+    sys.path.insert(0, str(REPO))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO))
+    return pipeline
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -136,7 +145,7 @@ def test_kubernetes_validate_cli_strict_passes_every_file():
 
 
 def test_strict_validation_rejects_an_unknown_field():
-    doc = load_docs(MANIFESTS / "base" / "minio" / "service.yaml")[0]
+    doc = load_docs(MANIFESTS / "overlays" / "kind" / "kfp-ui-nodeport.yaml")[0]
     doc["spec"]["portz"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -186,7 +195,6 @@ def test_every_secret_reference_has_a_template(overlay):
     templates = secret_templates()
     docs = rendered(overlay)
     refs = [(d["metadata"]["namespace"], name, key) for d in docs for name, key in secret_refs(d)]
-    assert refs
     launcher = find(docs, "ConfigMap", "kfp-launcher")
     s3 = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
     ref = s3["credentials"]["secretRef"]
@@ -200,29 +208,37 @@ def test_every_secret_reference_has_a_template(overlay):
         assert key in templates[namespace, name]["stringData"], f"secret {name} template lacks key {key}"
 
 
-def test_launcher_points_at_the_minio_service_and_a_created_bucket():
+def test_launcher_and_tasks_reach_the_same_store_and_a_bucket_the_setup_creates():
+    """The launcher's provider and the tasks' ConfigMap name one endpoint, TLS and region; the pipeline
+    root's bucket is one scripts/object-store-setup.sh creates; the ConfigMap holds exactly the keys
+    pipeline.py maps to the environment, in the namespace of the pipeline pods."""
+    pipeline = import_pipeline()
     docs = rendered("base")
     launcher = find(docs, "ConfigMap", "kfp-launcher")
-    root = launcher["data"]["defaultPipelineRoot"]
-    assert root.startswith("s3://")
     s3 = yaml.safe_load(launcher["data"]["providers"])["s3"]["default"]
-    host, port = s3["endpoint"].split(":")
-    service = find(docs, "Service", "delrec-minio")
-    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
-    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
-    assert s3["disableSSL"] is True and s3["forcePathStyle"] is True
+    settings = find(docs, "ConfigMap", pipeline.PipelineOptions().s3_config_map)
+    assert settings["metadata"]["namespace"] == launcher["metadata"]["namespace"]
+    assert set(settings["data"]) == set(pipeline.S3_SETTINGS_ENV)
+    assert settings["data"]["DELREC_S3_ENDPOINT"] == s3["endpoint"]
+    assert settings["data"]["DELREC_S3_SECURE"] == ("false" if s3["disableSSL"] else "true")
+    assert settings["data"]["DELREC_S3_REGION"] == s3["region"] and s3["forcePathStyle"] is True
+    # The default store: the S3 port of the SeaweedFS Service KFP 2.17 installs.
+    assert s3["endpoint"] == "seaweedfs.kubeflow.svc.cluster.local:9000"
+    setup = (REPO / "scripts" / "object-store-setup.sh").read_text()
+    buckets = re.search(r"^BUCKETS=\$\{BUCKETS:-([^}]*)\}$", setup, re.M).group(1).split()
+    assert launcher["data"]["defaultPipelineRoot"].removeprefix("s3://").split("/")[0] in buckets
+    assert {"delrec-data", "delrec-models"} <= set(buckets)
 
-    job = find(docs, "Job", "delrec-create-buckets")
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["ENDPOINT"] == f"http://{s3['endpoint']}"
-    assert root.removeprefix("s3://").split("/")[0] in env["BUCKETS"].split()
 
-
-def test_minio_service_selects_the_minio_pods():
-    docs = rendered("base")
-    selector = find(docs, "Service", "delrec-minio")["spec"]["selector"]
-    labels = find(docs, "Deployment", "delrec-minio")["spec"]["template"]["metadata"]["labels"]
-    assert selector.items() <= labels.items()
+def test_kind_s3_node_port_reaches_seaweedfs_past_kfp_network_policy():
+    docs = rendered("overlays/kind")
+    service = find(docs, "Service", "delrec-s3")
+    assert service["spec"]["selector"] == {"app": "seaweedfs"}
+    assert service["spec"]["ports"][0]["targetPort"] == 8333  # SeaweedFS's S3 port
+    policy = find(docs, "NetworkPolicy", "delrec-s3-from-host")["spec"]
+    assert policy["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [8333]
+    assert not [d for d in rendered("overlays/gpu") if d["kind"] == "NetworkPolicy"]  # kind only
 
 
 def test_kind_node_ports_match_the_kind_config():
@@ -244,28 +260,36 @@ def test_gpu_overlay_runs_the_device_plugin_on_gpu_nodes():
     assert plugin["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in plugin["tolerations"]
     # The kind GPU worker carries the same label and taint.
-    worker = [
+    workers = [
         n for n in load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"] if n["role"] == "worker"
     ]
-    assert worker and worker[0]["labels"] == plugin["nodeSelector"]
-    assert "key: nvidia.com/gpu" in worker[0]["kubeadmConfigPatches"][0]
+    gpu = [n for n in workers if n.get("labels") == plugin["nodeSelector"]]
+    assert len(gpu) == 1 and "key: nvidia.com/gpu" in gpu[0]["kubeadmConfigPatches"][0]
     assert (
         find(docs, "PersistentVolumeClaim", "delrec-model-cache")["spec"]["resources"]["requests"]["storage"]
         == "200Gi"
     )
 
 
+def test_gpu_kind_cluster_has_an_untainted_node_for_kfp_and_the_cpu_stages():
+    """kind taints its control plane: without a worker free of the GPU taint, KFP never schedules."""
+    nodes = load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"]
+    schedulable = [
+        n
+        for n in nodes
+        if n["role"] == "worker" and "taints" not in "".join(n.get("kubeadmConfigPatches", []))
+    ]
+    assert schedulable and not any(n.get("labels") for n in schedulable)
+
+
 @pytest.mark.parametrize(
-    ("overlay", "preset"), [("overlays/kind", "demo"), ("overlays/gpu", "ml-100k"), ("base", "demo")]
+    ("overlay", "preset"),
+    [("overlays/kind", "demo"), ("overlays/kind", "kind"), ("overlays/gpu", "ml-100k"), ("base", "demo")],
 )
 def test_model_cache_access_mode_matches_the_pipeline_compiled_for_it(overlay, preset):
     """kind keeps a ReadWriteOnce cache and its preset serialises the tasks that mount it; the gpu overlay
     shares it ReadWriteMany, as the LLM tasks of the ml-100k preset run side by side on several nodes."""
-    sys.path.insert(0, str(REPO))
-    try:
-        import pipeline
-    finally:
-        sys.path.remove(str(REPO))
+    pipeline = import_pipeline()
     pvc = find(rendered(overlay), "PersistentVolumeClaim", "delrec-model-cache")
     options = pipeline.pipeline_arguments(preset)[0]
     assert pvc["spec"]["accessModes"] == [options.model_cache_access]

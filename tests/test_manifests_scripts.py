@@ -15,13 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
+# `kubectl exec -i ... weed shell` reads SeaweedFS shell commands on stdin: recorded in $STATE/weed, answered
+# from $STATE/buckets and $STATE/users. The secret's key decodes to AKIDPIPE / SKPIPELINE42.
 KUBECTL = """#!/bin/sh
 echo "kubectl $*" >> "$LOG"
 case "$*" in
-  *"get secret delrec-minio-root -o jsonpath={.data.rootUser}"*) printf %s ZGVscmVjLXVzZXI= ;;
-  *"get secret delrec-minio-root -o jsonpath={.data.rootPassword}"*) printf %s c2VjcmV0 ;;
+  *"get secret delrec-s3 -o jsonpath={.data.accesskey}"*) printf %s QUtJRFBJUEU= ;;
+  *"get secret delrec-s3 -o jsonpath={.data.secretkey}"*) printf %s U0tQSVBFTElORTQy ;;
   *"get secret"*) [ -e "$STATE/secrets" ] || exit 1 ;;
-  *"get namespace"*) [ -e "$STATE/secrets" ] || exit 1 ;;
+  *" exec -i "*)
+    cmd=$(cat); echo "$cmd" >> "$STATE/weed"
+    case "$cmd" in
+      "s3.bucket.list") [ ! -e "$STATE/buckets" ] || cat "$STATE/buckets" ;;
+      "s3.configure") [ ! -e "$STATE/users" ] || cat "$STATE/users" ;;
+      "s3.configure "*) [ -n "$WEED_IGNORES_CONFIGURE" ] || echo delrec-pipelines >> "$STATE/users" ;;
+    esac ;;
 esac
 exit 0
 """
@@ -79,13 +87,12 @@ def test_kind_up_installs_in_order_and_creates_secrets_once(stubs):
         f"apply -k {kfp}/cluster-scoped-resources?ref=2.17.1",
         "wait --for condition=established",
         f"apply -k {kfp}/env/platform-agnostic?ref=2.17.1",
-        "create namespace delrec",
-        "-n delrec create secret generic delrec-minio-root",
-        "-n kubeflow create secret generic delrec-s3 --from-literal=accesskey=delrec-user --from-literal=secretkey=secret",
         "apply -k manifests/overlays/kind",
         "-n kubeflow wait --for=condition=Available deployment --all",
-        "job/delrec-create-buckets",
         "job/delrec-model-cache-init",
+        "-n kubeflow wait --for=condition=Available deployment/seaweedfs",
+        "-n kubeflow create secret generic delrec-s3",
+        "-n kubeflow exec -i deployment/seaweedfs",
     ]
     positions = [index(fragment) for fragment in order]
     assert positions == sorted(positions)
@@ -98,12 +105,48 @@ def test_kind_up_installs_in_order_and_creates_secrets_once(stubs):
     out = run("kind-up.sh", {**env, "KFP_VERSION": "2.17.0", "OVERLAY": "gpu"})
     assert out.returncode == 0, out.stderr
     calls = log.read_text()
-    assert (
-        "kind create cluster" not in calls
-        and "create secret" not in calls
-        and "create namespace" not in calls
-    )
+    assert "kind create cluster" not in calls and "create secret" not in calls
     assert "env/platform-agnostic?ref=2.17.0" in calls and "apply -k manifests/overlays/gpu" in calls
+
+
+def test_object_store_setup_gives_pipelines_their_own_key_on_their_buckets_only(stubs):
+    env, log, state = stubs
+    env = {**env, "KUBE_CONTEXT": "kind-x"}
+    out = run("object-store-setup.sh", env)
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text()
+    assert all("--context kind-x -n kubeflow" in c for c in calls.splitlines())
+    assert "create secret generic delrec-s3 --from-literal=accesskey=" in calls
+    weed = (state / "weed").read_text().splitlines()
+    assert [c for c in weed if c.startswith("s3.bucket.create")] == [
+        f"s3.bucket.create -name {b}" for b in ("delrec-artifacts", "delrec-data", "delrec-models")
+    ]
+    (configure,) = [c for c in weed if c.startswith("s3.configure -user")]
+    assert configure == (
+        "s3.configure -user delrec-pipelines -access_key AKIDPIPE -secret_key SKPIPELINE42 "
+        "-actions Read,Write,List -buckets delrec-artifacts,delrec-data,delrec-models -apply"
+    )
+    # The key travels on stdin only: never in a command line, never printed.
+    assert "SKPIPELINE42" not in calls + out.stdout + out.stderr
+
+    # Again, with the secret and two buckets in place: the same key re-applied, only the missing bucket made.
+    (state / "secrets").touch()
+    (state / "buckets").write_text(
+        "  delrec-artifacts\tsize:0\n  delrec-data-old\n  delrec-models\n  mlpipeline\n"
+    )
+    (state / "weed").write_text("")
+    log.write_text("")
+    assert run("object-store-setup.sh", env).returncode == 0
+    weed = (state / "weed").read_text()
+    assert "create secret" not in log.read_text()
+    assert [c for c in weed.splitlines() if "s3.bucket.create" in c] == ["s3.bucket.create -name delrec-data"]
+    assert "-access_key AKIDPIPE -secret_key SKPIPELINE42" in weed
+
+
+def test_object_store_setup_fails_when_the_user_does_not_appear(stubs):
+    env, _, _ = stubs
+    out = run("object-store-setup.sh", {**env, "WEED_IGNORES_CONFIGURE": "1"})
+    assert out.returncode == 1 and "user delrec-pipelines not in SeaweedFS's identities" in out.stderr
 
 
 def test_kind_up_refuses_an_unknown_overlay(stubs):

@@ -182,16 +182,16 @@ def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
         apply_run_parameters({}, {"steps": 5})
 
 
-def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint):  # noqa: F811
+def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint, monkeypatch):  # noqa: F811
     from components import prepare
 
     uri = f"s3://{BUCKET}/raw/tiny"
     configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
+    monkeypatch.setenv("DELREC_S3_ENDPOINT", moto_endpoint)  # the delrec-object-store ConfigMap's
+    monkeypatch.setenv("DELREC_S3_SECURE", "false")
 
     def fingerprint() -> str:
-        return prepare.python_func(
-            **configs, source=uri, s3_endpoint=moto_endpoint, s3_secure=False
-        ).source_fingerprint
+        return prepare.python_func(**configs, source=uri).source_fingerprint
 
     store.put_bytes(b"1\t1\t5\t1\n", f"{uri}/u.data")
     first = fingerprint()
@@ -575,7 +575,8 @@ def test_every_training_task_checkpoints_to_its_own_prefix_of_the_run(tmp_path):
         secret = next(s for s in k8s[executor]["secretAsEnv"] if s["keyToEnv"] == s3_env)
         assert "s3_secret" in str(secret["secretNameParameter"]) and not secret.get("optional")
         params = tasks[task]["inputs"]["parameters"]
-        assert params["s3_endpoint"] == {"componentInputParameter": "s3_endpoint"}
+        # The endpoint comes from the delrec-object-store ConfigMap, like every task's.
+        assert any(c["configMapName"] == "delrec-object-store" for c in k8s[executor]["configMapAsEnv"])
         # Nothing run-specific among the inputs: KFP's cache key holds every input value.
         assert "{{$.pipeline_job" not in str(params) and "{{$.pipeline_task" not in str(params), task
     for executor in ("exec-preprocess", "exec-evaluate", "exec-publish"):

@@ -71,8 +71,6 @@ def runs(tmp_path_factory, moto_endpoint):  # noqa: F811
         "--data",
         str(source),
         "preprocess.dataset=ml-100k",
-        f"s3_endpoint={moto_endpoint}",
-        "s3_secure=false",
         *SHORT,
     ]
     outputs = {}
@@ -81,6 +79,9 @@ def runs(tmp_path_factory, moto_endpoint):  # noqa: F811
         printed = tmp / f"{name}.out"
         with printed.open("w") as handle, pytest.MonkeyPatch.context() as mp:
             mp.setattr(sys, "stdout", handle)
+            # The object store of the publish step, as a shell (or the cluster's ConfigMap) sets it.
+            mp.setenv("DELREC_S3_ENDPOINT", moto_endpoint)
+            mp.setenv("DELREC_S3_SECURE", "false")
             assert pipeline.main([*base, *extra]) == 0, name
         outputs[name] = printed.read_text()
         return outputs[name]

@@ -88,8 +88,8 @@ class S3Settings:
         endpoint = endpoint or os.environ.get("DELREC_S3_ENDPOINT", "")
         if not endpoint:
             raise DelrecError(
-                "no object-store endpoint: pass --endpoint (or the pipeline's s3_endpoint) "
-                "or set DELREC_S3_ENDPOINT=host:port"
+                "no object-store endpoint: pass --endpoint or set DELREC_S3_ENDPOINT=host:port "
+                "(on a cluster: the delrec-object-store ConfigMap, pipeline option s3_config_map)"
             )
         parsed = urlparse(endpoint if "://" in endpoint else f"//{endpoint}")
         env_secure = os.environ.get("DELREC_S3_SECURE")
