@@ -53,7 +53,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
 from pydantic import Field, field_validator, model_validator
 
-from components import distill, evaluate, finetune, prepare, preprocess, publish, train_teacher
+from components import distill, evaluate, finetune, prepare, preprocess, publish, recommend, train_teacher
 from delrec import checkpoints, images
 from delrec.config import RUN_PARAMETERS, STAGES, StageConfig, load_preset
 from delrec.errors import DelrecError
@@ -104,6 +104,7 @@ def _default_resources() -> dict[str, Resources]:
         "finetune": Resources(cpu="4", memory="32Gi"),
         "evaluate": Resources(cpu="4", memory="16Gi"),
         "publish": Resources(cpu="500m", memory="1Gi"),
+        "recommend": Resources(cpu="4", memory="16Gi"),
     }
 
 
@@ -289,6 +290,7 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         finetune_batch_size: int = d["finetune_batch_size"],
         evaluate_batch_size: int = d["evaluate_batch_size"],
         publish_to: str = o.publish_to,
+        recommend_top_n: int = 10,
         # The rest of each stage's config (the preset's).
         preprocess_config: dict = d["preprocess_config"],
         teacher_config: dict = d["teacher_config"],
@@ -389,6 +391,22 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             # Never served from cache: a re-run must really push (and re-check the gate).
             cpu_task(pub, "publish", cpu_image).set_caching_options(False)
             kubernetes.use_secret_as_env(pub, s3_secret, o.s3_secret_keys)
+
+            # What a team deploys it for: the next items for every user, only from a model that passed.
+            with dsl.If(pub.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
+                recs = recommend(
+                    evaluate_config=config["evaluate"],
+                    dataset=data,
+                    teacher=teacher.outputs["teacher"],
+                    delrec=tuned.outputs["model"],
+                    top_n=recommend_top_n,
+                    destination=publish_to,
+                    pipeline_name=PIPELINE_NAME,
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                )
+                gpu_task(recs, "recommend", gpu_image).set_caching_options(False)
+                hf_token(recs)
+                kubernetes.use_secret_as_env(recs, s3_secret, o.s3_secret_keys)
 
         return Outputs(
             metrics=ev.outputs["Output"],

@@ -8,18 +8,21 @@ from delrec.images import cpu_image
 
 @dsl.component(base_image=cpu_image(), packages_to_install=[], install_kfp_package=False)
 def recommend(
-    config: dict,
+    evaluate_config: dict,
     dataset: Input[Dataset],
     teacher: Input[Model],
     delrec: Input[Model],
     recommendations: Output[Dataset],
+    top_n: int = 10,
+    retrieve_k: int = 20,
     destination: str = "",
     pipeline_name: str = "delrec",
     run_id: str = "",
 ) -> str:
-    """Run ``delrec.recommend.recommend`` into the output artifact; with ``destination`` (the publish
-    prefix) also upload it to ``<destination>/<pipeline>/recommendations/<run_id>/``. Returns that URI
-    (empty without a destination)."""
+    """Run ``delrec.recommend.recommend`` into the output artifact, with evaluate's LLM settings (backbone,
+    device, bf16, batch size, scoring: the model is scored as it was evaluated); with ``destination`` (the
+    publish prefix) also upload it to ``<destination>/<pipeline>/recommendations/<run_id>/``. Returns
+    that URI (empty without a destination)."""
     from delrec.recommend import RecommendConfig, publish_recommendations
     from delrec.recommend import recommend as run
     from delrec.store import S3Store, local_fingerprint
@@ -28,7 +31,7 @@ def recommend(
         dataset.path,
         teacher.path,
         delrec.path,
-        RecommendConfig.from_dict(config, source="recommend config"),
+        RecommendConfig.from_evaluate(evaluate_config, top_n=top_n, retrieve_k=retrieve_k),
         recommendations.path,
     )
     recommendations.metadata.update(stats)

@@ -249,7 +249,8 @@ def test_llm_stage_components(tmp_path, synthetic_dir):
         assert output.metadata["content_fingerprint"] == local_fingerprint(output.path)
     recs = art(Dataset, tmp_path / "recs")
     uri = components.recommend.python_func(
-        config={"backbone": preset["evaluate"]["backbone"], "device": "cpu", "bf16": False, "top_n": 3},
+        evaluate_config={**preset["evaluate"], "device": "cpu"},
+        top_n=3,
         dataset=data,
         teacher=teacher,
         delrec=tuned,

@@ -19,7 +19,7 @@ import pipeline  # noqa: E402
 from delrec import pipeline_cache, pipeline_report  # noqa: E402
 
 # The stages that load the LLM: distill, both finetunes, and evaluate (it scores three LLM variants).
-GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2", "exec-evaluate")
+GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2", "exec-evaluate", "exec-recommend")
 
 
 def load_compiled(path: Path) -> tuple[dict, dict]:
@@ -592,3 +592,28 @@ def test_every_training_task_checkpoints_to_its_own_prefix_of_the_run(tmp_path):
 def test_checkpoint_root_must_be_an_s3_prefix():
     with pytest.raises(ValueError, match="s3://bucket"):
         pipeline.PipelineOptions(checkpoint_root="/mnt/checkpoints")
+
+
+def test_recommendations_are_made_only_for_a_model_that_passed_the_gate():
+    spec, k8s = load_compiled(pipeline.COMPILED)
+    components = spec["components"]
+    parent = next(
+        (name, task)
+        for name, comp in components.items()
+        for task in comp.get("dag", {}).get("tasks", {}).values()
+        if task.get("componentRef", {}).get("name") == "comp-condition-2"
+    )
+    # The recommend task sits under a condition on publish's verdict, itself under publish-configured.
+    assert parent[0] == "comp-condition-1" and "publish" in components["comp-condition-1"]["dag"]["tasks"]
+    assert (
+        parent[1]["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--publish-passed'] == true"
+    )
+    task = components["comp-condition-2"]["dag"]["tasks"]["recommend"]
+    assert not task["cachingOptions"].get("enableCache")  # a re-run must really write and upload
+    params = task["inputs"]["parameters"]
+    assert "PIPELINE_JOB_ID" in str(params["run_id"]) or "pipeline_job_uuid" in str(params["run_id"])
+    assert params["top_n"] == {"componentInputParameter": "pipelinechannel--recommend_top_n"}
+    executor = spec["deploymentSpec"]["executors"]["exec-recommend"]
+    assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert any(s["keyToEnv"] for s in k8s["exec-recommend"]["secretAsEnv"])

@@ -81,6 +81,14 @@ class RecommendConfig(StageConfig):
     """users per Parquet file; the unit of resumption"""
     row_group_rows: int = Field(50_000, ge=1)
 
+    @classmethod
+    def from_evaluate(cls, evaluate_config: dict, **fields) -> RecommendConfig:
+        """The LLM settings of an evaluate config (the model is scored as it was evaluated) + ``fields``."""
+        shared = ("backbone", "device", "bf16", "batch_size", "scoring")
+        return cls.from_dict(
+            {k: v for k, v in evaluate_config.items() if k in shared} | fields, source="recommend config"
+        )
+
     @model_validator(mode="after")
     def _top_n_within_k(self) -> RecommendConfig:
         if self.top_n > self.retrieve_k:
