@@ -40,7 +40,6 @@ never served from a cache.
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
 
 import ast
-import importlib
 import logging
 import re
 import sys
@@ -48,30 +47,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Markdown
 from pydantic import Field, field_validator, model_validator
 
 from components import distill, evaluate, finetune, prepare, preprocess, publish, recommend, train_teacher
-from delrec import checkpoints, images
-from delrec.config import RUN_PARAMETERS, STAGES, StageConfig, load_preset
-from delrec.errors import DelrecError
-from delrec.store import QualityGate, is_s3_uri
+from delrec import checkpoints, images, pipeline_args
+from delrec.config import STAGES, StageConfig
+from delrec.store import is_s3_uri
 
 REPO = Path(__file__).resolve().parent
 PIPELINE_NAME = "delrec"
 COMPILED = REPO / "pipeline.yaml"
 DEFAULT_PRESET = "ml-100k"
-# Where each stage's config class lives (validated before anything runs).
-CONFIG_CLASSES = {
-    "preprocess": ("delrec.data", "PreprocessConfig"),
-    "teacher": ("delrec.teachers", "TeacherConfig"),
-    "distill": ("delrec.distill", "DistillConfig"),
-    "finetune": ("delrec.finetune", "FinetuneConfig"),
-    "evaluate": ("delrec.evaluate", "EvaluateConfig"),
-}
-
 # Run parameters whose defaults come from the preset's pipeline: section.
 OPTION_RUN_PARAMS = (
     "cpu_image", "gpu_image", "s3_secret", "publish_to", "gate",
@@ -197,16 +185,6 @@ class Outputs(NamedTuple):
     evaluation: Artifact
     report: Markdown
     report_html: HTML
-
-
-def _config_class(stage: str) -> type[StageConfig]:
-    module, name = CONFIG_CLASSES[stage]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise DelrecError(
-            f"stage {stage!r} is not available in this delrec ({module}.{name}: {exc})"
-        ) from None
 
 
 def _resources(task: dsl.PipelineTask, res: Resources) -> None:
@@ -424,73 +402,16 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
 def pipeline_arguments(
     preset: str, data: str | None = None, overrides: Sequence[str] = ()
 ) -> tuple[PipelineOptions, dict[str, Any]]:
-    """Options and run arguments from a preset, ``--data`` and ``param=value`` overrides (validated).
-
-    The fields of ``delrec.config.RUN_PARAMETERS`` become flat run parameters (their stage dicts lose
-    them); the source's fingerprint is the pipeline's own first task, taken when the run starts.
-    """
-    sections = load_preset(preset)
-    pipeline_section = dict(sections.get("pipeline", {}))
-    configs = {stage: dict(sections.get(stage, {})) for stage in STAGES}
-    run_params: dict[str, Any] = {}
-    option_fields = set(PipelineOptions.model_fields)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise DelrecError(f"expected param=value, got {item!r}")
-        value = yaml.safe_load(raw) if raw else ""
-        if "." in key:
-            section, _, field = key.partition(".")
-            if section == "pipeline":
-                pipeline_section[field] = value
-            elif section in configs:
-                configs[section][field] = value
-            else:
-                raise DelrecError(f"{item!r}: unknown section {section!r}; expected one of {list(STAGES)}")
-        elif key == "source":
-            configs["preprocess"]["source"] = raw  # a path or URI, never YAML
-        elif key in OPTION_RUN_PARAMS:
-            run_params[key] = value
-            if key in option_fields:
-                pipeline_section[key] = value
-        elif key in COMPILE_TIME_OPTIONS:
-            pipeline_section[key] = value
-        elif key == "teacher":  # short for teacher_model
-            configs["teacher"]["model"] = value
-        elif key in RUN_PARAMETERS:
-            for stage, field in RUN_PARAMETERS[key]:
-                configs[stage][field] = value
-        else:
-            hit = [s for s in STAGES if key in _config_class(s).model_fields]
-            if not hit:
-                raise DelrecError(f"{item!r}: no stage config has a field {key!r}")
-            for stage in hit:
-                configs[stage][key] = value
-    options = PipelineOptions.from_dict(pipeline_section, source=f"preset {preset}: pipeline")
-    QualityGate.from_dict(run_params.get("gate", options.gate))
-    publish_to = run_params.get("publish_to", options.publish_to)
-    if publish_to and not is_s3_uri(publish_to):
-        raise DelrecError(f"publish_to must be an s3://bucket[/prefix] URI, got {publish_to!r}")
-    if data:
-        configs["preprocess"]["source"] = str(Path(data).resolve()) if not data.startswith("s3://") else data
-    validated = {  # fail now, not an hour into the run
-        stage: _config_class(stage).from_dict(configs[stage], source=f"preset {preset}: {stage}")
-        for stage in STAGES
-    }
-    for name, fields in RUN_PARAMETERS.items():
-        values = {getattr(validated[stage], field) for stage, field in fields}
-        if len(values) > 1:
-            where = ", ".join(f"{stage}.{field}" for stage, field in fields)
-            raise DelrecError(f"{where} differ ({sorted(map(str, values))}): set {name}=... for all of them")
-        (value,) = values
-        run_params[name] = "" if value is None else value
-        for stage, field in fields:
-            configs[stage].pop(field, None)  # the run parameter decides: no second, ignored copy
-    arguments: dict[str, Any] = {f"{stage}_config": configs[stage] for stage in STAGES}
-    for name in OPTION_RUN_PARAMS:
-        run_params.setdefault(name, getattr(options, name))
-    arguments.update(run_params)
-    return options, arguments
+    """Options and run arguments of this graph from a preset, ``--data`` and ``param=value`` overrides
+    (the grammar: ``delrec.pipeline_args``), validated."""
+    return pipeline_args.pipeline_arguments(
+        preset,
+        data,
+        overrides,
+        options_class=PipelineOptions,
+        option_run_params=OPTION_RUN_PARAMS,
+        compile_time_options=COMPILE_TIME_OPTIONS,
+    )
 
 
 # --------------------------------------------------------------------------- commands

@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from delrec import __version__
+from delrec.errors import DelrecError
 from delrec.images import cpu_image, gpu_image, immutable_reference, source_tag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,5 +320,5 @@ def test_a_digest_is_compiled_in_and_a_rebuilt_tag_is_refused(tmp_path):
     options = pipeline.pipeline_arguments("demo", None, [f"gpu_image={digest}"])[0]
     spec = next(yaml.safe_load_all(pipeline.compile_pipeline(tmp_path / "p.yaml", options).read_text()))
     assert digest in pipeline_images(spec)
-    with pytest.raises(pipeline.DelrecError, match="rebuilt in place"):
+    with pytest.raises(DelrecError, match="rebuilt in place"):
         pipeline.pipeline_arguments("demo", None, [f"cpu_image=ghcr.io/delrec/delrec-cpu:{__version__}"])

@@ -17,6 +17,8 @@ from test_store import BUCKET, moto_endpoint, store  # noqa: E402, F401 (fixture
 
 import pipeline  # noqa: E402
 from delrec import pipeline_cache, pipeline_report  # noqa: E402
+from delrec.config import RUN_PARAMETERS, load_preset  # noqa: E402
+from delrec.errors import DelrecError  # noqa: E402
 
 # The stages that load the LLM: distill, both finetunes, and evaluate (it scores three LLM variants).
 GPU_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2", "exec-evaluate", "exec-recommend")
@@ -129,14 +131,14 @@ FLAT_TYPES = {"source": "STRING", "teacher_model": "STRING", "backbone": "STRING
 @pytest.mark.parametrize("preset", [None, "demo"])
 def test_run_parameters_are_flat_typed_and_default_to_the_preset(tmp_path, preset):
     if preset is None:  # the committed YAML: the default preset's values
-        path, sections = pipeline.COMPILED, pipeline.load_preset(pipeline.DEFAULT_PRESET)
+        path, sections = pipeline.COMPILED, load_preset(pipeline.DEFAULT_PRESET)
     else:
         path = pipeline.compile_pipeline(tmp_path / "p.yaml", *pipeline.pipeline_arguments(preset))
-        sections = pipeline.load_preset(preset)
+        sections = load_preset(preset)
     spec, _ = load_compiled(path)
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {name: params[name]["parameterType"] for name in FLAT_TYPES} == FLAT_TYPES
-    assert set(FLAT_TYPES) == {*pipeline.RUN_PARAMETERS, "publish_to"}
+    assert set(FLAT_TYPES) == {*RUN_PARAMETERS, "publish_to"}
     expected = {
         "source": sections["preprocess"].get("source") or "",
         "teacher_model": sections["teacher"]["model"],
@@ -178,7 +180,7 @@ def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
     configs["preprocess_config"] = {"dataset": "ml-100k"}
     out = prepare.python_func(**configs, source="")
     assert out.preprocess_config == {"dataset": "ml-100k"} and out.source_fingerprint == ""
-    with pytest.raises(pipeline.DelrecError, match="unknown run parameter"):
+    with pytest.raises(DelrecError, match="unknown run parameter"):
         apply_run_parameters({}, {"steps": 5})
 
 
@@ -297,7 +299,7 @@ def test_overrides_set_the_flat_run_parameters(overrides):
 
 
 def test_one_backbone_for_every_llm_stage():
-    with pytest.raises(pipeline.DelrecError, match="set backbone="):
+    with pytest.raises(DelrecError, match="set backbone="):
         pipeline.pipeline_arguments("demo", None, ["distill.backbone=other"])
 
 

@@ -7,6 +7,7 @@ per stage; unknown keys are errors, so a typo never silently falls back to a def
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Self
@@ -123,3 +124,24 @@ def apply_run_parameters(
         for stage, field in RUN_PARAMETERS[name]:
             merged[stage][field] = value
     return merged
+
+
+# Where each stage's config class lives (validated before anything runs).
+CONFIG_CLASSES = {
+    "preprocess": ("delrec.data", "PreprocessConfig"),
+    "teacher": ("delrec.teachers", "TeacherConfig"),
+    "distill": ("delrec.distill", "DistillConfig"),
+    "finetune": ("delrec.finetune", "FinetuneConfig"),
+    "evaluate": ("delrec.evaluate", "EvaluateConfig"),
+}
+
+
+def config_class(stage: str) -> type[StageConfig]:
+    """The config class of a pipeline stage (imported on use: the LLM stages pull in torch)."""
+    module, name = CONFIG_CLASSES[stage]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise DelrecError(
+            f"stage {stage!r} is not available in this delrec ({module}.{name}: {exc})"
+        ) from None
