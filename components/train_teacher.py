@@ -15,8 +15,8 @@ def train_teacher(
 ):
     """Run ``delrec.teachers.train_teacher`` and log its metrics.
 
-    In a pipeline run it checkpoints to the run's workspace in the object store (endpoint from the delrec-object-store ConfigMap), so a
-    retried pod resumes (``delrec.checkpoints``).
+    In a pipeline run it checkpoints to the run's workspace in the object store (its endpoint from the
+    delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``).
     """
     import json
     import time
