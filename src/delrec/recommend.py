@@ -8,8 +8,9 @@ and the best ``top_n`` by that score are written as Parquet: user (the dataset's
 
 Users are processed in shards of ``shard_users``. Each finished shard is one Parquet file in the
 checkpoint folder (``OUT.partial/``), so a killed run resumes at its first missing shard, and memory is
-bounded by one shard whatever the number of users. The finished folder holds ``recommendations/part-*.parquet``
-(row groups of at most ``row_group_rows``) and a manifest naming its inputs.
+bounded by one shard whatever the number of users (the teacher's scores: ``shard_users`` x items floats).
+The finished folder holds ``recommendations/part-*.parquet`` (row groups of at most ``row_group_rows``)
+and a manifest naming its inputs.
 """
 
 from __future__ import annotations
