@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from delrec.data import load_dataset
-from delrec.evaluate import finetuned_prompt_config, load_finetuned_adapter
-from delrec.llm.backbone import stage_backbone
+from delrec.evaluate import delrec_prompt_config, finetuned_backbone, load_finetuned_adapter
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.recommend import RecommendConfig, _Shard, known_sequences, teacher_retrieve
 from delrec.teachers import load_teacher
@@ -81,11 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
         top_n=args.top_n,
         batch_size=args.batch_size,
     )
-    prompt_config = finetuned_prompt_config(args.delrec, args.data, "delrec")
+    prompt_config = delrec_prompt_config(args.delrec, args.data)
     teacher, teacher_config = load_teacher(args.teacher)
     teacher.eval()
-    backbone = stage_backbone(
-        args.backbone, args.delrec, titles=dataset.titles, device="cpu", autocast=not args.no_bf16
+    backbone = finetuned_backbone(
+        args.backbone,
+        Path(args.delrec),
+        prompt_config,
+        titles=dataset.titles,
+        device="cpu",
+        bf16=not args.no_bf16,
     )
     load_finetuned_adapter(backbone, Path(args.delrec))
     backbone.model.eval()

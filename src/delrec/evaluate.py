@@ -267,6 +267,21 @@ def finetuned_prompt_config(folder: str | os.PathLike, dataset_dir: str | os.Pat
     return json.loads(path.read_text())
 
 
+def finetuned_backbone(
+    spec: str, delrec_dir: Path, prompt_config: dict, *, titles, device: str, bf16: bool
+) -> Backbone:
+    """The backbone DELRec was fine-tuned on (no adapter yet), refused if its weights differ from those
+    ``prompt_config`` (DELRec's prompt.json) names."""
+    backbone = stage_backbone(spec, delrec_dir, titles=titles, device=device, autocast=bf16)
+    if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
+        raise DelrecError(
+            f"backbone {spec!r} has other weights than the one DELRec was fine-tuned on",
+            path=delrec_dir / layout.PROMPT_JSON,
+            field="backbone_fingerprint",
+        )
+    return backbone
+
+
 def _chosen_rows(dataset: Dataset, config: EvaluateConfig, dataset_dir) -> np.ndarray:
     """All examples of the split, or a seeded random subset of ``max_examples``."""
     n = len(dataset.examples[config.split])
@@ -277,13 +292,19 @@ def _chosen_rows(dataset: Dataset, config: EvaluateConfig, dataset_dir) -> np.nd
     return np.arange(n)
 
 
-def _prompt_configs(delrec_dir, ablation_dir, dataset_dir) -> tuple[dict, dict | None]:
-    """The prompt configs of DELRec and the ablation, checked to be comparable."""
-    delrec_config = finetuned_prompt_config(delrec_dir, dataset_dir, "delrec")
-    if not delrec_config.get("soft_tokens"):
+def delrec_prompt_config(delrec_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> dict:
+    """DELRec's prompt config (its prompt.json), refused if it was fine-tuned without a soft prompt."""
+    config = finetuned_prompt_config(delrec_dir, dataset_dir, "delrec")
+    if not config.get("soft_tokens"):
         raise DelrecError(
             "has no soft prompt: pass the DELRec model (finetuned from distill)", path=delrec_dir
         )
+    return config
+
+
+def _prompt_configs(delrec_dir, ablation_dir, dataset_dir) -> tuple[dict, dict | None]:
+    """The prompt configs of DELRec and the ablation, checked to be comparable."""
+    delrec_config = delrec_prompt_config(delrec_dir, dataset_dir)
     if ablation_dir is None:
         return delrec_config, None
     ablation_config = finetuned_prompt_config(ablation_dir, dataset_dir, "ablation")
@@ -308,15 +329,14 @@ def _llm_ranks(
     DELRec's scores of the ``rerank`` candidates (the teacher's top K of the catalogue) if given."""
     (delrec_dir, delrec_config) = delrec
     torch.manual_seed(config.seed)
-    backbone = stage_backbone(
-        config.backbone, delrec_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
+    backbone = finetuned_backbone(
+        config.backbone,
+        delrec_dir,
+        delrec_config,
+        titles=dataset.titles,
+        device=config.device,
+        bf16=config.bf16,
     )
-    if backbone.fingerprint() != delrec_config["backbone_fingerprint"]:
-        raise DelrecError(
-            f"backbone {config.backbone!r} has other weights than the one DELRec was fine-tuned on",
-            path=delrec_dir / layout.PROMPT_JSON,
-            field="backbone_fingerprint",
-        )
     ranker = _LLMRanker(dataset, config, config.split, rows)
     soft = SoftPrompt.load(delrec_dir, backbone.device)
     ranks = {}
@@ -335,14 +355,16 @@ def _llm_ranks(
     return ranks, backbone.name, rerank_scores
 
 
-def _model_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dict:
-    """Each model's metrics and 95% bootstrap intervals, in the report's row order."""
+def _model_results(
+    ranks: dict[str, np.ndarray], config: EvaluateConfig, models=LABELS, ks: tuple[int, ...] = KS
+) -> dict:
+    """Each model's metrics and 95% bootstrap intervals, in the order of ``models``."""
     return {
         model: {
-            "metrics": metrics_from_ranks(ranks[model], KS),
-            "ci95": bootstrap_intervals(ranks[model], KS, samples=config.bootstrap_samples, seed=config.seed),
+            "metrics": metrics_from_ranks(ranks[model], ks),
+            "ci95": bootstrap_intervals(ranks[model], ks, samples=config.bootstrap_samples, seed=config.seed),
         }
-        for model in LABELS
+        for model in models
         if model in ranks
     }
 
@@ -362,20 +384,13 @@ def _paired_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dic
 def _catalogue_results(ranks: dict[str, np.ndarray], k: int, config: EvaluateConfig) -> dict:
     """The whole-catalogue protocol: teacher alone and teacher + DELRec rerank, and the paired difference."""
     ks = (10,)
-    models = {
-        model: {
-            "metrics": metrics_from_ranks(ranks[model], ks),
-            "ci95": bootstrap_intervals(ranks[model], ks, samples=config.bootstrap_samples, seed=config.seed),
-        }
-        for model in CATALOGUE_LABELS
-    }
     paired = paired_bootstrap(
         ranks["delrec"], ranks["teacher"], ks, samples=config.bootstrap_samples, seed=config.seed
     )
     return {
         "k": k,
         "target_in_topk": float(np.mean(ranks["teacher"] < k)),
-        "models": models,
+        "models": _model_results(ranks, config, CATALOGUE_LABELS, ks),
         "paired": {"delrec_minus_teacher": {m: paired[m] for m in CATALOGUE_REPORTED}},
     }
 

@@ -43,8 +43,12 @@ from delrec.artifacts import (
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
 from delrec.errors import DelrecError
-from delrec.evaluate import finetuned_prompt_config, load_finetuned_adapter, stage2_builder
-from delrec.llm.backbone import stage_backbone
+from delrec.evaluate import (
+    delrec_prompt_config,
+    finetuned_backbone,
+    load_finetuned_adapter,
+    stage2_builder,
+)
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
 
@@ -235,11 +239,7 @@ def recommend(
     dataset_dir, delrec_dir = Path(dataset_dir), Path(delrec_dir)
     dataset = load_dataset(dataset_dir)
     require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
-    prompt_config = finetuned_prompt_config(delrec_dir, dataset_dir, "delrec")
-    if not prompt_config.get("soft_tokens"):
-        raise DelrecError(
-            "has no soft prompt: pass the DELRec model (finetuned from distill)", path=delrec_dir
-        )
+    prompt_config = delrec_prompt_config(delrec_dir, dataset_dir)
     sequences = known_sequences(dataset)
     raw_users = _raw_user_ids(dataset_dir, len(sequences))
     users = _chosen_users(config, raw_users, sequences)
@@ -259,15 +259,14 @@ def recommend(
     if todo:
         teacher_model, teacher_config = load_teacher(teacher_dir)
         teacher_model.eval()
-        backbone = stage_backbone(
-            config.backbone, delrec_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
+        backbone = finetuned_backbone(
+            config.backbone,
+            delrec_dir,
+            prompt_config,
+            titles=dataset.titles,
+            device=config.device,
+            bf16=config.bf16,
         )
-        if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
-            raise DelrecError(
-                f"backbone {config.backbone!r} has other weights than the one DELRec was fine-tuned on",
-                path=delrec_dir / layout.PROMPT_JSON,
-                field="backbone_fingerprint",
-            )
         load_finetuned_adapter(backbone, delrec_dir)
         soft = SoftPrompt.load(delrec_dir, backbone.device)
         teacher_model.to(backbone.device)
