@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic dataset folder and the path to ../shared/datasets."""
+"""Shared fixtures: a small synthetic dataset folder, tiny trained stages on it, and the path to
+../shared/datasets."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 # Several pytest workers or a busy machine: keep torch to one thread so timings stay sane.
 torch.set_num_threads(1)
+
+
+def ancestors(tasks: dict) -> dict[str, set[str]]:
+    """Task -> every task it (transitively) waits for, from a compiled DAG's dependentTasks."""
+    seen: dict[str, set[str]] = {}
+
+    def up(name: str) -> set[str]:
+        if name not in seen:
+            direct = set(tasks[name].get("dependentTasks", []))
+            seen[name] = direct.union(*(up(d) for d in direct))
+        return seen[name]
+
+    return {name: up(name) for name in tasks}
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +49,45 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(synthetic_dir, tmp_path_factory) -> Path:
+    """teacher/, distill/, delrec/ and ablation/ trained on ``synthetic_dir`` with a tiny LLM, in seconds.
+
+    Tests read these folders and write elsewhere: they are shared by every test module."""
+    from delrec.distill import DistillConfig, distill
+    from delrec.finetune import FinetuneConfig, finetune
+    from delrec.teachers import TeacherConfig, train_teacher
+
+    tiny = {"backbone": "tiny-llama", "device": "cpu", "bf16": False, "history_items": 6}
+    root = tmp_path_factory.mktemp("runs")
+    train_teacher(
+        synthetic_dir,
+        TeacherConfig(model="sasrec", hidden=16, inner=32, layers=1, max_epochs=2, device="cpu"),
+        root / "teacher",
+    )
+    distill(
+        synthetic_dir,
+        root / "teacher",
+        DistillConfig(**tiny, soft_tokens=8, steps=2, batch_size=2, eval_examples=4),
+        root / "distill",
+    )
+    ft = FinetuneConfig(
+        **tiny, init_r=8, target_r=4, steps=3, batch_size=2, warmup_steps=1, lr=1e-2, eval_examples=4
+    )
+    finetune(synthetic_dir, ft, root / "delrec", distill_dir=root / "distill")
+    finetune(synthetic_dir, ft, root / "ablation")
+    return root
+
+
+def checkpoint_workspace(request, monkeypatch, workspace: str, task: str):
+    """(checkpoint location, store) of a resume test: ``workspace`` "beside the output" gives (None, None);
+    "object store, ..." a run prefix on the moto server (the module must import test_store's fixtures)."""
+    if not workspace.startswith("object store"):
+        return None, None
+    from test_store import BUCKET
+
+    monkeypatch.setenv("DELREC_S3_ENDPOINT", request.getfixturevalue("moto_endpoint"))
+    monkeypatch.setenv("DELREC_S3_SECURE", "0")
+    return f"s3://{BUCKET}/checkpoints/run-1/{task}", request.getfixturevalue("store")

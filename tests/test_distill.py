@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import checkpoint_workspace
 from safetensors.torch import load_file
-from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
+from test_store import moto_endpoint, store  # noqa: F401 (fixtures)
 
 import delrec.distill as distill_module
 from delrec.distill import DistillConfig, distill, gradnorm_weights
@@ -92,19 +93,14 @@ def test_resumes_after_a_crash(synthetic_dir, teacher_dir, tmp_path, monkeypatch
             raise RuntimeError("killed")
         return real(grads, alpha)
 
-    remote = workspace.startswith("object store")
-    checkpoint = f"s3://{BUCKET}/checkpoints/run-1/distill" if remote else None
-    if remote:
-        store = request.getfixturevalue("store")
-        monkeypatch.setenv("DELREC_S3_ENDPOINT", request.getfixturevalue("moto_endpoint"))
-        monkeypatch.setenv("DELREC_S3_SECURE", "0")
+    checkpoint, prefix_store = checkpoint_workspace(request, monkeypatch, workspace, "distill")
     resumed = tmp_path / "pod1" / "resumed"
     monkeypatch.setattr(distill_module, "gradnorm_weights", crash_on_third_step)
     with pytest.raises(RuntimeError, match="killed"):
         distill(synthetic_dir, teacher_dir, config, resumed, checkpoint=checkpoint)
     assert not resumed.exists() and (tmp_path / "pod1" / "resumed.partial" / "state.pt").is_file()
-    if remote:
-        assert store.list(checkpoint) == ["state.pt"]
+    if prefix_store is not None:
+        assert prefix_store.list(checkpoint) == ["state.pt"]
         shutil.rmtree(tmp_path / "pod1")  # the pod's disk is gone with it
         resumed = tmp_path / "pod2" / "resumed"
     monkeypatch.setattr(distill_module, "gradnorm_weights", real)
@@ -112,8 +108,8 @@ def test_resumes_after_a_crash(synthetic_dir, teacher_dir, tmp_path, monkeypatch
         distill(synthetic_dir, teacher_dir, config, resumed, checkpoint=checkpoint)
     assert "resuming from" in caplog.text  # not started again at step 1
     assert not resumed.with_name("resumed.partial").exists()
-    if remote:
-        assert store.list(checkpoint) == []
+    if prefix_store is not None:
+        assert prefix_store.list(checkpoint) == []
     # Same losses at every step (steps 3-4 depend on the restored soft prompt and Lion state).
     losses = [
         [(h["loss_ta"], h["loss_rps"]) for h in json.loads((d / "history.json").read_text())[1:]]

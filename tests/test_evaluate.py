@@ -30,50 +30,27 @@ from delrec.evaluate import (
 )
 from delrec.finetune import FinetuneConfig, finetune
 from delrec.metrics import metrics_from_ranks
-from delrec.teachers import TeacherConfig, train_teacher
 
 TINY = dict(backbone="tiny-llama", device="cpu", bf16=False, history_items=6)
 
 
-@pytest.fixture(scope="module")
-def runs(synthetic_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    train_teacher(
-        synthetic_dir,
-        TeacherConfig(model="sasrec", hidden=16, inner=32, layers=1, max_epochs=2, device="cpu"),
-        root / "teacher",
-    )
-    distill(
-        synthetic_dir,
-        root / "teacher",
-        DistillConfig(**TINY, soft_tokens=8, steps=2, batch_size=2, eval_examples=4),
-        root / "distill",
-    )
-    ft = FinetuneConfig(
-        **TINY, init_r=8, target_r=4, steps=3, batch_size=2, warmup_steps=1, lr=1e-2, eval_examples=4
-    )
-    finetune(synthetic_dir, ft, root / "delrec", distill_dir=root / "distill")
-    finetune(synthetic_dir, ft, root / "ablation")
-    return root
-
-
-def test_reports_every_model_on_the_same_candidates(synthetic_dir, runs, tmp_path):
+def test_reports_every_model_on_the_same_candidates(synthetic_dir, tiny_runs, tmp_path):
     out = tmp_path / "eval"
     config = EvaluateConfig(**{k: TINY[k] for k in ("backbone", "device", "bf16")}, bootstrap_samples=50)
     flat = evaluate(
         synthetic_dir,
-        runs / "teacher",
+        tiny_runs / "teacher",
         config,
         out,
-        runs / "delrec",
-        runs / "ablation",
-        distill_dir=runs / "distill",
+        tiny_runs / "delrec",
+        tiny_runs / "ablation",
+        distill_dir=tiny_runs / "distill",
     )
     for model in ("delrec", "teacher", "popularity", "ablation", "zero_shot"):
         for metric in REPORTED:
             assert 0.0 <= flat[f"{model}_{metric}"] <= 1.0
     # The teacher re-scored here agrees with its own stage's figures on the same candidate sets.
-    teacher = json.loads((runs / "teacher" / "metrics.json").read_text())["metrics"]
+    teacher = json.loads((tiny_runs / "teacher" / "metrics.json").read_text())["metrics"]
     for metric in ("HR@1", "HR@5", "NDCG@5", "MRR"):
         assert flat[f"teacher_{metric}"] == pytest.approx(teacher[f"test_cand_{metric}"])
     saved = json.loads((out / "metrics.json").read_text())
@@ -152,19 +129,19 @@ def test_popularity_on_ml100k_matches_the_issue_figures(tmp_path):
         assert (round(metrics["HR@1"], 3), round(metrics["HR@5"], 3)) == (hr1, hr5), split
 
 
-def test_missing_histories_only_drop_their_curves(runs, tmp_path, caplog):
+def test_missing_histories_only_drop_their_curves(tiny_runs, tmp_path, caplog):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "history.json").write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="delrec.evaluate"):
         curves = learning_curves(
-            {"distill": tmp_path / "absent", "delrec": runs / "delrec", "ablation": broken}
+            {"distill": tmp_path / "absent", "delrec": tiny_runs / "delrec", "ablation": broken}
         )
     assert set(curves) == {"finetune_delrec"}
     assert "absent" in caplog.text and "broken" in caplog.text
 
 
-def test_catalogue_universe_and_first_token_scoring(synthetic_dir, runs, tmp_path):
+def test_catalogue_universe_and_first_token_scoring(synthetic_dir, tiny_runs, tmp_path):
     config = EvaluateConfig(
         **{k: TINY[k] for k in ("backbone", "device", "bf16")},
         universe="catalogue",
@@ -174,13 +151,13 @@ def test_catalogue_universe_and_first_token_scoring(synthetic_dir, runs, tmp_pat
         zero_shot=False,
         bootstrap_samples=20,
     )
-    flat = evaluate(synthetic_dir, runs / "teacher", config, tmp_path / "eval", runs / "delrec")
+    flat = evaluate(synthetic_dir, tiny_runs / "teacher", config, tmp_path / "eval", tiny_runs / "delrec")
     assert "delrec_HR@1" in flat and "teacher_HR@10" in flat and "zero_shot_HR@1" not in flat
 
 
-def test_refuses_an_ablation_on_other_base_weights(synthetic_dir, runs, tmp_path):
+def test_refuses_an_ablation_on_other_base_weights(synthetic_dir, tiny_runs, tmp_path):
     other = tmp_path / "ablation"
-    shutil.copytree(runs / "ablation", other)
+    shutil.copytree(tiny_runs / "ablation", other)
     prompt = json.loads((other / "prompt.json").read_text())
     (other / "prompt.json").write_text(json.dumps({**prompt, "backbone_fingerprint": "0" * 16}))
     manifest = json.loads((other / "manifest.json").read_text())  # re-signed: past the integrity check
@@ -190,32 +167,32 @@ def test_refuses_an_ablation_on_other_base_weights(synthetic_dir, runs, tmp_path
     with pytest.raises(DelrecError, match="other base weights"):
         evaluate(
             synthetic_dir,
-            runs / "teacher",
+            tiny_runs / "teacher",
             EvaluateConfig(device="cpu", backbone="tiny-llama"),
             tmp_path / "e",
-            runs / "delrec",
+            tiny_runs / "delrec",
             other,
         )
     with pytest.raises(DelrecError, match="soft prompt"):
         evaluate(
             synthetic_dir,
-            runs / "teacher",
+            tiny_runs / "teacher",
             EvaluateConfig(device="cpu", backbone="tiny-llama"),
             tmp_path / "e",
-            runs / "ablation",
+            tiny_runs / "ablation",
         )
     assert not (tmp_path / "e").exists()
 
 
-def test_cli_runs_the_stage_and_reports_bad_config(synthetic_dir, runs, tmp_path, capsys):
+def test_cli_runs_the_stage_and_reports_bad_config(synthetic_dir, tiny_runs, tmp_path, capsys):
     args = [
         "evaluate",
         "--data",
         str(synthetic_dir),
         "--teacher",
-        str(runs / "teacher"),
+        str(tiny_runs / "teacher"),
         "--delrec",
-        str(runs / "delrec"),
+        str(tiny_runs / "delrec"),
     ]
     args += ["--out", str(tmp_path / "eval"), "--backbone", "tiny-llama", "--device", "cpu", "--no-bf16"]
     assert (
@@ -228,7 +205,7 @@ def test_cli_runs_the_stage_and_reports_bad_config(synthetic_dir, runs, tmp_path
 
 
 @pytest.mark.slow
-def test_tiny_delrec_beats_chance_on_synthetic(synthetic_dir, runs, tmp_path):
+def test_tiny_delrec_beats_chance_on_synthetic(synthetic_dir, tiny_runs, tmp_path):
     """After stage 2 a tiny random Llama ranks the synthetic test targets first far above 1/20.
 
     The synthetic titles name their theme and users mostly stay in one theme, so the model can learn
@@ -237,7 +214,7 @@ def test_tiny_delrec_beats_chance_on_synthetic(synthetic_dir, runs, tmp_path):
     small = dict(TINY, history_items=4)
     distill(
         synthetic_dir,
-        runs / "teacher",
+        tiny_runs / "teacher",
         DistillConfig(**small, soft_tokens=8, steps=3, batch_size=4, eval_examples=4),
         tmp_path / "d",
     )
@@ -256,19 +233,19 @@ def test_tiny_delrec_beats_chance_on_synthetic(synthetic_dir, runs, tmp_path):
     eval_config = EvaluateConfig(
         **{k: TINY[k] for k in ("backbone", "device", "bf16")}, zero_shot=False, batch_size=16
     )
-    flat = evaluate(synthetic_dir, runs / "teacher", eval_config, tmp_path / "eval", tmp_path / "ft")
+    flat = evaluate(synthetic_dir, tiny_runs / "teacher", eval_config, tmp_path / "eval", tmp_path / "ft")
     low = json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"]["delrec"]["ci95"]["HR@1"][0]
     print(f"tiny DELRec test HR@1 {flat['delrec_HR@1']:.4f} (95% CI low {low:.4f})")
     assert flat["delrec_HR@1"] >= 0.12 and low > 0.05, flat
 
 
-def test_adapters_load_and_unload_cleanly(synthetic, runs):
+def test_adapters_load_and_unload_cleanly(synthetic, tiny_runs):
     from delrec.evaluate import _unload_adapter, load_finetuned_adapter
     from delrec.llm.backbone import load_backbone
     from delrec.llm.scoring import score_all
     from delrec.llm.templates import PromptBuilder
 
-    backbone = load_backbone(str(runs / "ablation" / "backbone"), device="cpu", autocast=False)
+    backbone = load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False)
     builder = PromptBuilder(
         backbone, synthetic.titles, domain="movies", teacher="", n_soft=0, history_items=6
     )
@@ -278,14 +255,14 @@ def test_adapters_load_and_unload_cleanly(synthetic, runs):
     ]
     answers = [[builder.answer(int(c)) for c in synthetic.candidates["test"][i]] for i in range(3)]
     base = score_all(backbone, None, prompts, answers)
-    load_finetuned_adapter(backbone, runs / "ablation")
+    load_finetuned_adapter(backbone, tiny_runs / "ablation")
     tuned = score_all(backbone, None, prompts, answers)
     _unload_adapter(backbone)
     assert abs(tuned - base).max() > 1e-5  # the fine-tuned adapter is in use
     assert abs(score_all(backbone, None, prompts, answers) - base).max() == 0  # and gone again
 
 
-def test_evaluated_adapter_is_the_trained_one(synthetic_dir, runs, tmp_path, monkeypatch, recwarn):
+def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path, monkeypatch, recwarn):
     """evaluate's ranks on finetune's validation examples are those of the fine-tuned model in memory,
     with AdaLoRA rows pruned, and peft does not warn that the rank pattern was ignored."""
     import delrec.finetune as finetune_module
@@ -306,7 +283,7 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, runs, tmp_path, mon
         **TINY, init_r=8, target_r=2, steps=8, tinit=1, tfinal=2, batch_size=2, lr=5e-2, warmup_steps=1
     )
     finetune(
-        synthetic_dir, config.model_copy(update={"eval_examples": 12}), tmp_path / "ft", runs / "distill"
+        synthetic_dir, config.model_copy(update={"eval_examples": 12}), tmp_path / "ft", tiny_runs / "distill"
     )
     pattern = json.loads((tmp_path / "ft" / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
     assert not all(all(rows) for rows in pattern.values())  # rows were pruned: the case that warned
@@ -315,7 +292,7 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, runs, tmp_path, mon
         **{k: TINY[k] for k in ("backbone", "device", "bf16")}, split="valid", zero_shot=False
     )
     recwarn.clear()
-    evaluate(synthetic_dir, runs / "teacher", eval_config, tmp_path / "eval", tmp_path / "ft")
+    evaluate(synthetic_dir, tiny_runs / "teacher", eval_config, tmp_path / "eval", tmp_path / "ft")
     assert not [w for w in recwarn if "did not match any targeted module" in str(w.message)]
     evaluated = pq.read_table(tmp_path / "eval" / "ranks.parquet").column("delrec").to_numpy()
 
@@ -341,7 +318,7 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, runs, tmp_path, mon
     assert float((evaluated[:12] == 0).mean()) == hr1
 
 
-def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(runs, tmp_path):
+def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(tiny_runs, tmp_path):
     """Between rank allocations the optimiser moves masked rows again: the saved adapter must keep them."""
     from peft import AdaLoraConfig, get_peft_model
 
@@ -349,7 +326,7 @@ def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(runs, 
     from delrec.llm.backbone import load_backbone
 
     def tiny_model():
-        return load_backbone(str(runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+        return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
 
     config = AdaLoraConfig(
         init_r=4, target_r=2, total_step=10, tinit=1, tfinal=0, target_modules=["q_proj", "v_proj"]
@@ -382,14 +359,14 @@ def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(runs, 
         torch.testing.assert_close(kept(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
 
 
-def test_a_lora_adapter_loads_exactly(runs, tmp_path):
+def test_a_lora_adapter_loads_exactly(tiny_runs, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from delrec.adapter_io import load_adapter, save_adapter
     from delrec.llm.backbone import load_backbone
 
     def tiny_model():
-        return load_backbone(str(runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+        return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
 
     model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     with torch.no_grad():

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import checkpoint_workspace
 from safetensors.torch import load_file
-from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
+from test_store import moto_endpoint, store  # noqa: F401 (fixtures)
 
 import delrec.finetune as finetune_module
 from delrec.distill import DistillConfig, distill
@@ -148,19 +149,14 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, ca
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    remote = workspace.startswith("object store")
-    checkpoint = f"s3://{BUCKET}/checkpoints/run-1/finetune" if remote else None
-    if remote:
-        store = request.getfixturevalue("store")
-        monkeypatch.setenv("DELREC_S3_ENDPOINT", request.getfixturevalue("moto_endpoint"))
-        monkeypatch.setenv("DELREC_S3_SECURE", "0")
+    checkpoint, prefix_store = checkpoint_workspace(request, monkeypatch, workspace, "finetune")
     monkeypatch.setattr(finetune_module, "task_loss", crash_on_fourth_step)
     resumed = tmp_path / "pod1" / "resumed"
     with pytest.raises(RuntimeError, match="killed"):
         finetune(synthetic_dir, config, resumed, checkpoint=checkpoint)
     assert (tmp_path / "pod1" / "resumed.partial" / "state.pt").is_file()
-    if remote:
-        assert store.list(checkpoint) == ["state.pt"]
+    if prefix_store is not None:
+        assert prefix_store.list(checkpoint) == ["state.pt"]
         shutil.rmtree(tmp_path / "pod1")  # the pod's disk is gone with it
         resumed = tmp_path / "pod2" / "resumed"
     monkeypatch.setattr(finetune_module, "task_loss", real)
@@ -176,8 +172,8 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, ca
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
     assert not resumed.with_name("resumed.partial").exists()
-    if remote:
-        assert store.list(checkpoint) == []
+    if prefix_store is not None:
+        assert prefix_store.list(checkpoint) == []
 
 
 def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ancestors
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,15 +51,7 @@ def task_requests(path: Path) -> tuple[dict[str, tuple[float, float]], dict[str,
         return quantity(res["resourceMemoryRequest"]), quantity(res["resourceCpuRequest"])
 
     tasks = spec["root"]["dag"]["tasks"]
-    seen: dict[str, set[str]] = {}
-
-    def up(name: str) -> set[str]:
-        if name not in seen:
-            direct = set(tasks[name].get("dependentTasks", []))
-            seen[name] = direct.union(*(up(d) for d in direct))
-        return seen[name]
-
-    return {n: requests(t["componentRef"]["name"]) for n, t in tasks.items()}, {n: up(n) for n in tasks}
+    return {n: requests(t["componentRef"]["name"]) for n, t in tasks.items()}, ancestors(tasks)
 
 
 def largest_concurrent(reqs: dict[str, tuple[float, float]], up: dict[str, set[str]], axis: int) -> float:

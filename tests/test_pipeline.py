@@ -13,6 +13,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conftest import ancestors  # noqa: E402
 from test_store import BUCKET, moto_endpoint, store  # noqa: E402, F401 (fixtures)
 
 import pipeline  # noqa: E402
@@ -400,19 +401,6 @@ def test_model_cache_mounted_and_nothing_installed_at_run_time(tmp_path):
 
 
 CACHE_TASKS = ("preprocess", "distill", "finetune", "finetune-2", "evaluate")
-
-
-def ancestors(tasks: dict) -> dict[str, set[str]]:
-    """Task -> every task it (transitively) waits for, from the compiled DAG's dependentTasks."""
-    seen: dict[str, set[str]] = {}
-
-    def up(name: str) -> set[str]:
-        if name not in seen:
-            direct = set(tasks[name].get("dependentTasks", []))
-            seen[name] = direct.union(*(up(d) for d in direct))
-        return seen[name]
-
-    return {name: up(name) for name in tasks}
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,7 @@ from delrec import layout
 from delrec.artifacts import write_manifest
 from delrec.cli import main
 from delrec.data import load_dataset
-from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
-from delrec.finetune import FinetuneConfig, finetune
 from delrec.recommend import (
     RecommendConfig,
     _Shard,
@@ -24,32 +22,9 @@ from delrec.recommend import (
     recommend,
     teacher_retrieve,
 )
-from delrec.teachers import TeacherConfig, load_teacher, train_teacher
+from delrec.teachers import load_teacher
 
 TINY = dict(backbone="tiny-llama", device="cpu", bf16=False)
-
-
-@pytest.fixture(scope="module")
-def runs(synthetic_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    train_teacher(
-        synthetic_dir,
-        TeacherConfig(model="sasrec", hidden=16, inner=32, layers=1, max_epochs=2, device="cpu"),
-        root / "teacher",
-    )
-    distill(
-        synthetic_dir,
-        root / "teacher",
-        DistillConfig(**TINY, history_items=6, soft_tokens=8, steps=2, batch_size=2, eval_examples=4),
-        root / "distill",
-    )
-    finetune(
-        synthetic_dir,
-        FinetuneConfig(**TINY, history_items=6, init_r=8, target_r=4, steps=3, batch_size=2, eval_examples=4),
-        root / "delrec",
-        distill_dir=root / "distill",
-    )
-    return root
 
 
 def _read(out) -> dict:
@@ -57,10 +32,10 @@ def _read(out) -> dict:
     return pq.read_table(files).to_pydict() if files else {}
 
 
-def test_every_user_gets_top_n_of_the_teachers_top_k_minus_what_they_have(synthetic_dir, runs, tmp_path):
+def test_every_user_gets_top_n_of_the_teachers_top_k_minus_what_they_have(synthetic_dir, tiny_runs, tmp_path):
     out = tmp_path / "recs"
     config = RecommendConfig(**TINY, retrieve_k=8, top_n=5, shard_users=37, row_group_rows=50)
-    stats = recommend(synthetic_dir, runs / "teacher", runs / "delrec", config, out)
+    stats = recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, out)
     dataset = load_dataset(synthetic_dir)
     sequences = known_sequences(dataset)
     users = [u for u, seq in enumerate(sequences) if len(seq)]
@@ -71,7 +46,7 @@ def test_every_user_gets_top_n_of_the_teachers_top_k_minus_what_they_have(synthe
     user_table = pq.read_table(synthetic_dir / layout.USERS).to_pydict()
     raw_users = dict(zip(user_table["raw_id"], user_table["user"], strict=True))
     item_index = {raw: i for i, raw in enumerate(dataset.raw_item_ids)}
-    model, teacher_config = load_teacher(runs / "teacher")
+    model, teacher_config = load_teacher(tiny_runs / "teacher")
     retrieved = teacher_retrieve(model, teacher_config.max_len, [sequences[u] for u in users], 8)
     top = {u: row for u, row in zip(users, retrieved, strict=True)}
     rows_of = {}
@@ -95,10 +70,10 @@ def test_every_user_gets_top_n_of_the_teachers_top_k_minus_what_they_have(synthe
     assert not (tmp_path / "recs.partial").exists()
 
 
-def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, runs, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, tiny_runs, tmp_path, monkeypatch):
     config = RecommendConfig(**TINY, retrieve_k=6, top_n=3, shard_users=40)
     whole = tmp_path / "whole"
-    recommend(synthetic_dir, runs / "teacher", runs / "delrec", config, whole)
+    recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, whole)
 
     original, calls = _Shard.table, []
 
@@ -111,28 +86,32 @@ def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, runs, tm
     out = tmp_path / "recs"
     monkeypatch.setattr(_Shard, "table", dies_on_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        recommend(synthetic_dir, runs / "teacher", runs / "delrec", config, out)
+        recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, out)
     assert not out.exists()
     assert len(list((tmp_path / "recs.partial").glob("part-*.parquet"))) == 2
 
     calls.clear()
-    stats = recommend(synthetic_dir, runs / "teacher", runs / "delrec", config, out)
+    stats = recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, out)
     assert len(calls) == stats["shards"] - 2  # only the missing shards ran
     assert _read(out) == _read(whole)
 
 
-def test_a_user_list_and_an_unknown_user(synthetic_dir, runs, tmp_path):
+def test_a_user_list_and_an_unknown_user(synthetic_dir, tiny_runs, tmp_path):
     raw = pq.read_table(synthetic_dir / layout.USERS)["raw_id"].to_pylist()[:3]
     out = tmp_path / "some"
     stats = recommend(
-        synthetic_dir, runs / "teacher", runs / "delrec", RecommendConfig(**TINY, users=raw, top_n=2), out
+        synthetic_dir,
+        tiny_runs / "teacher",
+        tiny_runs / "delrec",
+        RecommendConfig(**TINY, users=raw, top_n=2),
+        out,
     )
     assert stats["users"] == 3 and sorted(set(_read(out)["user"])) == sorted(raw)
     with pytest.raises(DelrecError, match="unknown user id") as err:
         recommend(
             synthetic_dir,
-            runs / "teacher",
-            runs / "delrec",
+            tiny_runs / "teacher",
+            tiny_runs / "delrec",
             RecommendConfig(**TINY, users=["no-such-user"]),
             tmp_path / "none",
         )
@@ -141,13 +120,13 @@ def test_a_user_list_and_an_unknown_user(synthetic_dir, runs, tmp_path):
         RecommendConfig(retrieve_k=5, top_n=10)
 
 
-def test_cli_writes_recommendations_for_the_given_users(synthetic_dir, runs, tmp_path, capsys):
+def test_cli_writes_recommendations_for_the_given_users(synthetic_dir, tiny_runs, tmp_path, capsys):
     raw = pq.read_table(synthetic_dir / layout.USERS)["raw_id"].to_pylist()[:2]
     out = tmp_path / "cli"
     code = main(
         [
-            "recommend", "--data", str(synthetic_dir), "--teacher", str(runs / "teacher"),
-            "--delrec", str(runs / "delrec"), "--out", str(out), "--backbone", "tiny-llama",
+            "recommend", "--data", str(synthetic_dir), "--teacher", str(tiny_runs / "teacher"),
+            "--delrec", str(tiny_runs / "delrec"), "--out", str(out), "--backbone", "tiny-llama",
             "--device", "cpu", "--no-bf16", "--users", ",".join(raw), "--top-n", "4",
         ]
     )  # fmt: skip
@@ -157,7 +136,7 @@ def test_cli_writes_recommendations_for_the_given_users(synthetic_dir, runs, tmp
     assert len(recs["user"]) == 8 and set(np.unique(recs["rank"]).tolist()) == {1, 2, 3, 4}
 
 
-def test_the_benchmark_runs_both_paths_and_they_agree(synthetic_dir, runs, tmp_path):
+def test_the_benchmark_runs_both_paths_and_they_agree(synthetic_dir, tiny_runs, tmp_path):
     import importlib.util
     from pathlib import Path
 
@@ -167,7 +146,7 @@ def test_the_benchmark_runs_both_paths_and_they_agree(synthetic_dir, runs, tmp_p
     spec.loader.exec_module(bench)
     figures = bench.main(
         [
-            "--data", str(synthetic_dir), "--teacher", str(runs / "teacher"), "--delrec", str(runs / "delrec"),
+            "--data", str(synthetic_dir), "--teacher", str(tiny_runs / "teacher"), "--delrec", str(tiny_runs / "delrec"),
             "--backbone", "tiny-llama", "--no-bf16", "--users", "6", "--plain-users", "3", "--threads", "1",
             "--retrieve-k", "8", "--top-n", "5", "--json", str(tmp_path / "f.json"),
         ]
