@@ -11,6 +11,7 @@ import pytest
 from test_data_formats import (
     write_amazon_json,
     write_generic,
+    write_llara,
     write_ml100k,
     write_recbole,
     write_steam,
@@ -313,3 +314,26 @@ def test_failure_keeps_an_existing_output(tmp_path, capsys):
         == 2
     )
     assert (out / "manifest.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("line", "expect"),
+    [
+        ('{"seq": [1, 2, "x"], "next": 3, "len_seq": 3}', ["field 'seq'", "a list of integer item ids"]),
+        ('{"seq": [1, 2], "next": [3], "len_seq": 2}', ["field 'next'", "an integer item id"]),
+        ('{"seq": [1, 2], "next": 3, "len_seq": 5}', ["field 'len_seq'", "from 0 to 2"]),
+    ],
+)
+def test_bad_llara_row(tmp_path, capsys, line, expect):
+    folder = write_llara(tmp_path / "llara")
+    valid = folder / "valid.jsonl"
+    valid.write_text(valid.read_text() + line + "\n")
+    fails(tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["valid.jsonl:2", *expect])
+
+
+def test_llara_without_titles_or_a_split_file(tmp_path, capsys):
+    folder = write_llara(tmp_path / "llara")
+    (folder / "test.jsonl").unlink()
+    fails(tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["no LLaRA test file"])
+    (folder / "id2name.txt").unlink()
+    fails(tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["id2name.txt"])

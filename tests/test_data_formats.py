@@ -169,6 +169,26 @@ def write_generic(folder: Path, kind: str = "csv", rows=None) -> Path:
     return folder
 
 
+LLARA_PAD = N_ITEMS  # LLaRA pads with the id one past the last title (ids 0..N_ITEMS-1 have titles)
+
+
+def write_llara(folder: Path) -> Path:
+    """LLaRA windows of the fixture users: users 1-4 train, 5 valid, 6 test; rows right-padded to 10."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "id2name.txt").write_text("".join(f"{i}::Quest {i}\n" for i in range(N_ITEMS)))
+    groups = {1: "train", 2: "train", 3: "train", 4: "train", 5: "valid", 6: "test"}
+    files = {"train": "train_sample1000.jsonl", "valid": "valid.jsonl", "test": "test.jsonl"}
+    for split, name in files.items():
+        lines = []
+        for user, items in user_sequences(make_rows()).items():
+            if groups[user] == split:
+                history = [i - 1 for i in items[:-1]]  # LLaRA ids start at 0
+                seq = history + [LLARA_PAD] * (10 - len(history))
+                lines.append(json.dumps({"seq": seq, "next": items[-1] - 1, "len_seq": len(history)}))
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
 def run(tmp_path: Path, **config):
     out = tmp_path / "out"
     stats = preprocess(PreprocessConfig(num_candidates=5, **config), out)
@@ -324,3 +344,38 @@ def test_synthetic_sizes_and_titles(tmp_path):
 )
 def test_clean_title(raw, clean):
     assert clean_title(raw) == clean
+
+
+def test_llara_windows_keep_their_own_split_and_train_on_held_out_histories(tmp_path):
+    stats, ds = run(tmp_path, dataset="steam-llara", source=str(write_llara(tmp_path / "llara")))
+    assert stats["split"] == "given" and ds.domain == "games"
+    assert stats["users_per_group"] == {"train": 4, "valid": 1, "test": 1}
+    assert stats["interactions"] == N_USERS * PER_USER  # the padding never becomes an item
+    expected = {user: [str(i - 1) for i in items] for user, items in user_sequences(make_rows()).items()}
+    raw_users = pq.read_table(ds.path / "users.parquet").column("raw_id").to_pylist()
+    by_raw = {raw: index for index, raw in enumerate(raw_users)}
+    (valid_user,) = ds.examples["valid"].users.tolist()
+    (test_user,) = ds.examples["test"].users.tolist()
+    assert raw_users[valid_user] == "valid-1" and raw_users[test_user] == "test-1"
+    for raw, fixture_user in (("valid-1", 5), ("test-1", 6)):
+        user = by_raw[raw]
+        split = raw.split("-")[0]
+        history = ds.examples[split].histories[0].tolist()
+        assert [ds.raw_item_ids[i] for i in history] == expected[fixture_user][:-1]
+        assert ds.raw_item_ids[ds.examples[split].targets[0]] == expected[fixture_user][-1]
+        # The held-out user's history trains; its target never does.
+        assert ds.train_sequences[user].tolist() == history
+    train_user = by_raw["train-1"]
+    assert [ds.raw_item_ids[i] for i in ds.train_sequences[train_user]] == expected[1]
+    held_out_targets = {int(ds.examples[s].targets[0]) for s in ("valid", "test")}
+    for user, target in zip(ds.examples["train"].users, ds.examples["train"].targets, strict=True):
+        if user in (valid_user, test_user):
+            assert target not in held_out_targets
+    titles = dict(zip(ds.raw_item_ids, ds.titles, strict=True))
+    assert titles["0"] == "Quest 0"
+
+
+def test_a_given_split_needs_a_source_split_by_user(tmp_path):
+    with pytest.raises(DelrecError, match="split 'given' needs a source split by user") as caught:
+        run(tmp_path, dataset="ml-100k", source=str(write_ml100k(tmp_path / "ml")), split="given")
+    assert caught.value.field == "split"

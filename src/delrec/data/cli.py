@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "  delrec preprocess --dataset ml-100k --source ~/ml-100k.zip --out data/ml-100k\n"
             "  delrec preprocess --dataset beauty --source Amazon_Beauty/ --out data/beauty\n"
             "  delrec preprocess --dataset beauty --format amazon-json --source amazon/ --out data/beauty\n"
+            "  delrec preprocess --dataset steam-llara --source llara-steam/ --out data/steam\n"
             "  delrec preprocess --dataset synthetic --synthetic-users 500 --out data/demo"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,11 +69,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         help=f"{' | '.join([*FORMATS, 'synthetic'])}; default: the dataset's "
-        "(movielens, recbole for beauty/home-kitchen, steam, generic)",
+        "(movielens, recbole for beauty/home-kitchen, steam, llara for steam-llara, generic)",
     )
     p.add_argument("--domain", choices=("movies", "games", "products"), help="default: the dataset's")
     p.add_argument("--out", required=True, help="output Dataset folder")
-    p.add_argument("--split", choices=("loo", "user"), help="leave-one-out (default) or users 80/10/10")
+    p.add_argument(
+        "--split",
+        choices=("loo", "user", "given"),
+        help="loo: leave-one-out; user: users 80/10/10; given: the source's own split by user (llara); "
+        "default: given for a source split by user, else loo",
+    )
     p.add_argument("--seed", type=int, help="seed of the split and the candidate sampling (default 42)")
     p.add_argument("--num-candidates", type=int, help="candidates per evaluation example (default 20)")
     p.add_argument("--max-history", type=int, help="most recent items kept in an example (default 50)")

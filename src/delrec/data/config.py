@@ -13,14 +13,18 @@ class PreprocessConfig(StageConfig):
     """Config of the preprocess stage."""
 
     dataset: str = "synthetic"
-    """ml-100k | ml-1m | beauty | home-kitchen | steam | generic | synthetic"""
+    """ml-100k | ml-1m | beauty | home-kitchen | steam | steam-llara | generic | synthetic"""
     source: str | None = None
     """local path, http(s)/file URL or s3:// URI; None: the dataset's default download (cached)"""
     format: str | None = None
-    """movielens | recbole | amazon-json | steam | sequences | generic | synthetic; None: the dataset's"""
+    """movielens | recbole | amazon-json | steam | sequences | llara | generic | synthetic; None: the dataset's"""
     domain: Literal["movies", "games", "products"] | None = None
     """what the items are (sets the prompt verb); None: the dataset's (generic: products)"""
-    split: Literal["loo", "user"] = "loo"
+    split: Literal["loo", "user", "given"] | None = None
+    """loo: each user's last item is test, the one before valid; user: 80/10/10 of users, a held-out
+    user's last item is its target; given: the source's own split of users (format llara), where valid
+    and test users' histories also train (their targets never do); None: given for a source split by
+    user, else loo"""
     seed: int = Field(42, ge=0)
     num_candidates: int = Field(20, ge=2)
     max_history: int = Field(50, ge=1)

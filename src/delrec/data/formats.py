@@ -13,6 +13,11 @@ Formats (``--format``; each dataset has a default):
   ``steam_games.json.gz`` (id, title or app_name), Python dict literals one a line (JSON also read).
 - ``sequences``: ``user_sequence.txt`` (``user item1 item2 ...``, oldest first, no timestamps: the
   position is the time) + a titles table (a RecBole ``.item`` file or a TSV with item id and title).
+- ``llara``: LLaRA's session windows (Liao et al., 2024; its Steam, MovieLens and LastFM data):
+  ``train*.jsonl``, ``valid*.jsonl``, ``test*.jsonl`` (one row a line: ``seq``, the most recent item ids
+  right-padded, ``len_seq``, how many of them are real, and ``next``, the target) + ``id2name.txt``
+  (``id::title``). Each row is its own user; the files say which users are train, valid and test
+  (``--split given``).
 - ``generic``: ``interactions.parquet|csv`` (user, item, timestamp) + ``items.parquet|csv`` (item, title).
 - ``synthetic``: generated, see ``delrec.data.synthetic``.
 
@@ -574,6 +579,76 @@ def read_steam(path: Path) -> RawData:
 
 
 # --------------------------------------------------------------------------------------------------
+# LLaRA's session windows
+
+LLARA_SPLITS = ("train", "valid", "test")
+
+
+def _llara_ids(value: Any, path: Path, lineno: int, name: str, *, many: bool) -> list[int]:
+    """``seq`` (a list of integer ids, ``many``) or ``next`` (one integer id) of a LLaRA row."""
+    values = value if many and isinstance(value, list) else [value]
+    if (many and not isinstance(value, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        what = "a list of integer item ids" if many else "an integer item id"
+        raise DelrecError(f"expected {what}, got {value!r}", path=f"{path}:{lineno}", field=name)
+    return values
+
+
+def read_llara(path: Path) -> RawData:
+    """LLaRA's ``train|valid|test*.jsonl`` windows + ``id2name.txt``; each row is one user.
+
+    A row's items are ``seq[:len_seq]`` then ``next`` (positions are the time). Ids without a title
+    (LLaRA pads with the id one past the last title) are dropped later with the untitled items.
+    """
+    folder = path.parent if path.is_file() else path
+    names_file = folder / "id2name.txt"
+    if not names_file.is_file():
+        raise DelrecError("missing file (format 'llara' needs id2name.txt: id::title)", path=names_file)
+    titles: dict[str, str] = {}
+    for lineno, line in _lines(names_file):
+        if not line.strip():
+            continue
+        item, sep, title = line.partition("::")
+        if not sep or not item.strip().isdigit():
+            raise DelrecError(
+                f"expected 'id::title' with an integer id, got {line[:80]!r}", path=f"{names_file}:{lineno}"
+            )
+        titles[item.strip()] = title.strip()
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    groups: dict[str, str] = {}
+    for split in LLARA_SPLITS:
+        split_file = _find_one(folder, (f"{split}*.jsonl",), f"LLaRA {split}")
+        for lineno, record in _records(split_file, split_file.name):
+            seq = _llara_ids(record.get("seq"), split_file, lineno, "seq", many=True)
+            (target,) = _llara_ids(record.get("next"), split_file, lineno, "next", many=False)
+            length = record.get("len_seq", len(seq))
+            if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= len(seq):
+                raise DelrecError(
+                    f"expected an integer from 0 to {len(seq)} (the length of seq), got {length!r}",
+                    path=f"{split_file}:{lineno}",
+                    field="len_seq",
+                )
+            user = f"{split}-{lineno}"
+            row = [*seq[:length], target]
+            groups[user] = split
+            users.extend([user] * len(row))
+            items.extend(str(i) for i in row)
+            times.extend(range(len(row)))
+    return RawData(
+        users=np.array(users, dtype=str),
+        items=np.array(items, dtype=str),
+        timestamps=np.array(times, dtype=np.int64),
+        titles=titles,
+        domain="games",
+        source=str(folder),
+        groups=groups,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Generic tables
 
 
@@ -647,6 +722,7 @@ FORMATS: dict[str, Callable[[Path], RawData]] = {
     "amazon-json": read_amazon_json,
     "steam": read_steam,
     "sequences": read_sequences,
+    "llara": read_llara,
     "generic": read_generic,
 }
 

@@ -60,6 +60,26 @@ def _sample_candidates(
     return out
 
 
+def _check_given_split(raw: RawData) -> None:
+    """``split: given`` needs a source that says each user's split, with train, valid and test users."""
+    if raw.groups is None:
+        raise DelrecError(
+            f"split 'given' needs a source split by user (format llara); {raw.source} is not: use loo or user",
+            field="split",
+        )
+    bad = sorted({g for g in raw.groups.values()} - {"train", "valid", "test"})
+    missing = sorted({"train", "valid", "test"} - set(raw.groups.values()))
+    if bad or missing:
+        raise DelrecError(
+            f"expected train, valid and test users; unknown groups {bad}, none in {missing}",
+            path=raw.source,
+            field="split",
+        )
+    unknown = set(np.unique(raw.users.astype(str)).tolist()) - set(raw.groups)
+    if unknown:
+        raise DelrecError(f"users with no split: {sorted(unknown)[:5]}", path=raw.source, field="split")
+
+
 def _id_order(raw_ids: np.ndarray) -> np.ndarray:
     """Permutation ordering raw ids numerically when all are integers (ML item 1 first), else as text."""
     try:
@@ -75,6 +95,9 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
     Returns the stats written to ``stats.json``.
     """
     started = time.perf_counter()
+    scheme = config.split or ("given" if raw.groups is not None else "loo")
+    if scheme == "given":
+        _check_given_split(raw)
     source = redact_url(raw.source)  # stats and manifest never carry credentials
     stats: dict = {"dataset": config.dataset, "source": source, "raw_interactions": int(len(raw.users))}
     dropped = dict(raw.dropped)
@@ -111,11 +134,13 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
     # user interacted with" being a set, and re-consuming is not what the next-item task predicts.
     deduped = [seq[np.sort(np.unique(seq, return_index=True)[1])] for seq in sequences]
     dropped["repeats"] = int(sum(len(a) - len(b) for a, b in zip(sequences, deduped, strict=True)))
-    long_enough = np.array([len(s) >= config.min_user_interactions for s in deduped], dtype=bool)
+    # A user of a given split needs only a history and a target: its split is not made from its items.
+    min_length = 2 if scheme == "given" else config.min_user_interactions
+    long_enough = np.array([len(s) >= min_length for s in deduped], dtype=bool)
     dropped["short_users"] = int((~long_enough).sum())
     if not long_enough.any():
         raise DelrecError(
-            f"no user has {config.min_user_interactions}+ interactions after filtering (dropped: {dropped})",
+            f"no user has {min_length}+ interactions after filtering (dropped: {dropped})",
             path=raw.source,
         )
     # Users in raw-id order; items re-indexed 1..N (0 pads) in raw-id order, both contiguous.
@@ -143,7 +168,7 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
         examples[split]["targets"].append(int(seq[pos]))
 
     train_sequences: list[np.ndarray] = []
-    if config.split == "loo":
+    if scheme == "loo":
         groups = ["all"] * num_users
         for user, seq in enumerate(sequences):
             train_part = seq[:-2]
@@ -152,6 +177,16 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
                 add("train", user, seq, pos)
             add("valid", user, seq, len(seq) - 2)
             add("test", user, seq, len(seq) - 1)
+    elif scheme == "given":
+        groups = [raw.groups[user] for user in user_raw.tolist()]
+        for user, seq in enumerate(sequences):
+            # A held-out user's history is observed data, as every user's prefix is under loo.
+            train_part = seq if groups[user] == "train" else seq[:-1]
+            train_sequences.append(train_part)
+            for pos in range(1, len(train_part)):
+                add("train", user, seq, pos)
+            if groups[user] != "train":
+                add(groups[user], user, seq, len(seq) - 1)
     else:
         if num_users < 3:
             raise DelrecError(
@@ -203,7 +238,7 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
         items=num_items,
         interactions=int(lengths.sum()),
         dropped=dropped,
-        split=config.split,
+        split=scheme,
         examples={s: len(e) for s, e in final.items()},
         users_per_group={g: groups.count(g) for g in sorted(set(groups))},
         sequence_length={f"p{q}": float(np.percentile(lengths, q)) for q in (0, 25, 50, 75, 90, 99, 100)},

@@ -18,6 +18,8 @@ class RawData:
     domain: str  # movies | games | products
     source: str  # what was read, for messages and stats
     dropped: dict[str, int] = field(default_factory=dict)  # counts the reader already dropped
+    groups: dict[str, str] | None = None
+    """raw user id -> train | valid | test, for formats that come split by user (``--split given``)"""
 
     def __post_init__(self) -> None:
         if not len(self.users) == len(self.items) == len(self.timestamps):

@@ -47,6 +47,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "home-kitchen": DatasetInfo("recbole", "products", kcore=5),
     # Raw Steam reviews are very sparse; SASRec's preprocessing keeps users and items with 5+.
     "steam": DatasetInfo("steam", "games", kcore=5),
+    # LLaRA's Steam windows: already filtered and split by user; its data ships as pandas pickles, which
+    # delrec never unpickles, so there is no default download (pass the converted .jsonl folder).
+    "steam-llara": DatasetInfo("llara", "games"),
     "generic": DatasetInfo("generic", "products"),
     "synthetic": DatasetInfo("synthetic", "movies"),
 }
