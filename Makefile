@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 # Unchanged stages are reused from local_outputs/*/.kfp_cache; NO_CACHE=1 runs every stage.
 NO_CACHE ?=
 
-run: $(VENV)/.installed  ## the whole pipeline locally, reusing unchanged stages (PRESET=ml-100k|demo, DATA=path, NO_CACHE=1)
+run: $(VENV)/.installed  ## the whole pipeline locally, reusing unchanged stages (PRESET=ml-100k|beauty|steam|demo, DATA=path, NO_CACHE=1)
 	$(PY) pipeline.py run --preset $(PRESET) $(if $(DATA),--data $(DATA)) $(if $(NO_CACHE),--no-cache)
 
 demo: $(VENV)/.installed  ## the whole pipeline on synthetic data with tiny models, offline, ~2 minutes

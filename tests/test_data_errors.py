@@ -328,12 +328,22 @@ def test_bad_llara_row(tmp_path, capsys, line, expect):
     folder = write_llara(tmp_path / "llara")
     valid = folder / "valid.jsonl"
     valid.write_text(valid.read_text() + line + "\n")
-    fails(tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["valid.jsonl:2", *expect])
+    fails(
+        tmp_path,
+        capsys,
+        "--dataset",
+        "steam-llara",
+        "--source",
+        str(folder),
+        expect=["valid.jsonl:2", *expect],
+    )
 
 
 def test_llara_without_titles_or_a_split_file(tmp_path, capsys):
     folder = write_llara(tmp_path / "llara")
     (folder / "test.jsonl").unlink()
-    fails(tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["no LLaRA test file"])
+    fails(
+        tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["no LLaRA test file"]
+    )
     (folder / "id2name.txt").unlink()
     fails(tmp_path, capsys, "--dataset", "steam-llara", "--source", str(folder), expect=["id2name.txt"])

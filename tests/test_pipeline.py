@@ -304,6 +304,30 @@ def test_one_backbone_for_every_llm_stage():
         pipeline.pipeline_arguments("demo", None, ["distill.backbone=other"])
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_preset_validates_before_anything_runs(preset):
+    options, arguments = pipeline.pipeline_arguments(preset, "/data")
+    assert options.local_root == f"local_outputs/{preset}"  # no two presets share a task cache
+    assert arguments["source"] == "/data"
+
+
+def test_a_preset_extends_another_field_by_field(tmp_path):
+    base = load_preset("ml-100k")
+    steam = load_preset("steam")
+    assert steam["preprocess"] == {**base["preprocess"], "dataset": "steam-llara", "split": "given"}
+    assert steam["teacher"] == {**base["teacher"], "max_len": 10}
+    assert steam["finetune"] == base["finetune"]
+    loop = tmp_path / "a.yaml"
+    loop.write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {loop}\n")
+    with pytest.raises(DelrecError, match="extend each other in a loop"):
+        load_preset(loop)
+    bad = tmp_path / "c.yaml"
+    bad.write_text("extends: ml-100k\nteacher: 5\n")
+    with pytest.raises(DelrecError, match="field 'teacher'"):
+        load_preset(bad)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

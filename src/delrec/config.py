@@ -64,20 +64,41 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_preset(name_or_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Load a preset as raw per-stage sections (each stage validates its own section)."""
-    path = preset_path(name_or_path)
+    """Load a preset as raw per-stage sections (each stage validates its own section).
+
+    ``extends: NAME`` starts from another preset: a field this file gives replaces the base's value
+    (whole, for a mapping such as ``resources``), a field it leaves out keeps it.
+    """
+    return _load_preset(preset_path(name_or_path), ())
+
+
+def _load_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, dict[str, Any]]:
+    if path.resolve() in seen:
+        chain = " -> ".join(p.name for p in (*seen, path.resolve()))
+        raise DelrecError(f"presets extend each other in a loop ({chain})", path=path, field="extends")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise DelrecError(f"not valid YAML ({exc})", path=path) from exc
     if not isinstance(data, dict):
         raise DelrecError("expected a mapping of stage sections", path=path)
+    base_name = data.pop("extends", None)
     unknown = set(data) - set(STAGES) - {"pipeline"}
     if unknown:
         raise DelrecError(
-            f"unknown section(s) {sorted(unknown)}; expected {list(STAGES)} and 'pipeline'", path=path
+            f"unknown section(s) {sorted(unknown)}; expected {list(STAGES)}, 'pipeline' and 'extends'",
+            path=path,
         )
-    return {key: dict(value or {}) for key, value in data.items()}
+    for key, value in data.items():
+        if value is not None and not isinstance(value, dict):
+            raise DelrecError(f"expected a mapping of fields, got {value!r}", path=path, field=key)
+    sections = {key: dict(value or {}) for key, value in data.items()}
+    if base_name is None:
+        return sections
+    if not isinstance(base_name, str):
+        raise DelrecError(f"expected a preset name, got {base_name!r}", path=path, field="extends")
+    base = _load_preset(preset_path(base_name), (*seen, path.resolve()))
+    return {key: {**base.get(key, {}), **sections.get(key, {})} for key in {*base, *sections}}
 
 
 def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
