@@ -103,6 +103,10 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
     table = out[out.index("== DELRec metrics") :]
     for label in ("DELRec", "teacher", "LLM, no soft prompt", "HR@1", "NDCG@5"):
         assert label in table
+    # The whole-catalogue protocol follows the candidate tables: the figure a team decides on.
+    catalogue = table[table.index("== whole catalogue") : table.index("== wall time")]
+    for label in ("teacher + DELRec rerank", "rerank - teacher", "NDCG@10", "MRR"):
+        assert label in catalogue
     assert statuses(out) == {**PREPARE, **dict.fromkeys(STAGES, "ran"), "publish": "ran"}
     run_dir = Path(re.search(r"^run folder:\s+(\S+)", out, flags=re.M)[1])
     assert run_dir.parent == Path(runs["root"])

@@ -25,8 +25,7 @@ from delrec.pipeline_report import (
     LastError,
     TaskClock,
     failure_line,
-    format_metrics_table,
-    format_paired_table,
+    format_evaluation,
     format_stage_table,
     stage_rows,
 )
@@ -115,15 +114,7 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     run_dir = next(iter(sorted({p for p in root.iterdir() if p.is_dir()} - before)), None)
     evaluation = Path(result.outputs["evaluation"].path)
     report = json.loads((evaluation / "metrics.json").read_text())
-    meta = report.get("meta", {})
-    print(
-        f"\n== DELRec metrics: {meta.get('dataset', '?')} {meta.get('split', '?')} split, "
-        f"{meta.get('examples', '?')} examples, ranked within {meta.get('universe', '?')} =="
-    )
-    print(format_metrics_table({m: r["metrics"] for m, r in report["models"].items()}))
-    if report.get("paired"):
-        print("\n== DELRec minus each model: difference [paired 95% bootstrap interval], * excludes 0 ==")
-        print(format_paired_table(report["paired"]))
+    print("\n" + format_evaluation(report))
     rows = stage_rows(clock, cache, run_dir)
     counts = {status: sum(r.status == status for r in rows) for status in ("ran", "cached")}
     print(

@@ -28,6 +28,8 @@ LABELS = {
     "popularity": "popularity",
     "ablation": "LLM, no soft prompt",
     "zero_shot": "LLM, untuned",
+    "catalogue_teacher": "teacher",
+    "catalogue_delrec": "teacher + DELRec rerank",
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -153,6 +155,30 @@ def format_paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
             out.append(f"{cell['diff']:+.3f} [{cell['lo']:+.3f}, {cell['hi']:+.3f}]{mark}")
         lines.append(" | ".join([f"{'DELRec - ' + LABELS.get(model, model):<{width}}", *out]))
     return "\n".join(lines)
+
+
+def format_evaluation(report: dict) -> str:
+    """evaluate's metrics.json as the run prints it: the candidate tables, then the whole-catalogue ones."""
+    meta = report.get("meta", {})
+    parts = [
+        f"== DELRec metrics: {meta.get('dataset', '?')} {meta.get('split', '?')} split, "
+        f"{meta.get('examples', '?')} examples, ranked within {meta.get('universe', '?')} ==",
+        format_metrics_table({m: r["metrics"] for m, r in report["models"].items()}),
+    ]
+    if report.get("paired"):
+        parts += [
+            "\n== DELRec minus each model: difference [paired 95% bootstrap interval], * excludes 0 ==",
+            format_paired_table(report["paired"]),
+        ]
+    if catalogue := report.get("catalogue"):
+        parts += [
+            f"\n== whole catalogue: the teacher alone vs the teacher's top {catalogue['k']} reranked by DELRec "
+            f"(the target is in that top {catalogue['k']} for {100 * catalogue['target_in_topk']:.1f}% of users) ==",
+            format_metrics_table({f"catalogue_{m}": r["metrics"] for m, r in catalogue["models"].items()}),
+        ]
+        if catalogue.get("paired"):
+            parts += ["", format_paired_table(catalogue["paired"]).replace("DELRec - ", "rerank - ")]
+    return "\n".join(parts)
 
 
 class LastError:
