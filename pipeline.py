@@ -26,8 +26,11 @@ whenever a config or an input changes. ``param=value`` overrides take ``section.
 ``publish_to=s3://models``), ``teacher=gru4rec``, or a field name shared by stage configs (``seed=7``,
 ``backbone=...`` set it in every stage that has it).
 Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
-(images, GPU scheduling, resources, retries, timeouts, secrets, publishing); ``gpus=N`` (or
-``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder.
+(images, GPU scheduling, resources, retries, timeouts, secrets, publishing, scale-out); ``gpus=N`` (or
+``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder, and so
+are the scale-out options (``trainer=trainjob nodes=2 gpus_per_node=8 queue=... runtime=...``: more than
+one GPU runs distill and finetune as torchrun ranks, ``trainjob`` as a Kubeflow Trainer v2 TrainJob;
+docs/cluster.md, section 6).
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
@@ -189,7 +192,7 @@ class PipelineOptions(StageConfig):
     trainer: Literal["pod", "trainjob"] = "pod"
     """pod: each training stage runs in its task's pod, on ``gpus`` GPUs (torchrun ranks when more than
     one); trainjob: the task is a CPU launcher that submits a Kubeflow Trainer v2 TrainJob of ``nodes`` x
-    ``gpus_per_node`` ranks and waits for it (delrec.trainjob; docs/cluster.md, section 9)"""
+    ``gpus_per_node`` ranks and waits for it (delrec.trainjob; docs/cluster.md, section 6)"""
     nodes: int = Field(1, ge=1)
     """TrainJob nodes (trainer: trainjob)"""
     gpus_per_node: int | None = Field(None, ge=0)
