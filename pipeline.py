@@ -213,6 +213,11 @@ class PipelineOptions(StageConfig):
             raise ValueError(f"expected s3://bucket[/prefix], got {root!r}")
         return root
 
+    @field_validator("runtime", "queue")
+    @classmethod
+    def _kubernetes_name(cls, name: str) -> str:
+        return trainjob.kubernetes_name(name)
+
     @model_validator(mode="after")
     def _trainjob_only(self) -> "PipelineOptions":
         # The options that shape a TrainJob mean nothing to a pod: refuse them rather than ignore them.

@@ -705,6 +705,8 @@ def test_trainer_trainjob_turns_the_training_tasks_into_cpu_launchers_of_trainjo
         (["trainer=slurm"], "trainer"),
         (["trainer=trainjob", "nodes=0"], "nodes"),
         (["trainer=trainjob", "pipeline.trainjob_outputs=/tmp/out"], "trainjob_outputs"),
+        (["trainer=trainjob", "queue=Team_A"], "queue"),
+        (["trainer=trainjob", "runtime=torch distributed"], "runtime"),
     ],
 )
 def test_bad_scale_out_options_name_the_field(overrides, field):

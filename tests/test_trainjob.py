@@ -123,6 +123,20 @@ def test_settings_name_the_bad_field():
         trainjob.TrainJobSettings.from_dict({"nodes": 0})
     with pytest.raises(DelrecError, match="outputs"):
         trainjob.TrainJobSettings.from_dict({"outputs": "/tmp/out"})
+    with pytest.raises(DelrecError, match="queue: .*Kubernetes name"):
+        trainjob.TrainJobSettings.from_dict({"queue": "Team A"})
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [(403, "kubectl apply -k manifests/trainjob"), (404, "is Kubeflow Trainer v2 installed")],
+)
+def test_a_refused_trainjob_says_what_to_fix(cluster, status, hint):
+    cluster.refuse_create = status
+    runner, _ = jobs(cluster)
+    with pytest.raises(DelrecError, match=hint):
+        runner.run(manifest(), timeout_s=60, poll_s=0.01)
+    assert cluster.deleted == []
 
 
 # --------------------------------------------------------------------------- a fake Kubernetes API
@@ -142,6 +156,7 @@ class FakeCluster:
         self.selectors: list[str] = []
         self.rank0_log = "rank 0: step 1\nrank 0: done\n"
         self.on_create = lambda job: None
+        self.refuse_create = 0
         self.launcher = {
             "metadata": {"name": "launcher-pod", "namespace": NAMESPACE},
             "spec": {"containers": [{"name": "main", "image": "registry.example/delrec-gpu:abc123", "env": [
@@ -160,6 +175,8 @@ class FakeCluster:
         jobs = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NAMESPACE}/trainjobs"
         pods = f"/api/v1/namespaces/{NAMESPACE}/pods"
         if method == "POST" and path == jobs:
+            if self.refuse_create:
+                return self.refuse_create, {"kind": "Status", "message": "refused"}
             name = body["metadata"]["name"]
             if name in self.jobs:
                 return 409, {"kind": "Status", "reason": "AlreadyExists", "message": f"{name} already exists"}

@@ -55,7 +55,7 @@ from pydantic import Field, field_validator
 from delrec.checkpoints import ENV_RUN_ID, ENV_TASK
 from delrec.config import StageConfig
 from delrec.errors import DelrecError
-from delrec.launch import ENV_TRAINJOB, Artifact, Stage, read_metrics
+from delrec.launch import ENV_NPROC_PER_NODE, ENV_TRAINER, ENV_TRAINJOB, Artifact, Stage, read_metrics
 from delrec.store import S3Store, is_s3_uri, join_uri
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,24 @@ PATCH_MANAGER = "delrec"
 # The launcher's environment that the TrainJob's pods need: where the object store is and its
 # credentials, the gated-model token, checkpointing, NCCL's settings. The launcher's own switches stay.
 FORWARDED_ENV = re.compile(r"^(DELREC_|AWS_|NCCL_|HF_TOKEN$)")
-LAUNCHER_ONLY_ENV = {"DELREC_TRAINER", "DELREC_NPROC_PER_NODE", ENV_TRAINJOB}
+LAUNCHER_ONLY_ENV = {ENV_TRAINER, ENV_NPROC_PER_NODE, ENV_TRAINJOB}
+# A Kubernetes object name (the runtime) or label value (the queue): a DNS-1123 label.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def kubernetes_name(name: str) -> str:
+    """``name`` if empty or a DNS-1123 label (a runtime's name, a queue label's value); else ValueError."""
+    if name and not DNS_LABEL.match(name):
+        raise ValueError(f"expected a Kubernetes name (lower-case letters, digits, '-'), got {name!r}")
+    return name
+
+
+# What a refused create most likely means, and the fix.
+CREATE_HINTS = {
+    403: " (the pipeline's ServiceAccount may not create TrainJobs: kubectl apply -k manifests/trainjob)",
+    404: " (no TrainJob resource: is Kubeflow Trainer v2 installed? docs/cluster.md, section 6)",
+}
 
 
 class TrainJobSettings(StageConfig):
@@ -102,6 +118,11 @@ class TrainJobSettings(StageConfig):
     """s3:// prefix where rank 0 uploads the output (``<outputs>/<run id>/<task>``)"""
     timeout_s: int = Field(6 * 3600, ge=1)
     poll_s: float = Field(10.0, gt=0)
+
+    @field_validator("runtime", "queue")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        return kubernetes_name(name)
 
     @field_validator("outputs")
     @classmethod
@@ -242,7 +263,10 @@ class TrainJobs:
             return created
         except ApiException as exc:
             if exc.status != 409:
-                raise DelrecError(f"could not create the TrainJob: {_api_reason(exc)}", path=name) from None
+                hint = CREATE_HINTS.get(exc.status, "")
+                raise DelrecError(
+                    f"could not create the TrainJob: {_api_reason(exc)}{hint}", path=name
+                ) from None
         existing = self.get(name)
         wanted = {k: manifest["metadata"]["labels"].get(k) for k in (RUN_ID_LABEL, TASK_LABEL)}
         found = {k: (existing["metadata"].get("labels") or {}).get(k) for k in wanted}
@@ -286,7 +310,7 @@ class TrainJobs:
         """The newest pod of node 0 (a restarted node gets a new pod), or None before it exists."""
         selector = f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={TRAINER_NODE},{JOB_INDEX_LABEL}=0"
         pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
-        return max(pods, key=lambda p: p.metadata.creation_timestamp or 0, default=None)
+        return max(pods, key=lambda p: str(p.metadata.creation_timestamp or ""), default=None)
 
     def follow_logs(self, name: str, stop: threading.Event, poll_s: float) -> None:
         """Copy the log of each rank-0 pod, once it has started, to :attr:`out`, until ``stop`` is set;
