@@ -157,6 +157,7 @@ class FakeCluster:
         self.rank0_log = "rank 0: step 1\nrank 0: done\n"
         self.on_create = lambda job: None
         self.refuse_create = 0
+        self.refuse_pods = False
         self.launcher = {
             "metadata": {"name": "launcher-pod", "namespace": NAMESPACE},
             "spec": {"containers": [{"name": "main", "image": "registry.example/delrec-gpu:abc123", "env": [
@@ -212,6 +213,8 @@ class FakeCluster:
             assert query.get("container") == ["node"] and query.get("follow", [""])[0].lower() == "true"
             return 200, self.rank0_log
         if path == f"{pods}/launcher-pod":
+            if self.refuse_pods:
+                return 403, {"kind": "Status", "message": 'pods "launcher-pod" is forbidden'}
             return 200, self.launcher
         return 404, {"kind": "Status", "message": f"no route {method} {path}"}
 
@@ -389,4 +392,19 @@ def test_the_launcher_refuses_inputs_outside_the_object_store(cluster, tmp_path)
             "distill", {}, {"data": Artifact("/d", "/local/d")}, Artifact(str(tmp_path / "o")),
             api_client=cluster.api_client, environ=environ, namespace=NAMESPACE,
         )  # fmt: skip
+    assert cluster.created == []
+
+
+def test_a_launcher_without_its_rbac_or_its_run_id_says_what_is_missing(cluster, tmp_path):
+    inputs, out = {"data": Artifact("/d", f"s3://{BUCKET}/d")}, Artifact(str(tmp_path / "o"))
+    cluster.refuse_pods = True
+    environ = {"KFP_POD_NAME": "launcher-pod", "DELREC_RUN_ID": RUN_ID, "DELREC_TASK": "finetune"}
+    with pytest.raises(DelrecError, match="own pod: .*forbidden.*kubectl apply -k manifests/trainjob"):
+        trainjob.run_stage(
+            "finetune", {}, inputs, out, api_client=cluster.api_client, environ=environ, namespace=NAMESPACE
+        )
+    with pytest.raises(DelrecError, match="run id"):  # not a KFP pod: refused before any API call
+        trainjob.run_stage(
+            "finetune", {}, inputs, out, api_client=cluster.api_client, environ={}, namespace=NAMESPACE
+        )
     assert cluster.created == []

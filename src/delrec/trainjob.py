@@ -92,7 +92,7 @@ def kubernetes_name(name: str) -> str:
 
 # What a refused create most likely means, and the fix.
 CREATE_HINTS = {
-    403: " (the pipeline's ServiceAccount may not create TrainJobs: kubectl apply -k manifests/trainjob)",
+    403: " (the pipeline's ServiceAccount lacks the launcher's RBAC: kubectl apply -k manifests/trainjob)",
     404: " (no TrainJob resource: is Kubeflow Trainer v2 installed? docs/cluster.md, section 6)",
 }
 
@@ -414,28 +414,37 @@ def launcher_pod(core: Any, namespace: str, environ: Mapping[str, str]) -> tuple
     name = environ.get("KFP_POD_NAME") or environ.get("HOSTNAME")
     if not name:
         raise DelrecError("cannot tell which pod this is (no KFP_POD_NAME or HOSTNAME)", field="KFP_POD_NAME")
-    pod = core.read_namespaced_pod(name, namespace)
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        pod = core.read_namespaced_pod(name, namespace)
+    except ApiException as exc:
+        hint = CREATE_HINTS.get(exc.status, "") if exc.status == 403 else ""
+        raise DelrecError(
+            f"cannot read the launcher's own pod: {_api_reason(exc)}{hint}", path=name
+        ) from None
     containers = pod.spec.containers
     main = next((c for c in containers if c.name == "main"), containers[0])
     return main.image, launcher_env(main.env or [], environ)
 
 
-def current_namespace(environ: Mapping[str, str]) -> str:
-    if SERVICE_ACCOUNT_NAMESPACE.is_file():
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-    if environ.get("POD_NAMESPACE"):
-        return environ["POD_NAMESPACE"]
-    raise DelrecError("not in a Kubernetes pod: no service-account namespace", path=SERVICE_ACCOUNT_NAMESPACE)
+def current_namespace() -> str:
+    """The namespace of this pod (its service account's): the TrainJob goes beside its launcher."""
+    if not SERVICE_ACCOUNT_NAMESPACE.is_file():
+        raise DelrecError(
+            "not in a Kubernetes pod: no service-account namespace", path=SERVICE_ACCOUNT_NAMESPACE
+        )
+    return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
 
 
-def kubernetes_api_client() -> Any:
-    """An ApiClient for this pod's service account, or the local kubeconfig outside a cluster."""
+def in_cluster_api_client() -> Any:
+    """An ApiClient with this pod's service-account token (the launcher only runs in a pod)."""
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
+    except config.ConfigException as exc:
+        raise DelrecError(f"a TrainJob is launched from a pod of the pipeline: {exc}") from None
     return client.ApiClient()
 
 
@@ -458,6 +467,7 @@ def run_stage(
     environ = os.environ if environ is None else environ
     settings = TrainJobSettings.from_dict(json.loads(environ.get(ENV_TRAINJOB) or "{}"), source=ENV_TRAINJOB)
     run_id, task = environ.get(ENV_RUN_ID, ""), environ.get(ENV_TASK, "")
+    job_name = trainjob_name(run_id, task)
     uris = {}
     for name, artifact in inputs.items():
         if artifact is None:
@@ -470,12 +480,12 @@ def run_stage(
             )
         uris[name] = artifact.uri
     out_uri = join_uri(settings.outputs, run_id, task)
-    api_client = api_client or kubernetes_api_client()
-    namespace = namespace or current_namespace(environ)
+    api_client = api_client or in_cluster_api_client()
+    namespace = namespace or current_namespace()
     jobs = TrainJobs(api_client, namespace)
     image, env = launcher_pod(jobs.core, namespace, environ)
     manifest = build_trainjob(
-        name=trainjob_name(run_id, task),
+        name=job_name,
         namespace=namespace,
         image=image,
         arguments=remote_stage_arguments(stage, config, uris, out_uri),
