@@ -157,3 +157,17 @@ def test_a_trainjob_node_reports_a_failed_stage(ranks, store, moto_endpoint, mon
     assert remote_stage.main(argv) == 2
     assert "finetune (node 0) exited with status 1" in capsys.readouterr().err
     assert store.list(f"s3://{BUCKET}/o") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("standalone", [True, False])
+def test_real_torchrun_starts_the_delrec_cli_on_every_rank(standalone, monkeypatch, capfd):
+    """The command lines against torch's own launcher: two ranks of `delrec.cli --version`, in a pod
+    (--standalone) and as a TrainJob node does it (nodes, ranks and master from Trainer's PET_* variables)."""
+    if not standalone:
+        for key, value in {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "PET_NODE_RANK": "0",
+                           "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": "29517"}.items():  # fmt: skip
+            monkeypatch.setenv(key, value)
+    command = launch.torchrun_command(["--version"], nproc_per_node=2 if standalone else None)
+    launch.run_streaming(command, what="delrec --version")
+    assert capfd.readouterr().out.count("delrec ") == 2
