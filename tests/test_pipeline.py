@@ -639,7 +639,7 @@ def test_several_gpus_in_a_pod_run_the_training_stages_as_torchrun_ranks(tmp_pat
 
 
 def test_trainer_trainjob_turns_the_training_tasks_into_cpu_launchers_of_trainjobs(tmp_path):
-    from test_trainjob import CRD_SCHEMA
+    from test_trainjob import TRAINJOB_SCHEMA
 
     from delrec import trainjob
 
@@ -680,7 +680,7 @@ def test_trainer_trainjob_turns_the_training_tasks_into_cpu_launchers_of_trainjo
             name=trainjob.trainjob_name("run", env["DELREC_TASK"]), namespace="kubeflow", image="i",
             arguments=["distill"], settings=settings,
         )  # fmt: skip
-        CRD_SCHEMA.validate(job)
+        TRAINJOB_SCHEMA.validate(job)
         assert job["spec"]["trainer"]["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "4"}
         assert job["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a"}
     assert [container_env(spec, n)["DELREC_TASK"] for n in TRAINING_EXECUTORS] == [

@@ -1,4 +1,4 @@
-"""delrec.trainjob: the TrainJob manifest against Kubeflow Trainer's CRD schema, and the launcher driven
+"""delrec.trainjob: the TrainJob manifest against Kubeflow Trainer's API schema, and the launcher driven
 through the real ``kubernetes`` client against an in-process fake API server (no cluster)."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import pytest
+from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from kubernetes import client
 from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
 
@@ -19,9 +20,35 @@ from delrec import launch, trainjob
 from delrec.errors import DelrecError
 from delrec.launch import Artifact
 
-SCHEMA = json.loads((Path(__file__).parent / "data" / "trainer" / "trainjob.schema.json").read_text())
-# The CRD's OpenAPI v3 schema read as JSON Schema (the x-kubernetes-* keys are ignored); checked once.
-CRD_SCHEMA = jsonschema.validators.validator_for(SCHEMA)(SCHEMA)
+
+def _trainjob_schema() -> dict:
+    """The TrainJob's JSON schema from ``kubeflow-trainer-api`` (Trainer v2.3.0's API models, generated
+    from its OpenAPI spec), made strict: an unknown field is an error here, where the API server would
+    drop it without a word, and an optional field is absent, never null (so an error names the field)."""
+
+    def closed(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            options = node.get("anyOf", [])
+            if {"type": "null"} in options:
+                rest = [option for option in node.pop("anyOf") if option != {"type": "null"}]
+                node.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+            for value in node.values():
+                closed(value)
+        elif isinstance(node, list):
+            for value in node:
+                closed(value)
+        return node
+
+    schema = TrainerV1alpha1TrainJob.model_json_schema(by_alias=True)
+    # The generated models wrap a resource Quantity in an object (their oneOf of float and str); on the
+    # wire, as in the CRD, it is the string or number itself.
+    schema["$defs"]["IoK8sApimachineryPkgApiResourceQuantity"] = {"type": ["string", "number"]}
+    return closed(schema)
+
+
+TRAINJOB_SCHEMA = jsonschema.Draft202012Validator(_trainjob_schema())
 NAMESPACE = "kubeflow"
 RUN_ID = "5f0c6b0e-2d4b-4c36-9a51-0a3c2b7f9e10"
 
@@ -56,14 +83,15 @@ def manifest(name: str = "delrec-distill-0123456789", **overrides) -> dict:
 @pytest.mark.parametrize(
     "overrides", [{}, {"gpus_per_node": 0, "nodes": 2}, {"queue": "team-a", "model_cache_pvc": "cache"}]
 )
-def test_the_trainjob_validates_against_the_crd_schema(overrides):
-    CRD_SCHEMA.validate(manifest(**overrides))
+def test_the_trainjob_validates_against_the_trainer_api_schema(overrides):
+    TRAINJOB_SCHEMA.validate(manifest(**overrides))
 
 
 @pytest.mark.parametrize(
     ("break_it", "message"),
     [
         (lambda m: m["spec"]["trainer"].update(numNodes="two"), "'two' is not of type 'integer'"),
+        (lambda m: m["spec"]["trainer"].update(numNode=2), "'numNode' was unexpected"),
         (lambda m: m["spec"]["runtimePatches"][0].pop("manager"), "'manager' is a required property"),
         (lambda m: m["spec"]["trainer"]["env"].append({"value": "x"}), "'name' is a required property"),
     ],
@@ -72,7 +100,7 @@ def test_the_schema_check_catches_a_broken_trainjob(break_it, message):
     broken = manifest()
     break_it(broken)
     with pytest.raises(jsonschema.ValidationError, match=message):
-        CRD_SCHEMA.validate(broken)
+        TRAINJOB_SCHEMA.validate(broken)
 
 
 def test_the_trainjob_carries_the_gpus_the_command_and_the_scheduling():
@@ -360,7 +388,7 @@ def test_the_launcher_runs_a_stage_as_a_trainjob(cluster, store, moto_endpoint, 
     assert (tmp_path / "soft_prompt" / "soft_prompt.safetensors").read_bytes() == b"weights"
     assert store.list(f"{staged}/{RUN_ID}/distill") == []  # the staging prefix is removed
     (job,) = cluster.created
-    CRD_SCHEMA.validate(job)
+    TRAINJOB_SCHEMA.validate(job)
     trainer = job["spec"]["trainer"]
     assert trainer["image"] == "registry.example/delrec-gpu:abc123"  # the launcher's own image
     assert trainer["args"][:5] == [
