@@ -26,8 +26,11 @@ whenever a config or an input changes. ``param=value`` overrides take ``section.
 ``publish_to=s3://models``), ``teacher=gru4rec``, or a field name shared by stage configs (``seed=7``,
 ``backbone=...`` set it in every stage that has it).
 Values are parsed as YAML. The preset's ``pipeline:`` section holds the Kubernetes settings
-(images, GPU scheduling, resources, retries, timeouts, secrets, publishing); ``gpus=N`` (or
-``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder.
+(images, GPU scheduling, resources, retries, timeouts, secrets, publishing, scale-out); ``gpus=N`` (or
+``pipeline.gpus=N``) is baked into the compiled spec, as the KFP driver drops an int placeholder, and so
+are the scale-out options (``trainer=trainjob nodes=2 gpus_per_node=8 queue=... runtime=...``: more than
+one GPU runs distill and finetune as torchrun ranks, ``trainjob`` as a Kubeflow Trainer v2 TrainJob;
+docs/cluster.md, section 6).
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
@@ -52,7 +55,7 @@ from kfp.dsl import HTML, Artifact, Markdown
 from pydantic import Field, field_validator, model_validator
 
 from components import distill, evaluate, finetune, prepare, preprocess, publish, recommend, train_teacher
-from delrec import checkpoints, images, pipeline_args
+from delrec import checkpoints, images, launch, pipeline_args, trainjob
 from delrec.config import STAGES, StageConfig
 from delrec.store import is_s3_uri
 
@@ -66,10 +69,15 @@ OPTION_RUN_PARAMS = (
 )  # fmt: skip
 # Options that are baked into the compiled spec (no run parameter), settable as ``name=value`` too: KFP's
 # driver fills pod-spec placeholders with a parameter's *string* value, so an int GPU count would be lost.
-COMPILE_TIME_OPTIONS = ("gpus",)
+COMPILE_TIME_OPTIONS = ("gpus", "trainer", "nodes", "gpus_per_node", "runtime", "queue")
 # What delrec.store reads besides the credentials: the keys of the s3_config_map ConfigMap, set as these
 # environment variables of every task.
 S3_SETTINGS_ENV = ("DELREC_S3_ENDPOINT", "DELREC_S3_SECURE", "DELREC_S3_REGION")
+# NCCL's own default logs nothing: WARN puts the cause of a failed collective (a peer that died, a
+# transport that could not start) into the task's log without INFO's per-rank flood.
+NCCL_ENV = {"NCCL_DEBUG": "WARN"}
+# The launcher pod outlives its TrainJob's deadline by this much, so it can delete the job it gave up on.
+LAUNCHER_GRACE_S = 600
 
 log = logging.getLogger("pipeline")
 
@@ -93,6 +101,7 @@ def _default_resources() -> dict[str, Resources]:
         "evaluate": Resources(cpu="4", memory="16Gi"),
         "publish": Resources(cpu="500m", memory="1Gi"),
         "recommend": Resources(cpu="4", memory="16Gi"),
+        "launcher": Resources(cpu="250m", memory="1Gi"),
     }
 
 
@@ -179,6 +188,53 @@ class PipelineOptions(StageConfig):
     local_root: str = "local_outputs/pipeline_root"
     """pipeline root of ``run`` (kfp.local)"""
 
+    # Scale-out of distill and finetune (delrec.launch). Evaluate and recommend stay one pod.
+    trainer: Literal["pod", "trainjob"] = "pod"
+    """pod: each training stage runs in its task's pod, on ``gpus`` GPUs (torchrun ranks when more than
+    one); trainjob: the task is a CPU launcher that submits a Kubeflow Trainer v2 TrainJob of ``nodes`` x
+    ``gpus_per_node`` ranks and waits for it (delrec.trainjob; docs/cluster.md, section 6)"""
+    nodes: int = Field(1, ge=1)
+    """TrainJob nodes (trainer: trainjob)"""
+    gpus_per_node: int | None = Field(None, ge=0)
+    """GPUs and torchrun ranks per TrainJob node (trainer: trainjob); default: ``gpus``; 0: one CPU rank
+    per node (gloo), the kind smoke run"""
+    runtime: str = "torch-distributed"
+    """the ClusterTrainingRuntime of the TrainJobs"""
+    queue: str = ""
+    """Kueue LocalQueue of the TrainJobs (label kueue.x-k8s.io/queue-name); empty: none"""
+    trainjob_outputs: str = "s3://delrec-artifacts/trainjob"
+    """s3://bucket[/prefix] where a TrainJob's rank 0 uploads the stage output (``<run id>/<task>``), for
+    its launcher to download into its KFP output artifact and remove"""
+
+    @field_validator("trainjob_outputs")
+    @classmethod
+    def _s3_prefix(cls, root: str) -> str:
+        if not is_s3_uri(root):
+            raise ValueError(f"expected s3://bucket[/prefix], got {root!r}")
+        return root
+
+    @field_validator("runtime", "queue")
+    @classmethod
+    def _kubernetes_name(cls, name: str) -> str:
+        return trainjob.kubernetes_name(name)
+
+    @model_validator(mode="after")
+    def _trainjob_only(self) -> "PipelineOptions":
+        # The options that shape a TrainJob mean nothing to a pod: refuse them rather than ignore them.
+        if self.trainer == "pod":
+            if self.nodes > 1:
+                raise ValueError(f"nodes: {self.nodes} nodes need trainer: trainjob (a pod is one node)")
+            if self.queue:
+                raise ValueError("queue: Kueue admits TrainJobs; set trainer: trainjob or drop the queue")
+            if self.gpus_per_node is not None and self.gpus_per_node != self.gpus:
+                raise ValueError("gpus_per_node: with trainer: pod a task gets `gpus` GPUs; set gpus instead")
+        return self
+
+    @property
+    def node_gpus(self) -> int:
+        """GPUs (and ranks) per node of a training stage."""
+        return self.gpus if self.gpus_per_node is None else self.gpus_per_node
+
 
 class Outputs(NamedTuple):
     metrics: dict
@@ -236,6 +292,13 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         if o.model_cache_pvc:
             kubernetes.mount_pvc(task, pvc_name=o.model_cache_pvc, mount_path="/cache")
 
+    def identify(task: dsl.PipelineTask, name: str, s3_secret) -> None:
+        """The run id and task name in the environment (checkpoints' prefix, a TrainJob's name), and the
+        object-store credentials."""
+        task.set_env_variable(checkpoints.ENV_TASK, name)
+        kubernetes.use_field_path_as_env(task, checkpoints.ENV_RUN_ID, "metadata.labels['pipeline/runid']")
+        kubernetes.use_secret_as_env(task, s3_secret, o.s3_secret_keys)
+
     def workspace(task: dsl.PipelineTask, name: str, s3_secret) -> None:
         """Checkpoints under ``<checkpoint_root>/<run id>/<name>``, where a retried pod finds them.
 
@@ -248,9 +311,54 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         if not o.checkpoint_root:
             return
         task.set_env_variable(checkpoints.ENV_ROOT, o.checkpoint_root)
-        task.set_env_variable(checkpoints.ENV_TASK, name)
-        kubernetes.use_field_path_as_env(task, checkpoints.ENV_RUN_ID, "metadata.labels['pipeline/runid']")
-        kubernetes.use_secret_as_env(task, s3_secret, o.s3_secret_keys)
+        identify(task, name, s3_secret)
+
+    def training_task(task: dsl.PipelineTask, stage: str, name: str, image, s3_secret) -> dsl.PipelineTask:
+        """distill or a finetune: in its own pod (torchrun ranks on ``gpus`` > 1), or a launcher of a
+        TrainJob (trainer: trainjob)."""
+        if o.trainer == "trainjob":
+            trainjob_launcher(task, stage, image)
+            # Forwarded to the TrainJob as a secret reference (delrec.trainjob.launcher_env).
+            kubernetes.use_secret_as_env(task, o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
+            if not o.checkpoint_root:
+                identify(task, name, s3_secret)
+        else:
+            gpu_task(task, stage, image)
+            hf_token(task)
+            if o.gpus > 1:
+                task.set_env_variable(launch.ENV_NPROC_PER_NODE, str(o.gpus))
+                for key, value in NCCL_ENV.items():
+                    task.set_env_variable(key, value)
+        workspace(task, name, s3_secret)
+        return task.set_display_name(name)
+
+    def trainjob_launcher(task: dsl.PipelineTask, stage: str, image) -> None:
+        """A CPU pod that submits the stage's TrainJob and waits for it. It runs the GPU image: the
+        TrainJob runs the launcher's own image (delrec.trainjob), so the gpu_image parameter decides."""
+        cpu_task(task, "launcher", image)
+        res = o.resources.get(stage) or _default_resources()[stage]
+        settings = trainjob.TrainJobSettings(
+            runtime=o.runtime,
+            nodes=o.nodes,
+            gpus_per_node=o.node_gpus,
+            accelerator=o.accelerator,
+            cpu=res.cpu,
+            memory=res.memory,
+            queue=o.queue,
+            gpu_toleration=o.gpu_toleration,
+            node_selector=o.gpu_node_selector,
+            shm_size=o.shm_size,
+            # Several nodes (and the tasks beside it) cannot share a ReadWriteOnce claim.
+            model_cache_pvc=o.model_cache_pvc if o.model_cache_access == "ReadWriteMany" else "",
+            outputs=o.trainjob_outputs,
+            timeout_s=o.gpu_timeout_s,
+        )
+        task.set_env_variable(launch.ENV_TRAINER, "trainjob")
+        task.set_env_variable(launch.ENV_TRAINJOB, settings.model_dump_json())
+        if o.node_gpus:
+            for key, value in NCCL_ENV.items():
+                task.set_env_variable(key, value)
+        kubernetes.set_timeout(task, o.gpu_timeout_s + LAUNCHER_GRACE_S)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -317,19 +425,13 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         workspace(teacher, "teacher", s3_secret)
 
         soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
-        gpu_task(soft, "distill", gpu_image)
-        hf_token(soft)
-        workspace(soft, "distill", s3_secret)
+        training_task(soft, "distill", "distill", gpu_image, s3_secret)
 
         tuned = finetune(config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"])
-        gpu_task(tuned, "finetune", gpu_image).set_display_name("finetune")
-        hf_token(tuned)
-        workspace(tuned, "finetune", s3_secret)
+        training_task(tuned, "finetune", "finetune", gpu_image, s3_secret)
         # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
         ablation = finetune(config=config["finetune"], dataset=data)
-        gpu_task(ablation, "finetune", gpu_image).set_display_name("finetune-ablation")
-        hf_token(ablation)
-        workspace(ablation, "finetune-ablation", s3_secret)
+        training_task(ablation, "finetune", "finetune-ablation", gpu_image, s3_secret)
 
         if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":
             # The ablation would run beside distill and finetune: with a ReadWriteOnce cache, on another

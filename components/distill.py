@@ -17,7 +17,9 @@ def distill(
     """Run ``delrec.distill.distill`` (TA + RPS soft-prompt training) and log its metrics.
 
     In a pipeline run it checkpoints to the run's workspace in the object store (its endpoint from the
-    delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``).
+    delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``). With more than one
+    GPU it runs torchrun ranks in this pod, or submits a TrainJob (``delrec.launch``: the pipeline says
+    which through the environment).
     """
     import json
     import time
@@ -26,13 +28,20 @@ def distill(
     from delrec.checkpoints import location_from_env
     from delrec.distill import DistillConfig
     from delrec.distill import distill as run
+    from delrec.launch import Artifact, Launch
     from delrec.store import local_fingerprint
 
     started = time.perf_counter()
     # The pipeline says where to checkpoint through the environment (a run id among the inputs would
     # change the cache key of every run); delrec.store reads its endpoint from there too (ConfigMap).
     config = DistillConfig.from_dict(config, source="distill config")
-    result = run(dataset.path, teacher.path, config, soft_prompt.path, checkpoint=location_from_env())
+    launch = Launch.from_env()
+    if launch.in_process:
+        result = run(dataset.path, teacher.path, config, soft_prompt.path, checkpoint=location_from_env())
+    else:
+        inputs = {"data": Artifact(dataset.path, dataset.uri), "teacher": Artifact(teacher.path, teacher.uri)}
+        out = Artifact(soft_prompt.path, soft_prompt.uri)
+        result = launch.run("distill", config.model_dump(mode="json"), inputs, out)
     result = {
         k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }

@@ -20,7 +20,9 @@ def finetune(
     """Run ``delrec.finetune.finetune`` and log its metrics.
 
     In a pipeline run it checkpoints to the run's workspace in the object store (its endpoint from the
-    delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``).
+    delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``). With more than one
+    GPU it runs torchrun ranks in this pod, or submits a TrainJob (``delrec.launch``: the pipeline says
+    which through the environment).
     """
     import json
     import time
@@ -29,19 +31,30 @@ def finetune(
     from delrec.checkpoints import location_from_env
     from delrec.finetune import FinetuneConfig
     from delrec.finetune import finetune as run
+    from delrec.launch import Artifact, Launch
     from delrec.store import local_fingerprint
 
     started = time.perf_counter()
     # The pipeline says where to checkpoint through the environment (a run id among the inputs would
     # change the cache key of every run); delrec.store reads its endpoint from there too (ConfigMap).
     config = FinetuneConfig.from_dict(config, source="finetune config")
-    result = run(
-        dataset.path,
-        config,
-        model.path,
-        distill_dir=soft_prompt.path if soft_prompt else None,
-        checkpoint=location_from_env(),
-    )
+    launch = Launch.from_env()
+    if launch.in_process:
+        result = run(
+            dataset.path,
+            config,
+            model.path,
+            distill_dir=soft_prompt.path if soft_prompt else None,
+            checkpoint=location_from_env(),
+        )
+    else:
+        inputs = {
+            "data": Artifact(dataset.path, dataset.uri),
+            "distill": Artifact(soft_prompt.path, soft_prompt.uri) if soft_prompt else None,
+        }
+        result = launch.run(
+            "finetune", config.model_dump(mode="json"), inputs, Artifact(model.path, model.uri)
+        )
     result = {
         k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }

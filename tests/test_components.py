@@ -258,3 +258,55 @@ def test_llm_stage_components(tmp_path, synthetic_dir):
     )
     assert uri == "" and recs.metadata["rows"] == 3 * recs.metadata["users"] > 0
     assert read_manifest(recs.path, producer="recommend")
+
+
+@pytest.mark.parametrize(
+    ("env", "route"),
+    [({"DELREC_NPROC_PER_NODE": "2"}, "torchrun"), ({"DELREC_TRAINER": "trainjob"}, "trainjob")],
+)
+def test_training_components_hand_more_than_one_rank_to_delrec_launch(tmp_path, monkeypatch, env, route):
+    """The components only choose: the ranks run under torchrun in the pod, or in a TrainJob; the
+    metrics come back from the stage's output either way (the routes are tested in test_launch.py and
+    test_trainjob.py)."""
+    from delrec import launch, trainjob
+
+    calls = []
+
+    def torchrun(stage, config, inputs, out, *, nproc_per_node):
+        calls.append((stage, inputs, nproc_per_node))
+        Path(out).mkdir()
+        return {"loss": 0.5}
+
+    def submit(stage, config, inputs, out):
+        calls.append((stage, {k: v.uri for k, v in inputs.items() if v}, out.uri))
+        Path(out.path).mkdir()
+        return {"loss": 0.5}
+
+    monkeypatch.setattr(launch, "run_torchrun", torchrun)
+    monkeypatch.setattr(trainjob, "run_stage", submit)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    data, teacher = art(Dataset, tmp_path / "data"), art(Model, tmp_path / "teacher")
+    soft, model = art(Model, tmp_path / "soft"), art(Model, tmp_path / "model")
+    components.distill.python_func(
+        config={"steps": 3},
+        dataset=data,
+        teacher=teacher,
+        soft_prompt=soft,
+        metrics=art(Metrics, tmp_path / "m1"),
+    )
+    components.finetune.python_func(
+        config={}, dataset=data, model=model, metrics=art(Metrics, tmp_path / "m2")
+    )
+    if route == "torchrun":
+        assert calls == [
+            ("distill", {"data": data.path, "teacher": teacher.path}, 2),
+            ("finetune", {"data": data.path}, 2),  # the ablation: no soft prompt
+        ]
+    else:  # the TrainJob reads the inputs at their object-store URIs
+        assert calls == [
+            ("distill", {"data": data.uri, "teacher": teacher.uri}, soft.uri),
+            ("finetune", {"data": data.uri}, model.uri),
+        ]
+    assert soft.metadata["loss"] == 0.5 and model.metadata["soft_prompt"] is False
+    assert json.loads((tmp_path / "m1").read_text())["loss"] == 0.5

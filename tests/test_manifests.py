@@ -333,3 +333,43 @@ def test_model_cache_init_job_prepares_the_images_cache_folders():
         for folder in (hf_home, cache):
             assert folder.startswith("/cache/") and "mkdir -p" in container["args"][0]
             assert folder in container["args"][0]
+
+
+def test_trainjob_rbac_lets_the_pipeline_pods_do_what_the_launcher_does_and_no_more():
+    """manifests/trainjob: the Role covers each API call of delrec.trainjob (create/get/delete of its
+    TrainJob; its own pod, the rank-0 pod by label, that pod's log), bound to the ServiceAccount of KFP's
+    pipeline pods in their namespace."""
+    from delrec import trainjob
+
+    docs = rendered("trainjob")
+    assert {d["kind"] for d in docs} == {"Role", "RoleBinding"}
+    for doc in docs:
+        validate(doc, "trainjob")
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "delrec"
+    role = find(docs, "Role", "delrec-trainjob-launcher")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    needed = {(trainjob.GROUP, trainjob.PLURAL, verb) for verb in ("create", "get", "delete")}
+    needed |= {("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get")}
+    assert needed <= granted
+    # Nothing beyond the launcher's objects: no other resource, no update or patch of anything.
+    assert {(group, resource) for group, resource, _ in granted} == {
+        (trainjob.GROUP, trainjob.PLURAL), ("", "pods"), ("", "pods/log")
+    }  # fmt: skip
+    assert not {verb for *_, verb in granted} & {"update", "patch", "deletecollection", "*"}
+    binding = find(docs, "RoleBinding", "delrec-trainjob-launcher")
+    namespace = find(rendered("base"), "ConfigMap", "kfp-launcher")["metadata"]["namespace"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": namespace}
+    ]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == namespace

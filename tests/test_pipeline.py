@@ -631,3 +631,122 @@ def test_recommendations_are_made_only_for_a_model_that_passed_the_gate():
     executor = spec["deploymentSpec"]["executors"]["exec-recommend"]
     assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     assert any(s["keyToEnv"] for s in k8s["exec-recommend"]["secretAsEnv"])
+
+
+# --------------------------------------------------------------------------- scale-out (delrec.launch)
+
+TRAINING_EXECUTORS = ("exec-distill", "exec-finetune", "exec-finetune-2")
+
+
+def container_env(spec: dict, executor: str) -> dict[str, str]:
+    return {
+        e["name"]: e["value"]
+        for e in spec["deploymentSpec"]["executors"][executor]["container"].get("env", [])
+    }
+
+
+def test_several_gpus_in_a_pod_run_the_training_stages_as_torchrun_ranks(tmp_path):
+    options = pipeline.pipeline_arguments("ml-100k", None, ["gpus=2"])[0]
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    assert gpu_counts(spec) == {name: "2" for name in GPU_EXECUTORS}
+    for name in TRAINING_EXECUTORS:
+        env = container_env(spec, name)
+        assert env["DELREC_NPROC_PER_NODE"] == "2" and env["NCCL_DEBUG"] == "WARN", name
+        assert "DELREC_TRAINER" not in env
+        assert k8s[name]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"  # NCCL's shared-memory transport
+    # evaluate and recommend score with one rank, on the GPUs they get.
+    for name in ("exec-evaluate", "exec-recommend"):
+        assert "DELREC_NPROC_PER_NODE" not in container_env(spec, name)
+    # One GPU (the committed YAML): no torchrun, the library runs in the component's process.
+    spec, _ = load_compiled(pipeline.COMPILED)
+    assert not any("DELREC_NPROC_PER_NODE" in container_env(spec, name) for name in TRAINING_EXECUTORS)
+
+
+def test_trainer_trainjob_turns_the_training_tasks_into_cpu_launchers_of_trainjobs(tmp_path):
+    from test_trainjob import TRAINJOB_SCHEMA
+
+    from delrec import trainjob
+
+    overrides = ["trainer=trainjob", "nodes=2", "gpus=4", "queue=team-a"]
+    options = pipeline.pipeline_arguments("ml-100k", None, overrides)[0]
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "tj.yaml", options))
+    pod_options = pipeline.pipeline_arguments("ml-100k", None, ["gpus=4"])[0]
+    pod_spec, pod_k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "pod.yaml", pod_options))
+    executors = spec["deploymentSpec"]["executors"]
+    # The launchers: no GPU, no GPU node, no shm or model cache; the GPU image (the TrainJob runs it).
+    assert set(gpu_counts(spec)) == {"exec-evaluate", "exec-recommend"}
+    for name in TRAINING_EXECUTORS:
+        container = executors[name]["container"]
+        assert "accelerator" not in container["resources"], name
+        assert container["resources"]["resourceCpuRequest"] == "250m", name
+        assert container["image"] == "{{$.inputs.parameters['pipelinechannel--gpu_image']}}"
+        assert not {"tolerations", "nodeSelector", "emptyDirMounts", "pvcMount"} & set(k8s[name]), name
+        # It outlives the TrainJob's own deadline, to delete the job it gave up on.
+        assert int(k8s[name]["activeDeadlineSeconds"]) == options.gpu_timeout_s + pipeline.LAUNCHER_GRACE_S
+        env = container_env(spec, name)
+        assert env["DELREC_TRAINER"] == "trainjob" and env["NCCL_DEBUG"] == "WARN"
+        settings = trainjob.TrainJobSettings.model_validate_json(env["DELREC_TRAINJOB"])
+        assert (settings.nodes, settings.gpus_per_node, settings.runtime, settings.queue) == (
+            2, 4, "torch-distributed", "team-a"
+        )  # fmt: skip
+        assert (
+            settings.timeout_s == options.gpu_timeout_s and settings.cpu == options.resources["distill"].cpu
+        )
+        # The run id and task name the TrainJob's name is made of, the object-store credentials and the
+        # gated-model token, which the launcher forwards as references.
+        assert k8s[name]["fieldPathAsEnv"] == [
+            {"fieldPath": "metadata.labels['pipeline/runid']", "name": "DELREC_RUN_ID"}
+        ]
+        secrets = {e["envVar"] for s in k8s[name]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert secrets == {"HF_TOKEN", "DELREC_S3_ACCESS_KEY", "DELREC_S3_SECRET_KEY"}, name
+        # What it submits is a valid TrainJob carrying the GPUs.
+        job = trainjob.build_trainjob(
+            name=trainjob.trainjob_name("run", env["DELREC_TASK"]), namespace="kubeflow", image="i",
+            arguments=["distill"], settings=settings,
+        )  # fmt: skip
+        TRAINJOB_SCHEMA.validate(job)
+        assert job["spec"]["trainer"]["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "4"}
+        assert job["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a"}
+    assert [container_env(spec, n)["DELREC_TASK"] for n in TRAINING_EXECUTORS] == [
+        "distill", "finetune", "finetune-ablation"
+    ]  # fmt: skip
+    # The graph and every other task are those of a pod run.
+    tasks, pod_tasks = spec["root"]["dag"]["tasks"], pod_spec["root"]["dag"]["tasks"]
+    assert {n: t["componentRef"] for n, t in tasks.items()} == {
+        n: t["componentRef"] for n, t in pod_tasks.items()
+    }
+    for name in set(executors) - set(TRAINING_EXECUTORS):
+        assert executors[name] == pod_spec["deploymentSpec"]["executors"][name], name
+        assert k8s[name] == pod_k8s[name], name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["nodes=2"], "nodes"),
+        (["queue=team-a"], "queue"),
+        (["gpus_per_node=2"], "gpus_per_node"),
+        (["trainer=slurm"], "trainer"),
+        (["trainer=trainjob", "nodes=0"], "nodes"),
+        (["trainer=trainjob", "pipeline.trainjob_outputs=/tmp/out"], "trainjob_outputs"),
+        (["trainer=trainjob", "queue=Team_A"], "queue"),
+        (["trainer=trainjob", "runtime=torch distributed"], "runtime"),
+    ],
+)
+def test_bad_scale_out_options_name_the_field(overrides, field):
+    with pytest.raises(DelrecError, match=f"{field}:"):
+        pipeline.pipeline_arguments("demo", None, overrides)
+
+
+def test_a_cpu_trainjob_runs_one_gloo_rank_per_node(tmp_path):
+    """The kind smoke run (docs/cluster.md): gpus 0, two nodes of one CPU process."""
+    from delrec import trainjob
+
+    options = pipeline.pipeline_arguments("kind", None, ["trainer=trainjob", "nodes=2"])[0]
+    spec, _ = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    settings = trainjob.TrainJobSettings.model_validate_json(
+        container_env(spec, "exec-distill")["DELREC_TRAINJOB"]
+    )
+    assert (settings.nodes, settings.gpus_per_node, settings.procs_per_node) == (2, 0, 1)
+    assert settings.model_cache_pvc == ""  # kind's claim is ReadWriteOnce: two nodes cannot share it
+    assert "NCCL_DEBUG" not in container_env(spec, "exec-distill")
