@@ -80,6 +80,20 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return {key: dict(value or {}) for key, value in data.items()}
 
 
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """One stage's whole config dict from a JSON or YAML file (JSON is YAML), as the pipeline passes it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DelrecError(f"cannot read the config file ({exc.strerror or exc})", path=path) from None
+    except yaml.YAMLError as exc:
+        raise DelrecError(f"not valid JSON or YAML ({exc})", path=path) from None
+    if not isinstance(data, dict):
+        raise DelrecError("expected a mapping of config fields", path=path)
+    return data
+
+
 def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
     """``["lr=0.01", "steps=5"]`` -> ``{"lr": 0.01, "steps": 5}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
