@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from delrec.errors import DelrecError
+from delrec.llm.backbone import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ def init_from_env(device: str) -> str:
     """
     if launched_world_size() <= 1:
         return device
-    from delrec.llm.backbone import resolve_device
-
     cuda = resolve_device(device).type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
