@@ -31,15 +31,36 @@ from delrec.finetune import FinetuneConfig, finetune
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 TOLERANCE = 1e-5
-TINY = {"backbone": "tiny-llama", "device": "cpu", "bf16": False, "history_items": 6}
-# Odd validation counts: the ranks' shares differ in size.
-DISTILL = {**TINY, "soft_tokens": 8, "steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2}
-DISTILL |= {"eval_examples": 7, "checkpoint_every": 2}
-FINETUNE = {**TINY, "init_r": 8, "target_r": 4, "tinit": 1, "tfinal": 1, "lora_dropout": 0.0, "lr": 1e-2}
-FINETUNE |= {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2, "eval_examples": 7}
-FINETUNE |= {"checkpoint_every": 2}
-EVALUATE = {"backbone": "tiny-llama", "device": "cpu", "bf16": False, "bootstrap_samples": 20}
-EVALUATE |= {"max_examples": 9}
+TINY = {"backbone": "tiny-llama", "device": "cpu", "bf16": False}
+# Batches of 4 shared by 2 ranks; odd validation and test counts, so the ranks' shares differ in size.
+DISTILL = dict(
+    TINY,
+    history_items=6,
+    soft_tokens=8,
+    steps=4,
+    batch_size=4,
+    warmup_steps=1,
+    eval_every=2,
+    eval_examples=7,
+    checkpoint_every=2,
+)
+FINETUNE = dict(
+    TINY,
+    history_items=6,
+    init_r=8,
+    target_r=4,
+    tinit=1,  # AdaLoRA reallocates ranks within the 4 steps
+    tfinal=1,
+    lora_dropout=0.0,
+    lr=1e-2,
+    steps=4,
+    batch_size=4,
+    warmup_steps=1,
+    eval_every=2,
+    eval_examples=7,
+    checkpoint_every=2,
+)
+EVALUATE = dict(TINY, bootstrap_samples=20, max_examples=9)
 
 
 def _free_port() -> int:
