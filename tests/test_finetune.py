@@ -141,7 +141,7 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, ca
     straight = tmp_path / "straight"
     finetune(synthetic_dir, config, straight)
     calls = {"n": 0}
-    real = finetune_module.task_loss
+    real = finetune_module.rank_share_loss
 
     def crash_on_fourth_step(*args, **kwargs):
         calls["n"] += 1
@@ -150,7 +150,7 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, ca
         return real(*args, **kwargs)
 
     checkpoint, prefix_store = checkpoint_workspace(request, monkeypatch, workspace, "finetune")
-    monkeypatch.setattr(finetune_module, "task_loss", crash_on_fourth_step)
+    monkeypatch.setattr(finetune_module, "rank_share_loss", crash_on_fourth_step)
     resumed = tmp_path / "pod1" / "resumed"
     with pytest.raises(RuntimeError, match="killed"):
         finetune(synthetic_dir, config, resumed, checkpoint=checkpoint)
@@ -159,7 +159,7 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, ca
         assert prefix_store.list(checkpoint) == ["state.pt"]
         shutil.rmtree(tmp_path / "pod1")  # the pod's disk is gone with it
         resumed = tmp_path / "pod2" / "resumed"
-    monkeypatch.setattr(finetune_module, "task_loss", real)
+    monkeypatch.setattr(finetune_module, "rank_share_loss", real)
     with caplog.at_level("INFO", logger="delrec.artifacts"):
         finetune(synthetic_dir, config, resumed, checkpoint=checkpoint)
     assert "resuming from" in caplog.text  # not started again at step 1

@@ -101,6 +101,20 @@ def _load_preset(path: Path, seen: tuple[Path, ...]) -> dict[str, dict[str, Any]
     return {key: {**base.get(key, {}), **sections.get(key, {})} for key in {*base, *sections}}
 
 
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """One stage's whole config dict from a JSON or YAML file (JSON is YAML), as the pipeline passes it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DelrecError(f"cannot read the config file ({exc.strerror or exc})", path=path) from None
+    except yaml.YAMLError as exc:
+        raise DelrecError(f"not valid JSON or YAML ({exc})", path=path) from None
+    if not isinstance(data, dict):
+        raise DelrecError("expected a mapping of config fields", path=path)
+    return data
+
+
 def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
     """``["lr=0.01", "steps=5"]`` -> ``{"lr": 0.01, "steps": 5}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}

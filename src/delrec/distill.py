@@ -5,7 +5,9 @@ from training examples and the teacher's top-10), computes each task's loss, and
 gradients with GradNorm-like weights: w_i proportional to (1 / ||dL_i/d soft prompt||)^alpha, summing
 to 1. Lion, linear warm-up, gradient clipping. TA and RPS accuracy on validation examples is logged
 every ``eval_every`` steps and the best soft prompt is kept. A killed run resumes from its checkpoints
-(``<out>.partial/`` by default; see :mod:`delrec.checkpoints`).
+(``<out>.partial/`` by default; see :mod:`delrec.checkpoints`). Under torchrun each rank takes a share
+of both batches and the task gradients are summed across ranks before GradNorm weighs them (see
+:mod:`delrec.distributed`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from delrec import layout
+from delrec import distributed, layout
 from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
 from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
@@ -32,7 +34,7 @@ from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import TA_MIN_HISTORY, rps_instance, ta_instance, ta_rows, tail_rows, teacher_name
 from delrec.llm.templates import PromptBuilder
-from delrec.llm.training import LLMStageConfig, instance_ranks, task_loss
+from delrec.llm.training import LLMStageConfig, instance_ranks, rank_share_loss, setup_data_parallel
 from delrec.teachers import load_topk
 
 log = logging.getLogger(__name__)
@@ -76,13 +78,14 @@ def distill(
     (default ``<out>.partial``; see :class:`delrec.checkpoints.Checkpoints`).
     """
     started = time.time()
+    device = setup_data_parallel(config)
     checkpoints = Checkpoints.for_output(out, checkpoint)
     dataset = load_dataset(dataset_dir)
     topk = load_topk(teacher_dir, dataset_dir)
     teacher = teacher_name(teacher_dir)
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
-        config.backbone, None, titles=dataset.titles, device=config.device, autocast=config.bf16
+        config.backbone, None, titles=dataset.titles, device=device, autocast=config.bf16
     )
     builder = PromptBuilder(
         backbone,
@@ -142,10 +145,12 @@ def distill(
         "final_loss_rps": float(last.get("loss_rps", float("nan"))),
         "seconds": time.time() - started,
     }
-    _write_output(
-        out, config, dataset, backbone, soft, teacher, metrics, result.history, dataset_dir, teacher_dir
-    )
-    checkpoints.clear()
+    if distributed.is_main():
+        _write_output(
+            out, config, dataset, backbone, soft, teacher, metrics, result.history, dataset_dir, teacher_dir
+        )
+        checkpoints.clear()
+    metrics = distributed.broadcast_object(metrics)  # the other ranks wait for the output, then agree
     log.info(
         "distill done in %.0f s: best valid accuracy %.4f at step %d",
         metrics["seconds"],
@@ -168,10 +173,12 @@ class _PromptTraining:
     def step(self, index: int, rng: np.random.Generator) -> dict:
         config, soft, builder = self.config, self.soft, self.tasks.builder
         losses, grads = [], []
+        # Every rank draws both global batches (the same generator state) and scores its share of each.
         for batch in (self.tasks.ta_batch(rng, "train"), self.tasks.rps_batch(rng, "train")):
-            loss = task_loss(self.backbone, soft, builder, batch, config.objective, config.scoring)
-            losses.append(loss.item())
+            loss = rank_share_loss(self.backbone, soft, builder, batch, config.objective, config.scoring)
+            losses.append(loss.detach())
             grads.append(torch.autograd.grad(loss, soft.weight)[0])
+        distributed.sum_across_ranks(grads + losses)  # each task's global-batch gradient and mean loss
         w_ta, w_rps = gradnorm_weights(grads, config.gradnorm_alpha)
         soft.weight.grad = w_ta * grads[0] + w_rps * grads[1]
         grad_norm = float(torch.nn.utils.clip_grad_norm_([soft.weight], config.grad_clip))
@@ -179,8 +186,8 @@ class _PromptTraining:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
-            "loss_ta": losses[0],
-            "loss_rps": losses[1],
+            "loss_ta": losses[0].item(),
+            "loss_rps": losses[1].item(),
             "w_ta": w_ta,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],

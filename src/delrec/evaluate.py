@@ -12,6 +12,10 @@ The whole-catalogue protocol (``rerank_k`` > 0) answers what a team deploys for:
 item the user has not interacted with, DELRec reorders the teacher's top K, and items beyond K keep the
 teacher's order. HR@10, NDCG@10 and MRR of the target for the teacher alone and for teacher + DELRec,
 with a paired interval of the difference (``catalogue_*`` metrics).
+
+Under torchrun (:mod:`delrec.distributed`) each rank scores a contiguous share of the examples with the
+LLMs; their ranks (and the rerank scores) are gathered, and rank 0 computes the metrics and writes the
+output: the same figures as one process.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
-from delrec import layout
+from delrec import distributed, layout
 from delrec.adapter_io import load_adapter
 from delrec.artifacts import atomic_dir, require_same_input, write_json_atomic, write_manifest
 from delrec.config import StageConfig
@@ -324,9 +328,14 @@ def _llm_ranks(
     delrec: tuple[Path, dict],
     ablation: tuple[Path, dict] | None,
     rerank: np.ndarray | None = None,
+    *,
+    device: str,
 ) -> tuple[dict[str, np.ndarray], str, np.ndarray | None]:
     """Ranks of DELRec, the ablation and the untuned LLM (one backbone, adapters swapped in turn), and
-    DELRec's scores of the ``rerank`` candidates (the teacher's top K of the catalogue) if given."""
+    DELRec's scores of the ``rerank`` candidates (the teacher's top K of the catalogue) if given.
+
+    Under torchrun each rank scores its share of ``rows``; every rank returns the figures of all rows.
+    """
     (delrec_dir, delrec_config) = delrec
     torch.manual_seed(config.seed)
     backbone = finetuned_backbone(
@@ -334,10 +343,12 @@ def _llm_ranks(
         delrec_dir,
         delrec_config,
         titles=dataset.titles,
-        device=config.device,
+        device=device,
         bf16=config.bf16,
     )
-    ranker = _LLMRanker(dataset, config, config.split, rows)
+    share = distributed.shard_indices(len(rows))
+    rerank = rerank[share] if rerank is not None else None
+    ranker = _LLMRanker(dataset, config, config.split, rows[share])
     soft = SoftPrompt.load(delrec_dir, backbone.device)
     ranks = {}
     load_finetuned_adapter(backbone, delrec_dir)
@@ -352,6 +363,9 @@ def _llm_ranks(
         _unload_adapter(backbone)
     if config.zero_shot:
         ranks["zero_shot"] = ranker.ranks(backbone, None, delrec_config, "zero-shot")
+    ranks = {model: distributed.gather_rows(r) for model, r in ranks.items()}
+    if rerank_scores is not None:
+        rerank_scores = distributed.gather_rows(rerank_scores)
     return ranks, backbone.name, rerank_scores
 
 
@@ -626,6 +640,7 @@ def evaluate(
     """Score every model on the same examples; write metrics.json, curves.json, report.md, the charts and
     ranks.parquet. ``distill_dir`` only adds distill's learning curves. Returns the flat metrics."""
     started = time.time()
+    device = distributed.init_from_env(config.device)
     dataset = load_dataset(dataset_dir)
     require_same_input(teacher_dir, "dataset", dataset_dir, producer="train_teacher")
     rows = _chosen_rows(dataset, config, dataset_dir)
@@ -639,8 +654,10 @@ def evaluate(
     ablation = (Path(ablation_dir), ablation_config) if ablation_dir is not None else None
     topk = teacher_topk(teacher_scores, config.rerank_k) if config.rerank_k else None
     llm_ranks, backbone_name, rerank_scores = _llm_ranks(
-        dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, topk
+        dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, topk, device=device
     )
+    if not distributed.is_main():  # rank 0 computes the metrics and writes them
+        return distributed.broadcast_object(None)
     ranks |= llm_ranks
     catalogue, catalogue_ranks = None, {}
     if topk is not None:
@@ -694,4 +711,4 @@ def evaluate(
         meta["seconds"],
         ", ".join(f"{_label(m)} HR@1 {r['metrics']['HR@1']:.4f}" for m, r in results.items()),
     )
-    return flat
+    return distributed.broadcast_object(flat)  # the other ranks wait for the output, then agree

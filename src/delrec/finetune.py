@@ -5,7 +5,8 @@ distill folder the same LLM is fine-tuned on the prompt without the soft prompt 
 objective is cross-entropy over the candidates' scores (default) or the target title's likelihood;
 with AdaLoRA the loss includes its orthogonality regulariser and ``update_and_allocate`` runs every
 step, as AdaLoRA intends. A killed run resumes from its checkpoints (``<out>.partial/`` by default; see
-:mod:`delrec.checkpoints`).
+:mod:`delrec.checkpoints`). Under torchrun each rank takes a share of every batch and the adapter
+gradients are summed across ranks before the step (see :mod:`delrec.distributed`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from delrec import layout
+from delrec import distributed, layout
 from delrec.adapter_io import save_adapter
 from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
 from delrec.checkpoints import Checkpoints
@@ -34,7 +35,7 @@ from delrec.llm.optim import linear_warmup, make_optimizer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import stage2_instance, tail_rows
 from delrec.llm.templates import PromptBuilder
-from delrec.llm.training import LLMStageConfig, instance_ranks, task_loss
+from delrec.llm.training import LLMStageConfig, instance_ranks, rank_share_loss, setup_data_parallel
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,12 @@ def finetune(
     from peft import get_peft_model
 
     started = time.time()
+    device = setup_data_parallel(config)
     dataset = load_dataset(dataset_dir)
     prompt_config = read_prompt_config(distill_dir) if distill_dir is not None else {"teacher": ""}
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
-        config.backbone, distill_dir, titles=dataset.titles, device=config.device, autocast=config.bf16
+        config.backbone, distill_dir, titles=dataset.titles, device=device, autocast=config.bf16
     )
     backbone.fingerprint()  # computed (and kept) now: peft renames the base weights it wraps
     soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone)
@@ -202,7 +204,9 @@ def finetune(
         max_title_chars=config.max_title_chars,
     )
     checkpoints = Checkpoints.for_output(out, checkpoint)
-    if backbone.name in TINY:  # saved now: the base weights are harder to get back once peft wraps them
+    if (
+        backbone.name in TINY and distributed.is_main()
+    ):  # saved now: the base weights are harder to get back once peft wraps them
         backbone.save(checkpoints.folder / "backbone")
     backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
     if config.adapter == "adalora" and config.adalora_init == "orthogonal":
@@ -238,20 +242,22 @@ def finetune(
         "final_loss": float(result.history[-1].get("loss", float("nan"))),
         "seconds": time.time() - started,
     }
-    _write_output(
-        out,
-        config,
-        dataset,
-        backbone,
-        soft,
-        prompt_config,
-        metrics,
-        result.history,
-        dataset_dir,
-        distill_dir,
-        checkpoints.folder,
-    )
-    checkpoints.clear()
+    if distributed.is_main():
+        _write_output(
+            out,
+            config,
+            dataset,
+            backbone,
+            soft,
+            prompt_config,
+            metrics,
+            result.history,
+            dataset_dir,
+            distill_dir,
+            checkpoints.folder,
+        )
+        checkpoints.clear()
+    metrics = distributed.broadcast_object(metrics)  # the other ranks wait for the output, then agree
     log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
     return metrics
 
@@ -279,6 +285,7 @@ class _AdapterTraining:
 
     def step(self, index: int, rng: np.random.Generator) -> dict:
         config, train = self.config, self.dataset.examples["train"]
+        # The global batch, the same on every rank (same generator state); each rank scores its share.
         batch = [
             stage2_instance(
                 self.builder,
@@ -291,11 +298,16 @@ class _AdapterTraining:
             )
             for r in rng.choice(self.train_rows, size=config.batch_size)
         ]
-        task = task_loss(self.backbone, self.soft, self.builder, batch, config.objective, config.scoring)
-        loss = (
-            task + config.orth_reg_weight * orthogonal_regulariser(self.peft_model) if self.adalora else task
+        task = rank_share_loss(
+            self.backbone, self.soft, self.builder, batch, config.objective, config.scoring
         )
+        loss = task
+        if self.adalora:  # a term of the weights, not of the examples: once over all ranks
+            regulariser = orthogonal_regulariser(self.peft_model) / distributed.world_size()
+            loss = task + config.orth_reg_weight * regulariser
         loss.backward()
+        task = task.detach()
+        distributed.sum_gradients(self.params.values(), task)  # the global batch's gradient and mean loss
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()

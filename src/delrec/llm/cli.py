@@ -1,40 +1,61 @@
-"""``delrec distill``, ``delrec finetune``, ``delrec evaluate`` and ``delrec recommend``."""
+"""``delrec distill``, ``delrec finetune``, ``delrec evaluate`` and ``delrec recommend``.
+
+A stage's config is built from, each overriding the one before: the config class's defaults, the
+``--preset`` file's section of the stage, the ``--config`` file (the stage's whole config dict, as the
+pipeline passes it), the named options (``--steps``, ``--lr``, ...), and ``--set KEY=VALUE``. The
+training stages and evaluate run data-parallel under torchrun (see :mod:`delrec.distributed`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from delrec.config import load_preset, parse_assignments
+from delrec.config import load_config_file, load_preset, parse_assignments
 
 # Common command-line options -> config fields (None falls back to the preset, then the default).
 _COMMON = ("backbone", "device", "steps", "batch_size", "lr", "seed")
 
 
 def _config(cls, section: str, args: argparse.Namespace):
+    """defaults < --preset's section < --config < named options < --set (see the module doc)."""
     preset = load_preset(args.preset).get(section, {}) if args.preset else {}
+    from_file = load_config_file(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in _COMMON if getattr(args, k, None) is not None}
     if args.no_bf16:
         overrides["bf16"] = False
     return cls.from_dict(
-        {**preset, **overrides, **parse_assignments(args.set)}, source=args.preset or "command line"
+        {**preset, **from_file, **overrides, **parse_assignments(args.set)},
+        source=args.config or args.preset or "command line",
     )
 
 
+def _checkpoint(args: argparse.Namespace) -> str | None:
+    """--checkpoint, else the pipeline's object-store workspace from the environment, else OUT.partial."""
+    from delrec.checkpoints import location_from_env
+
+    return args.checkpoint or location_from_env()
+
+
 def _print(metrics: dict) -> None:
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    """The stage's metrics as one JSON line; under torchrun by rank 0 only (every rank has the same)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
 def _distill(args: argparse.Namespace) -> None:
     from delrec.distill import DistillConfig, distill
 
-    _print(distill(args.data, args.teacher, _config(DistillConfig, "distill", args), args.out))
+    config = _config(DistillConfig, "distill", args)
+    _print(distill(args.data, args.teacher, config, args.out, checkpoint=_checkpoint(args)))
 
 
 def _finetune(args: argparse.Namespace) -> None:
     from delrec.finetune import FinetuneConfig, finetune
 
-    _print(finetune(args.data, _config(FinetuneConfig, "finetune", args), args.out, distill_dir=args.distill))
+    config = _config(FinetuneConfig, "finetune", args)
+    _print(finetune(args.data, config, args.out, distill_dir=args.distill, checkpoint=_checkpoint(args)))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -72,6 +93,12 @@ def _common(p: argparse.ArgumentParser, training: bool, seed: bool = True) -> No
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--preset", help="configs/NAME.yaml (or a YAML path) whose section gives the defaults")
     p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or YAML file with the stage's whole config dict (as the pipeline passes it); "
+        "overrides --preset, overridden by the options below and --set",
+    )
+    p.add_argument(
         "--backbone", help="smollm2-135m | tiny-llama | tiny-t5 | saved folder | transformers id/path"
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -80,11 +107,23 @@ def _common(p: argparse.ArgumentParser, training: bool, seed: bool = True) -> No
         p.add_argument("--seed", type=int)
     if training:
         p.add_argument("--steps", type=int)
-        p.add_argument("--batch-size", type=int)
+        p.add_argument("--batch-size", type=int, help="the global batch, shared by torchrun's processes")
         p.add_argument("--lr", type=float)
+        p.add_argument(
+            "--checkpoint",
+            metavar="DIR_OR_S3",
+            help="where the training state is kept and resumed from: a folder or s3://bucket/prefix "
+            "(default: the pipeline's workspace from DELREC_CHECKPOINT_ROOT/RUN_ID/TASK, else OUT.partial)",
+        )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (YAML value)"
     )
+
+
+_TORCHRUN = (
+    "\n\ndata-parallel (N processes per node, M nodes; each takes a share of every batch, only rank 0 "
+    "writes):\n  torchrun --nnodes M --nproc-per-node N -m delrec.cli {command} --config cfg.json"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,7 +136,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "two tasks (Temporal Analysis, Recommendation Pattern Simulating) built from the teacher's "
             "top-10. Lion, linear warm-up, GradNorm-like task weights. Resumes from OUT.partial/."
         ),
-        epilog="example:\n  delrec distill --data data/ml-100k --teacher runs/sasrec --out runs/distill --preset ml-100k",
+        epilog=(
+            "example:\n  delrec distill --data data/ml-100k --teacher runs/sasrec --out runs/distill --preset ml-100k"
+            + _TORCHRUN.format(command="distill --data D --teacher T --out O")
+        ),
         formatter_class=fmt,
     )
     _common(p, training=True)
@@ -115,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n  delrec finetune --data data/ml-100k --distill runs/distill --out runs/delrec --preset ml-100k\n"
             "  delrec finetune --data data/ml-100k --out runs/ablation --preset ml-100k"
+            + _TORCHRUN.format(command="finetune --data D [--distill S] --out O")
         ),
         formatter_class=fmt,
     )
@@ -134,6 +177,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "example:\n  delrec evaluate --data data/ml-100k --teacher runs/sasrec --delrec runs/delrec "
             "--ablation runs/ablation --out runs/eval --preset ml-100k"
+            + _TORCHRUN.format(command="evaluate --data D --teacher T --delrec F --out O")
         ),
         formatter_class=fmt,
     )

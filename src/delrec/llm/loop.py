@@ -5,6 +5,11 @@ state; the loop owns what every stage needs the same way: the run key that a che
 per-step seeds (a resumed run draws the same batches and dropout masks as an uninterrupted one), the
 evaluation and checkpoint cadence, the best evaluated state, the history and the progress bar.
 
+Under torchrun (:mod:`delrec.distributed`) every rank runs the loop in step: rank 0 reads the checkpoint
+and hands its state to the others (so the ranks start equal, resumed or not, whatever world size wrote
+the checkpoint), only rank 0 writes checkpoints, and the stage's ``step`` and ``evaluate`` return the
+same records on every rank.
+
 Checkpoints hold tensors and plain types only, so they load with ``torch.load(weights_only=True)``.
 """
 
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from delrec import distributed
 from delrec.checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
@@ -77,21 +83,31 @@ class TrainLoop:
     def run(self) -> LoopResult:
         history: list[Record] = []
         start = 0
-        saved = self.checkpoints.load(self.run_key)
+        saved = distributed.broadcast_object(
+            self.checkpoints.load(self.run_key) if distributed.is_main() else None
+        )
         if saved is not None:
             self.restore(saved["stage"])
             start, history, self._best = int(saved["step"]), list(saved["history"]), dict(saved["best"])
-        elif self.evaluate is not None:
-            record = {"step": 0, **self.evaluate()}
-            log.info("%s step 0: %s", self.name, _fmt(record))
-            history.append(record)
-            self._consider(0, record)
+        else:
+            if distributed.world_size() > 1:
+                self.restore(distributed.broadcast_object(self.state()))  # every rank starts from rank 0's
+            if self.evaluate is not None:
+                record = {"step": 0, **self.evaluate()}
+                log.info("%s step 0: %s", self.name, _fmt(record))
+                history.append(record)
+                self._consider(0, record)
         progress = tqdm(
-            range(start, self.steps), desc=self.name, initial=start, total=self.steps, mininterval=5
+            range(start, self.steps),
+            desc=self.name,
+            initial=start,
+            total=self.steps,
+            mininterval=5,
+            disable=not distributed.is_main(),
         )
         for step in progress:
             rng = np.random.default_rng([self.seed, self.stream, step])
-            torch.manual_seed(self.seed * 1_000_003 + self.stream * 7919 + step)
+            torch.manual_seed(distributed.rank_seed(self.seed * 1_000_003 + self.stream * 7919 + step))
             record = {"step": step + 1, **self.step(step, rng)}
             progress.set_postfix({k: f"{record[k]:.3f}" for k in self.postfix if k in record})
             done = step + 1
@@ -100,7 +116,7 @@ class TrainLoop:
                 self._consider(done, record)
                 log.info("%s step %d: %s", self.name, done, _fmt(record))
             history.append(record)
-            if done % self.checkpoint_every == 0 and done < self.steps:
+            if done % self.checkpoint_every == 0 and done < self.steps and distributed.is_main():
                 self.checkpoints.save(
                     {
                         "run_key": dict(self.run_key),

@@ -1,4 +1,5 @@
-"""Pieces shared by the two LLM training stages: their config base, the task loss and accuracy."""
+"""Pieces shared by the two LLM training stages: their config base, data-parallel setup, the task loss
+(or a rank's share of it) and accuracy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from delrec import distributed
 from delrec.config import StageConfig
+from delrec.errors import DelrecError
 from delrec.llm.backbone import Backbone
 from delrec.llm.scoring import Reduction, score_all, score_candidates
 from delrec.llm.soft_prompt import SoftPrompt
@@ -55,6 +58,30 @@ class LLMStageConfig(StageConfig):
     train_tail: int | None = Field(None, ge=1)
     """draw training rows only from each user's last N training targets, as the test rows sit at the
     end of a sequence; None: every training prefix (the paper's)"""
+    sharding: Literal["replicate", "fsdp"] = "replicate"
+    """under torchrun: replicate: every rank holds the whole backbone and a share of each batch (see
+    :mod:`delrec.distributed`); fsdp (the backbone sharded across ranks): not supported yet"""
+
+
+def setup_data_parallel(config: LLMStageConfig) -> str:
+    """Join torchrun's process group if launched by it (:mod:`delrec.distributed`); this rank's device.
+
+    Refuses what data parallelism cannot do: FSDP, and a batch with fewer examples than ranks.
+    """
+    if config.sharding == "fsdp":
+        raise DelrecError(
+            "sharding the backbone across ranks (FSDP) is not supported yet: every rank holds the whole "
+            "backbone; use sharding: replicate with a backbone that fits one device",
+            field="sharding",
+        )
+    device = distributed.init_from_env(config.device)
+    if config.batch_size < distributed.world_size():
+        raise DelrecError(
+            f"batch_size {config.batch_size} is smaller than the {distributed.world_size()} processes: "
+            "every rank needs at least one example of the global batch",
+            field="batch_size",
+        )
+    return device
 
 
 def task_loss(
@@ -85,6 +112,22 @@ def task_loss(
     return F.cross_entropy(scores, target)
 
 
+def rank_share_loss(
+    backbone: Backbone,
+    soft_prompt: SoftPrompt | None,
+    builder: PromptBuilder,
+    batch: Sequence[Instance],
+    objective: Objective,
+    reduction: Reduction,
+) -> torch.Tensor:
+    """This rank's share of the global ``batch``'s mean :func:`task_loss`: the sum of its examples'
+    losses over the global batch size; summed over the ranks it is the global mean (one process: the
+    whole batch's mean). Every rank must pass the same ``batch``."""
+    share = [batch[i] for i in distributed.shard_indices(len(batch))]
+    loss = task_loss(backbone, soft_prompt, builder, share, objective, reduction)
+    return loss * (len(share) / len(batch))
+
+
 def instance_ranks(
     backbone: Backbone,
     soft_prompt: SoftPrompt | None,
@@ -95,7 +138,11 @@ def instance_ranks(
     batch_size: int,
     desc: str,
 ) -> np.ndarray:
-    """0-based rank of each instance's answer among its candidates (ties count against it)."""
+    """0-based rank of each instance's answer among its candidates (ties count against it).
+
+    Under torchrun each rank scores its share of ``instances`` and every rank gets all the ranks.
+    """
+    instances = [instances[i] for i in distributed.shard_indices(len(instances))]
     scores = score_all(
         backbone,
         soft_prompt,
@@ -106,4 +153,5 @@ def instance_ranks(
         skip=builder.answer_skip,
         desc=desc,
     )
-    return target_ranks(scores, np.array([inst.answer for inst in instances]))
+    ranks = target_ranks(scores, np.array([inst.answer for inst in instances], dtype=np.int64))
+    return distributed.gather_rows(ranks)
