@@ -214,20 +214,29 @@ def test_distill_under_two_processes_matches_one(synthetic_dir, tiny_runs, tmp_p
 
 
 @pytest.mark.slow
-def test_finetune_under_two_processes_matches_one(synthetic_dir, tiny_runs, one_process_finetune, tmp_path):
+def test_finetune_component_with_two_ranks_matches_one_process(
+    synthetic_dir, tiny_runs, one_process_finetune, tmp_path, monkeypatch, capfd
+):
+    """The whole in-pod path: the KFP component hands 2 ranks to delrec.launch, which runs torchrun on
+    ``delrec.cli finetune --config``; the adapter equals one process's."""
+    from kfp.dsl import Dataset, Metrics, Model
+
+    import components
+
     two = tmp_path / "two"
-    args = [
-        "finetune",
-        "--data",
-        str(synthetic_dir),
-        "--distill",
-        str(tiny_runs / "distill"),
-        "--out",
-        str(two),
-    ]
-    done = torchrun(["-m", "delrec.cli"], [*args, "--config", config_file(tmp_path, "f", FINETUNE)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 of 2 (gloo)" in done.stderr  # one process group, not two runs side by side
+    monkeypatch.setenv("DELREC_NPROC_PER_NODE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    artifact = lambda cls, path: cls(name=Path(path).name, uri=str(path), metadata={})  # noqa: E731
+    components.finetune.python_func(
+        config=FINETUNE,
+        dataset=artifact(Dataset, synthetic_dir),
+        soft_prompt=artifact(Model, tiny_runs / "distill"),
+        model=artifact(Model, two),
+        metrics=artifact(Metrics, tmp_path / "metrics"),
+    )
+    # torchrun streams both ranks' output, stderr included, into the task's log (stdout).
+    assert "rank 0 of 2 (gloo)" in capfd.readouterr().out  # one process group, not two runs side by side
     one = one_process_finetune
     assert_same_histories(history(one), history(two))
     assert any("valid_hr1" in r for r in history(two)[1:])
