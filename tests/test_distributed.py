@@ -163,7 +163,7 @@ def test_rank_seeds_are_independent_and_rank_zero_keeps_one_process_seed(monkeyp
     assert len(set(flat)) == len(flat) and all(0 <= s < 2**63 for s in flat)
 
 
-def test_fsdp_in_one_process_is_replicate(synthetic_dir, tmp_path, caplog):
+def test_fsdp_in_one_process_is_replicate(caplog):
     config = FinetuneConfig(**FINETUNE, sharding="fsdp")
     backbone = load_backbone("tiny-llama", titles=["a title"], device="cpu", autocast=False)
     with caplog.at_level("INFO", logger="delrec.llm.sharding"):

@@ -22,6 +22,12 @@ again in backward), freeing them after. What is sharded and what is not, and why
 Everything that reads the base weights whole is done before sharding: the weights' fingerprint and the
 saved copy of a tiny random backbone. Results equal ``replicate``'s up to floating-point noise.
 
+One cost: under autograd (training steps) the scorer runs every prompt whole instead of running the
+prompts' shared prefix once into a KV cache (:func:`delrec.llm.scoring._score_decoder_only` says why:
+FSDP re-gathers a layer's weights for backward only from hooks on the output of the same call).
+Validation and scoring without gradients still share the prefix. Peak memory per rank is the whole
+embeddings and output head, 1/world of the layers, plus one or two layers gathered at a time.
+
 Not sharded: encoder-decoder backbones (T5; the scorer calls the encoder and the whole model separately,
 which FSDP's one-root rule does not allow) are refused, and the evaluate stage holds the whole backbone
 on every rank (it has no ``sharding`` setting). In one process ``sharding: fsdp`` is ``replicate``.
