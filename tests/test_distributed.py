@@ -172,6 +172,12 @@ def test_fsdp_in_one_process_is_replicate(caplog):
     assert not any(isinstance(p, DTensor) for p in backbone.model.parameters())
 
 
+def test_sharding_is_left_out_of_the_run_key():
+    replicate, fsdp = FinetuneConfig(**FINETUNE), FinetuneConfig(**FINETUNE, sharding="fsdp")
+    assert replicate.run_hash() == fsdp.run_hash() == replicate.hash() != fsdp.hash()
+    assert FinetuneConfig(**FINETUNE | {"lr": 0.5}).run_hash() != replicate.run_hash()
+
+
 def test_fsdp_refuses_encoder_decoder_backbones(monkeypatch):
     backbone = load_backbone("tiny-t5", titles=["a title"], device="cpu", autocast=False)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -316,9 +322,12 @@ def test_fsdp_finetune_with_two_ranks_matches_one_process(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
 def test_two_process_run_killed_after_a_checkpoint_resumes_as_one(
-    synthetic_dir, tiny_runs, one_process_finetune, tmp_path
+    synthetic_dir, tiny_runs, one_process_finetune, tmp_path, sharding
 ):
+    """A checkpoint holds no trace of the world size or the sharding (the adapters are whole either
+    way): a 2-rank run killed after a checkpoint resumes in one process, with replicate."""
     out = tmp_path / "resumed"
     args = [
         "finetune",
@@ -329,12 +338,14 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_as_one(
         "--out",
         str(out),
     ]
-    args += ["--config", config_file(tmp_path, "f", FINETUNE)]
+    killed_config = config_file(tmp_path, "killed", FINETUNE | {"sharding": sharding})
     # Both ranks fail inside step 3, after rank 0 wrote the checkpoint of step 2.
-    killed = torchrun([str(TESTS / "failing_cli.py"), "2"], args)
+    killed = torchrun([str(TESTS / "failing_cli.py"), "2"], [*args, "--config", killed_config])
     assert killed.returncode != 0 and "killed in step 3" in killed.stderr, killed.stderr[-3000:]
     assert not out.exists() and (tmp_path / "resumed.partial" / "state.pt").is_file()
-    resumed = run([sys.executable, "-m", "delrec.cli", *args])
+    resumed = run(
+        [sys.executable, "-m", "delrec.cli", *args, "--config", config_file(tmp_path, "f", FINETUNE)]
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr  # steps 3-4 only, in one process
     assert_same_histories(history(one_process_finetune), history(out))

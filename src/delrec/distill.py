@@ -119,7 +119,7 @@ def distill(
         seed=config.seed,
         stream=0,
         run_key={
-            "config": config.hash(),
+            "config": config.run_hash(),
             "dataset": read_manifest(dataset_dir)["id"],
             "teacher": read_manifest(teacher_dir)["id"],
             "backbone": backbone.fingerprint(),

@@ -230,7 +230,7 @@ def finetune(
         seed=config.seed,
         stream=2,
         run_key={
-            "config": config.hash(),
+            "config": config.run_hash(),
             "dataset": read_manifest(dataset_dir)["id"],
             "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
             "backbone": backbone.fingerprint(),

@@ -65,6 +65,12 @@ class LLMStageConfig(StageConfig):
     embeddings, output head and adapters whole; decoder-only backbones; see :mod:`delrec.llm.sharding`).
     The results are the same; in one process fsdp is replicate"""
 
+    def run_hash(self) -> str:
+        """The config's hash in a checkpoint's run key: ``sharding`` left out (counted as replicate, so
+        a replicate run's key is its :meth:`hash`), since it places the weights and changes no result:
+        a run checkpointed with one sharding resumes with the other, as with another world size."""
+        return self.model_copy(update={"sharding": "replicate"}).hash()
+
 
 def setup_data_parallel(config: LLMStageConfig) -> str:
     """Join torchrun's process group if launched by it (:mod:`delrec.distributed`); this rank's device.
