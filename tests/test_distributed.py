@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,12 +22,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from delrec import distributed
 from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
 from delrec.evaluate import EvaluateConfig, evaluate
 from delrec.finetune import FinetuneConfig, finetune
+from delrec.llm.backbone import load_backbone
+from delrec.llm.sharding import shard_backbone
+from delrec.llm.training import apply_sharding
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -158,9 +163,26 @@ def test_rank_seeds_are_independent_and_rank_zero_keeps_one_process_seed(monkeyp
     assert len(set(flat)) == len(flat) and all(0 <= s < 2**63 for s in flat)
 
 
-def test_fsdp_is_refused_clearly(synthetic_dir, tmp_path):
-    with pytest.raises(DelrecError, match="FSDP.*not supported yet"):
-        finetune(synthetic_dir, FinetuneConfig(**FINETUNE, sharding="fsdp"), tmp_path / "x")
+def test_fsdp_in_one_process_is_replicate(caplog):
+    config = FinetuneConfig(**FINETUNE, sharding="fsdp")
+    backbone = load_backbone("tiny-llama", titles=["a title"], device="cpu", autocast=False)
+    with caplog.at_level("INFO", logger="delrec.llm.sharding"):
+        apply_sharding(config, backbone)
+    assert "held whole (as replicate)" in caplog.text
+    assert not any(isinstance(p, DTensor) for p in backbone.model.parameters())
+
+
+def test_sharding_is_left_out_of_the_run_key():
+    replicate, fsdp = FinetuneConfig(**FINETUNE), FinetuneConfig(**FINETUNE, sharding="fsdp")
+    assert replicate.run_hash() == fsdp.run_hash() == replicate.hash() != fsdp.hash()
+    assert FinetuneConfig(**FINETUNE | {"lr": 0.5}).run_hash() != replicate.run_hash()
+
+
+def test_fsdp_refuses_encoder_decoder_backbones(monkeypatch):
+    backbone = load_backbone("tiny-t5", titles=["a title"], device="cpu", autocast=False)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(DelrecError, match="decoder-only"):
+        shard_backbone(backbone)
 
 
 def test_config_file_then_options_then_set(tmp_path):
@@ -187,10 +209,18 @@ def one_process_finetune(synthetic_dir, tiny_runs, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_process_distill(synthetic_dir, tiny_runs, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("one") / "distill"
+    return out, distill(synthetic_dir, tiny_runs / "teacher", DistillConfig(**DISTILL), out)
+
+
 @pytest.mark.slow
-def test_distill_under_two_processes_matches_one(synthetic_dir, tiny_runs, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    metrics = distill(synthetic_dir, tiny_runs / "teacher", DistillConfig(**DISTILL), one)
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_distill_under_two_processes_matches_one(
+    synthetic_dir, tiny_runs, one_process_distill, tmp_path, sharding
+):
+    (one, metrics), two = one_process_distill, tmp_path / "two"
     args = [
         "distill",
         "--data",
@@ -200,15 +230,21 @@ def test_distill_under_two_processes_matches_one(synthetic_dir, tiny_runs, tmp_p
         "--out",
         str(two),
     ]
-    done = torchrun(["-m", "delrec.cli"], [*args, "--config", config_file(tmp_path, "d", DISTILL)])
+    config = config_file(tmp_path, "d", DISTILL | {"sharding": sharding})
+    done = torchrun(["-m", "delrec.cli"], [*args, "--config", config])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2 (gloo)" in done.stderr  # one process group, not two runs side by side
+    assert ("sharding: fsdp over 2 ranks" in done.stderr) == (sharding == "fsdp")
     printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # by rank 0 only
     assert printed[0]["best_valid_acc"] == pytest.approx(metrics["best_valid_acc"], abs=1e-4)
     assert_same_histories(history(one), history(two))
     assert_same_tensors(
         load_file(one / "soft_prompt.safetensors"), load_file(two / "soft_prompt.safetensors")
+    )
+    # The tiny backbone is saved whole, as one process saves it (saved before the layers are sharded).
+    assert_same_tensors(
+        load_file(one / "backbone" / "model.safetensors"), load_file(two / "backbone" / "model.safetensors")
     )
     assert not two.with_name("two.partial").exists()
 
@@ -250,9 +286,48 @@ def test_finetune_component_with_two_ranks_matches_one_process(
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_after_a_checkpoint_resumes_as_one(
+def test_fsdp_finetune_with_two_ranks_matches_one_process(
     synthetic_dir, tiny_runs, one_process_finetune, tmp_path
 ):
+    """``sharding: fsdp``: each rank holds half of the decoder layers' weights; the adapter, its AdaLoRA
+    rank pattern and the validation figures equal one process's (the saved adapter is the same file)."""
+    two = tmp_path / "two"
+    args = [
+        "finetune",
+        "--data",
+        str(synthetic_dir),
+        "--distill",
+        str(tiny_runs / "distill"),
+        "--out",
+        str(two),
+    ]
+    config = config_file(tmp_path, "f", FINETUNE | {"sharding": "fsdp"})
+    done = torchrun(["-m", "delrec.cli"], [*args, "--config", config])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 logs what it holds: the sharded layers' half plus the whole embeddings (tied output head).
+    held = re.search(
+        r"sharding: fsdp over 2 ranks: this rank holds ([\d.]+) MB of the backbone's ([\d.]+) MB", done.stderr
+    )
+    assert held is not None, done.stderr[-3000:]
+    assert float(held[1]) < 0.75 * float(held[2])
+    one = one_process_finetune
+    assert_same_histories(history(one), history(two))
+    assert any("valid_hr1" in r for r in history(two)[1:])
+    assert_same_tensors(
+        load_file(one / "adapter" / "adapter_model.safetensors"),
+        load_file(two / "adapter" / "adapter_model.safetensors"),
+    )
+    configs = [json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (one, two)]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"] and configs[0]["rank_pattern"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_two_process_run_killed_after_a_checkpoint_resumes_as_one(
+    synthetic_dir, tiny_runs, one_process_finetune, tmp_path, sharding
+):
+    """A checkpoint holds no trace of the world size or the sharding (the adapters are whole either
+    way): a 2-rank run killed after a checkpoint resumes in one process, with replicate."""
     out = tmp_path / "resumed"
     args = [
         "finetune",
@@ -263,12 +338,14 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_as_one(
         "--out",
         str(out),
     ]
-    args += ["--config", config_file(tmp_path, "f", FINETUNE)]
+    killed_config = config_file(tmp_path, "killed", FINETUNE | {"sharding": sharding})
     # Both ranks fail inside step 3, after rank 0 wrote the checkpoint of step 2.
-    killed = torchrun([str(TESTS / "failing_cli.py"), "2"], args)
+    killed = torchrun([str(TESTS / "failing_cli.py"), "2"], [*args, "--config", killed_config])
     assert killed.returncode != 0 and "killed in step 3" in killed.stderr, killed.stderr[-3000:]
     assert not out.exists() and (tmp_path / "resumed.partial" / "state.pt").is_file()
-    resumed = run([sys.executable, "-m", "delrec.cli", *args])
+    resumed = run(
+        [sys.executable, "-m", "delrec.cli", *args, "--config", config_file(tmp_path, "f", FINETUNE)]
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr  # steps 3-4 only, in one process
     assert_same_histories(history(one_process_finetune), history(out))

@@ -7,7 +7,8 @@ to 1. Lion, linear warm-up, gradient clipping. TA and RPS accuracy on validation
 every ``eval_every`` steps and the best soft prompt is kept. A killed run resumes from its checkpoints
 (``<out>.partial/`` by default; see :mod:`delrec.checkpoints`). Under torchrun each rank takes a share
 of both batches and the task gradients are summed across ranks before GradNorm weighs them (see
-:mod:`delrec.distributed`).
+:mod:`delrec.distributed`); with ``sharding: fsdp`` the frozen LLM's layers are sharded across the
+ranks (:mod:`delrec.llm.sharding`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -28,13 +30,19 @@ from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write
 from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
-from delrec.llm.backbone import save_if_built, stage_backbone
+from delrec.llm.backbone import TINY, stage_backbone
 from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import TA_MIN_HISTORY, rps_instance, ta_instance, ta_rows, tail_rows, teacher_name
 from delrec.llm.templates import PromptBuilder
-from delrec.llm.training import LLMStageConfig, instance_ranks, rank_share_loss, setup_data_parallel
+from delrec.llm.training import (
+    LLMStageConfig,
+    apply_sharding,
+    instance_ranks,
+    rank_share_loss,
+    setup_data_parallel,
+)
 from delrec.teachers import load_topk
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,9 @@ def distill(
     backbone = stage_backbone(
         config.backbone, None, titles=dataset.titles, device=device, autocast=config.bf16
     )
+    if backbone.name in TINY and distributed.is_main():  # saved whole now: sharding splits the weights
+        backbone.save(checkpoints.folder / "backbone")
+    apply_sharding(config, backbone)
     builder = PromptBuilder(
         backbone,
         dataset.titles,
@@ -108,7 +119,7 @@ def distill(
         seed=config.seed,
         stream=0,
         run_key={
-            "config": config.hash(),
+            "config": config.run_hash(),
             "dataset": read_manifest(dataset_dir)["id"],
             "teacher": read_manifest(teacher_dir)["id"],
             "backbone": backbone.fingerprint(),
@@ -147,7 +158,17 @@ def distill(
     }
     if distributed.is_main():
         _write_output(
-            out, config, dataset, backbone, soft, teacher, metrics, result.history, dataset_dir, teacher_dir
+            out,
+            config,
+            dataset,
+            backbone,
+            soft,
+            teacher,
+            metrics,
+            result.history,
+            dataset_dir,
+            teacher_dir,
+            checkpoints.folder,
         )
         checkpoints.clear()
     metrics = distributed.broadcast_object(metrics)  # the other ranks wait for the output, then agree
@@ -266,11 +287,13 @@ class _Tasks:
 
 
 def _write_output(
-    out, config, dataset, backbone, soft, teacher, metrics, history, dataset_dir, teacher_dir
+    out, config, dataset, backbone, soft, teacher, metrics, history, dataset_dir, teacher_dir, scratch: Path
 ) -> None:
+    """``scratch`` (the checkpoint folder) holds the tiny test backbone's weights, saved before sharding."""
     with atomic_dir(out) as tmp:
         soft.save(tmp, init=config.soft_init, backbone=backbone.name, step=metrics["best_step"])
-        save_if_built(backbone, tmp)
+        if backbone.name in TINY:
+            shutil.copytree(scratch / "backbone", tmp / "backbone")
         prompt_config = {
             "teacher": teacher,
             "domain": dataset.domain,

@@ -43,8 +43,11 @@ ready twice" or unused-parameter bookkeeping). It gives up DDP's overlap of comm
 backward pass; the tensors reduced are the adapters or the soft prompt (well under 1% of a backbone's
 weights), one message a step, small next to the forward and backward of 20 prompts x 20 candidates.
 
-Not supported yet: sharding the backbone itself (FSDP) for backbones that do not fit one device; every
-rank holds the whole backbone (``sharding: fsdp`` is refused with a clear error).
+Where the backbone lives. With ``sharding: replicate`` (the default) every rank holds the whole
+backbone. With ``sharding: fsdp`` (distill and finetune; for backbones that do not fit one device) the
+decoder layers' frozen weights are sharded across the ranks with FSDP2 (:mod:`delrec.llm.sharding`);
+the trainable tensors stay whole on every rank, outside FSDP, so everything above holds unchanged:
+FSDP reduces no gradient, the explicit sum does. The evaluate stage always holds the whole backbone.
 
 Randomness. Batches and candidate sets come from numpy generators seeded per step, identical on every
 rank. Torch's generator (dropout: the adapters' ``lora_dropout``) is seeded per step and per rank

@@ -6,7 +6,9 @@ objective is cross-entropy over the candidates' scores (default) or the target t
 with AdaLoRA the loss includes its orthogonality regulariser and ``update_and_allocate`` runs every
 step, as AdaLoRA intends. A killed run resumes from its checkpoints (``<out>.partial/`` by default; see
 :mod:`delrec.checkpoints`). Under torchrun each rank takes a share of every batch and the adapter
-gradients are summed across ranks before the step (see :mod:`delrec.distributed`).
+gradients are summed across ranks before the step (see :mod:`delrec.distributed`); with
+``sharding: fsdp`` the backbone's frozen layers are sharded too and the adapters kept whole on every
+rank (:mod:`delrec.llm.sharding`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from delrec.llm.optim import linear_warmup, make_optimizer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import stage2_instance, tail_rows
 from delrec.llm.templates import PromptBuilder
-from delrec.llm.training import LLMStageConfig, instance_ranks, rank_share_loss, setup_data_parallel
+from delrec.llm.training import (
+    LLMStageConfig,
+    apply_sharding,
+    instance_ranks,
+    rank_share_loss,
+    setup_data_parallel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +219,7 @@ def finetune(
     backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
     if config.adapter == "adalora" and config.adalora_init == "orthogonal":
         orthogonal_factors(backbone.model)
+    apply_sharding(config, backbone)  # fsdp: the adapters stay whole, outside the shards
     training = _AdapterTraining(config, dataset, backbone, soft, builder)
     if not len(training.train_rows):
         raise DelrecError("no training examples", path=dataset_dir)
@@ -221,7 +230,7 @@ def finetune(
         seed=config.seed,
         stream=2,
         run_key={
-            "config": config.hash(),
+            "config": config.run_hash(),
             "dataset": read_manifest(dataset_dir)["id"],
             "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
             "backbone": backbone.fingerprint(),

@@ -76,6 +76,7 @@ class Backbone:
     is_encoder_decoder: bool
     device: torch.device
     autocast: bool = False  # bf16 autocast on, when the device supports it
+    sharded: bool = False  # decoder layers sharded across ranks (FSDP2, :mod:`delrec.llm.sharding`)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -376,9 +377,3 @@ def stage_backbone(
             )
         return load_backbone(str(saved), device=device, autocast=autocast)
     return load_backbone(spec, titles=titles, device=device, autocast=autocast)
-
-
-def save_if_built(backbone: Backbone, out: str | os.PathLike) -> None:
-    """Save a tiny random backbone into ``out/backbone`` (pretrained ones are named, not copied)."""
-    if backbone.name in TINY:
-        backbone.save(Path(out) / "backbone")

@@ -150,9 +150,17 @@ def _score_decoder_only(
     reduction: Reduction,
     prefix: Prefix | None,
 ) -> torch.Tensor:
-    """Packed scoring; without a given ``prefix`` the batch's shared prefix is run once for the batch."""
+    """Packed scoring; without a given ``prefix`` the batch's shared prefix is run once for the batch.
+
+    Not on a sharded backbone under autograd (training): FSDP gathers a layer's weights for each call's
+    backward from hooks on that call's output, and frees them after; the prefix call's keys and values
+    get gradients through the cache, from the later call, and a last layer's prefix output gets none, so
+    its backward would find the weights freed. There every prompt is run whole, in one decoder call
+    (the same scores; more compute). Without gradients (validation, evaluate) the prefix is shared.
+    """
     with backbone.autocast_ctx():
-        if prefix is None and len(prompts) > 1:
+        share = not (backbone.sharded and torch.is_grad_enabled())
+        if prefix is None and len(prompts) > 1 and share:
             length = shared_prefix_length(prompts)
             prefix = compute_prefix(backbone, soft_prompt, prompts[0], length) if length else None
         return _score_packed(backbone, soft_prompt, prompts, answers, skip, reduction, prefix)

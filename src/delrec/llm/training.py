@@ -17,6 +17,7 @@ from delrec.config import StageConfig
 from delrec.errors import DelrecError
 from delrec.llm.backbone import Backbone
 from delrec.llm.scoring import Reduction, score_all, score_candidates
+from delrec.llm.sharding import shard_backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import Instance, answers_of
 from delrec.llm.templates import PromptBuilder
@@ -59,21 +60,24 @@ class LLMStageConfig(StageConfig):
     """draw training rows only from each user's last N training targets, as the test rows sit at the
     end of a sequence; None: every training prefix (the paper's)"""
     sharding: Literal["replicate", "fsdp"] = "replicate"
-    """under torchrun: replicate: every rank holds the whole backbone and a share of each batch (see
-    :mod:`delrec.distributed`); fsdp (the backbone sharded across ranks): not supported yet"""
+    """under torchrun, every rank takes a share of each batch (see :mod:`delrec.distributed`) and holds
+    replicate: the whole backbone; fsdp: 1/world of the decoder layers' frozen weights (FSDP2; the
+    embeddings, output head and adapters whole; decoder-only backbones; see :mod:`delrec.llm.sharding`).
+    The results are the same; in one process fsdp is replicate"""
+
+    def run_hash(self) -> str:
+        """The config's hash in a checkpoint's run key: ``sharding`` left out (counted as replicate, so
+        a replicate run's key is its :meth:`hash`), since it places the weights and changes no result:
+        a run checkpointed with one sharding resumes with the other, as with another world size."""
+        return self.model_copy(update={"sharding": "replicate"}).hash()
 
 
 def setup_data_parallel(config: LLMStageConfig) -> str:
     """Join torchrun's process group if launched by it (:mod:`delrec.distributed`); this rank's device.
 
-    Refuses what data parallelism cannot do: FSDP, and a batch with fewer examples than ranks.
+    Refuses a batch with fewer examples than ranks. With ``sharding: fsdp`` the stage then calls
+    :func:`apply_sharding` once its model is final.
     """
-    if config.sharding == "fsdp":
-        raise DelrecError(
-            "sharding the backbone across ranks (FSDP) is not supported yet: every rank holds the whole "
-            "backbone; use sharding: replicate with a backbone that fits one device",
-            field="sharding",
-        )
     device = distributed.init_from_env(config.device)
     if config.batch_size < distributed.world_size():
         raise DelrecError(
@@ -82,6 +86,13 @@ def setup_data_parallel(config: LLMStageConfig) -> str:
             field="batch_size",
         )
     return device
+
+
+def apply_sharding(config: LLMStageConfig, backbone: Backbone) -> None:
+    """Shard the backbone's decoder layers across the ranks if ``sharding: fsdp`` (see
+    :mod:`delrec.llm.sharding`); with ``replicate`` every rank keeps the whole backbone."""
+    if config.sharding == "fsdp":
+        shard_backbone(backbone)
 
 
 def task_loss(
