@@ -379,3 +379,31 @@ def test_evaluate_under_two_processes_writes_the_metrics_of_one(synthetic_dir, t
     import pyarrow.parquet as pq
 
     assert pq.read_table(one / "ranks.parquet").equals(pq.read_table(two / "ranks.parquet"))
+
+
+@pytest.mark.slow
+def test_recommend_under_two_processes_writes_the_files_of_one(synthetic_dir, tiny_runs, tmp_path):
+    """Each rank writes every other shard; rank 0 assembles the same shards one process writes."""
+    import pyarrow.parquet as pq
+
+    from delrec import layout
+    from delrec.recommend import RecommendConfig, recommend
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    config = dict(TINY, retrieve_k=8, top_n=5, shard_users=37)
+    recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", RecommendConfig(**config), one)
+    args = ["recommend", "--data", str(synthetic_dir), "--teacher", str(tiny_runs / "teacher")]
+    args += ["--delrec", str(tiny_runs / "delrec"), "--out", str(two)]
+    done = torchrun(["-m", "delrec.cli"], [*args, "--config", config_file(tmp_path, "r", config)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 of 2 (gloo)" in done.stderr  # one process group, not two runs side by side
+    files = [sorted((d / layout.RECOMMENDATIONS).glob("part-*.parquet")) for d in (one, two)]
+    assert [f.name for f in files[0]] == [f.name for f in files[1]] and len(files[0]) >= 3
+    for a, b in zip(*files, strict=True):
+        first, second = pq.read_table(a).to_pydict(), pq.read_table(b).to_pydict()
+        # Scores to the tolerance (the processes run other thread counts), the rest exactly.
+        np.testing.assert_allclose(
+            first.pop("llm_score"), second.pop("llm_score"), rtol=TOLERANCE, atol=TOLERANCE
+        )
+        assert first == second, a.name
+    assert not two.with_name("two.partial").exists()

@@ -11,6 +11,10 @@ checkpoint folder (``OUT.partial/``), so a killed run resumes at its first missi
 bounded by one shard whatever the number of users (the teacher's scores: ``shard_users`` x items floats).
 The finished folder holds ``recommendations/part-*.parquet`` (row groups of at most ``row_group_rows``)
 and a manifest naming its inputs.
+
+Under torchrun (``torchrun --nproc-per-node N -m delrec.cli recommend ...``) each rank writes every N-th
+missing shard into the shared ``OUT.partial/`` and rank 0 assembles the output: the same files as one
+process writes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from delrec import layout
+from delrec import distributed, layout
 from delrec.artifacts import (
     atomic_dir,
     config_hash,
@@ -236,6 +240,8 @@ def recommend(
     from delrec.teachers import load_teacher
 
     started = time.time()
+    # Under torchrun each rank writes every world-th missing shard; rank 0 assembles the output.
+    device = distributed.init_from_env(config.device)
     dataset_dir, delrec_dir = Path(dataset_dir), Path(delrec_dir)
     dataset = load_dataset(dataset_dir)
     require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
@@ -251,10 +257,13 @@ def recommend(
         "config": config_hash(config.model_dump(mode="json")),
         "inputs": {k: read_manifest(v, verify=False)[layout.M_ID] for k, v in inputs.items()},
     }
-    _prepare_partial(partial, run)
-    todo = [i for i in range(len(shards)) if not (partial / _shard_name(i)).is_file()]
-    if len(todo) < len(shards):
-        log.info("resuming: %d of %d shards already written", len(shards) - len(todo), len(shards))
+    if distributed.is_main():
+        _prepare_partial(partial, run)
+    distributed.barrier()
+    missing = [i for i in range(len(shards)) if not (partial / _shard_name(i)).is_file()]
+    if len(missing) < len(shards):
+        log.info("resuming: %d of %d shards already written", len(shards) - len(missing), len(shards))
+    todo = missing[distributed.rank() :: distributed.world_size()]
 
     if todo:
         teacher_model, teacher_config = load_teacher(teacher_dir)
@@ -264,7 +273,7 @@ def recommend(
             delrec_dir,
             prompt_config,
             titles=dataset.titles,
-            device=config.device,
+            device=device,
             bf16=config.bf16,
         )
         load_finetuned_adapter(backbone, delrec_dir)
@@ -273,8 +282,8 @@ def recommend(
         shard = _Shard(
             dataset, raw_users, config, (teacher_model, teacher_config.max_len), backbone, soft, prompt_config
         )
-        done_users = len(users) - sum(len(shards[i]) for i in todo)
-        with tqdm(total=len(users), initial=done_users, unit="user", desc="recommend") as bar:
+        mine = sum(len(shards[i]) for i in todo)
+        with tqdm(total=mine, unit="user", desc="recommend", disable=not distributed.is_main()) as bar:
             for index in todo:
                 table = shard.table(shards[index], sequences)
                 tmp = partial / (_shard_name(index) + ".tmp")
@@ -282,6 +291,9 @@ def recommend(
                 os.replace(tmp, partial / _shard_name(index))
                 bar.update(len(shards[index]))
 
+    distributed.barrier()  # every rank's shards are written
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)
     with atomic_dir(out) as tmp:
         folder = tmp / layout.RECOMMENDATIONS
         folder.mkdir()
@@ -309,7 +321,7 @@ def recommend(
         stats["seconds"],
         stats["users_per_s"],
     )
-    return stats
+    return distributed.broadcast_object(stats)
 
 
 def publish_recommendations(store, folder: str | os.PathLike, base: str, pipeline: str, run: str) -> str:

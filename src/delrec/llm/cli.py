@@ -201,6 +201,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "example:\n  delrec recommend --data data/ml-100k --teacher runs/sasrec --delrec runs/delrec "
             "--out runs/recs --users 1,2,3"
+            "\n\ndata-parallel (each of the N processes writes every N-th shard, rank 0 assembles the output):"
+            "\n  torchrun --nproc-per-node N -m delrec.cli recommend --data D --teacher T --delrec F --out O"
         ),
         formatter_class=fmt,
     )
