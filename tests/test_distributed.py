@@ -114,6 +114,19 @@ def assert_same_tensors(one: dict[str, torch.Tensor], two: dict[str, torch.Tenso
         torch.testing.assert_close(one[key], two[key], atol=TOLERANCE, rtol=TOLERANCE, msg=key)
 
 
+def assert_same_finetune(one: Path, two: Path) -> None:
+    """Two finetune outputs agree: histories, a validated later step, adapter weights and AdaLoRA's rank
+    allocation (it reads the summed gradients, so it pruned the same ranks)."""
+    assert_same_histories(history(one), history(two))
+    assert any("valid_hr1" in r for r in history(two)[1:])
+    assert_same_tensors(
+        load_file(one / "adapter" / "adapter_model.safetensors"),
+        load_file(two / "adapter" / "adapter_model.safetensors"),
+    )
+    configs = [json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (one, two)]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"] and configs[0]["rank_pattern"]
+
+
 def test_one_process_helpers_are_identities():
     assert not torch.distributed.is_initialized()
     assert distributed.init_from_env("cpu") == "cpu"  # no torchrun environment: nothing joined
@@ -273,16 +286,7 @@ def test_finetune_component_with_two_ranks_matches_one_process(
     )
     # torchrun streams both ranks' output, stderr included, into the task's log (stdout).
     assert "rank 0 of 2 (gloo)" in capfd.readouterr().out  # one process group, not two runs side by side
-    one = one_process_finetune
-    assert_same_histories(history(one), history(two))
-    assert any("valid_hr1" in r for r in history(two)[1:])
-    assert_same_tensors(
-        load_file(one / "adapter" / "adapter_model.safetensors"),
-        load_file(two / "adapter" / "adapter_model.safetensors"),
-    )
-    # AdaLoRA's rank allocation (it reads the summed gradients) pruned the same ranks.
-    configs = [json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (one, two)]
-    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"] and configs[0]["rank_pattern"]
+    assert_same_finetune(one_process_finetune, two)
 
 
 @pytest.mark.slow
@@ -310,15 +314,7 @@ def test_fsdp_finetune_with_two_ranks_matches_one_process(
     )
     assert held is not None, done.stderr[-3000:]
     assert float(held[1]) < 0.75 * float(held[2])
-    one = one_process_finetune
-    assert_same_histories(history(one), history(two))
-    assert any("valid_hr1" in r for r in history(two)[1:])
-    assert_same_tensors(
-        load_file(one / "adapter" / "adapter_model.safetensors"),
-        load_file(two / "adapter" / "adapter_model.safetensors"),
-    )
-    configs = [json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (one, two)]
-    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"] and configs[0]["rank_pattern"]
+    assert_same_finetune(one_process_finetune, two)
 
 
 @pytest.mark.slow
