@@ -147,6 +147,22 @@ def test_prompt_length_is_bounded(setup, synthetic):
     assert len(prompt.ids) <= 150
 
 
+def test_an_answer_is_the_candidate_as_the_prompt_lists_it(setup):
+    backbone, _, _ = setup
+    titles = ["", "A short one", "A very long product title that goes on and on past the cut"]
+    kw = dict(domain="beauty", teacher="SASRec", n_soft=0, max_title_chars=24, max_answer_tokens=100)
+    cut = PromptBuilder(backbone, titles, max_answer_chars=24, **kw)
+    whole = PromptBuilder(backbone, titles, **kw)  # a model saved before answers were cut
+    text = cut.stage2_text([1], [1, 2], soft=False, limit=24)
+    listed = text.split("Candidates: A short one, ")[1].split(". The next")[0]
+    assert listed == "A very long product tit…"
+    decode = backbone.tokenizer.decode
+    body = slice(cut.answer_skip, -1)
+    assert decode(cut.answer(2)[body]).strip() == listed
+    assert decode(whole.answer(2)[body]).strip() == titles[2]
+    assert cut.answer(1) == whole.answer(1)  # a title within the cut is scored whole
+
+
 def test_candidate_sampling_excludes_history_and_is_seeded():
     history = set(range(1, 30))
     a = sample_candidates(np.random.default_rng(3), [40], history, 100, 20)

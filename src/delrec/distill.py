@@ -107,6 +107,7 @@ def distill(
         history_items=config.history_items,
         max_prompt_tokens=config.max_prompt_tokens,
         max_title_chars=config.max_title_chars,
+        max_answer_chars=config.max_title_chars,
     )
     soft = SoftPrompt.initialised(
         config.soft_tokens, backbone.input_embeddings, config.soft_init, config.seed

@@ -154,6 +154,7 @@ def stage2_builder(
         history_items=prompt_config.get("history_items", 10),
         max_prompt_tokens=prompt_config.get("max_prompt_tokens", 768),
         max_title_chars=prompt_config.get("max_title_chars", 80),
+        max_answer_chars=prompt_config.get("max_answer_chars"),
     )
 
 

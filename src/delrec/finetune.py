@@ -210,6 +210,7 @@ def finetune(
         history_items=config.history_items,
         max_prompt_tokens=config.max_prompt_tokens,
         max_title_chars=config.max_title_chars,
+        max_answer_chars=config.max_title_chars,
     )
     checkpoints = Checkpoints.for_output(out, checkpoint)
     if (
@@ -407,6 +408,7 @@ def _write_output(
                 "history_items": config.history_items,
                 "max_prompt_tokens": config.max_prompt_tokens,
                 "max_title_chars": config.max_title_chars,
+                "max_answer_chars": config.max_title_chars,
                 "scoring": config.scoring,
                 "backbone": backbone.name,
                 "backbone_fingerprint": backbone.fingerprint(),
