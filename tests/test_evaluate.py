@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import shared_dataset
 
+from delrec import evaluate as evaluate_module
 from delrec.artifacts import file_sha256
 from delrec.cli import main
 from delrec.data import PreprocessConfig, load_dataset, preprocess
@@ -102,6 +103,36 @@ def test_reranking_reorders_only_the_teachers_top_k():
     targets = np.array([4, 6, 2])
     # 4: first after reranking; 6: third; 2 is outside the top 3 and keeps the teacher's rank (4, 0-based)
     assert reranked_target_ranks(item_scores, topk, llm, targets).tolist() == [0, 2, 4]
+
+
+def test_the_rerank_scores_only_retrieved_targets_and_ranks_as_reranking_every_example(
+    synthetic_dir, synthetic, tiny_runs, tmp_path, monkeypatch
+):
+    config = EvaluateConfig(
+        **{k: TINY[k] for k in ("backbone", "device", "bf16")}, bootstrap_samples=20, zero_shot=False
+    )
+    rows = evaluate_module._chosen_rows(synthetic, config, synthetic_dir)
+    teacher_scores = evaluate_module._teacher_scores(synthetic, tiny_runs / "teacher", "test", rows)
+    topk = teacher_topk(teacher_scores, config.rerank_k)
+    scored, everyone = [], {}
+    score = evaluate_module._LLMRanker.candidate_scores
+
+    def spy(self, backbone, soft, prompt_config, candidates, desc):
+        if desc == "DELRec rerank":  # also score every example's top K, as a rerank of all would
+            scored.append(self.rows)
+            all_rows = evaluate_module._LLMRanker(self.dataset, self.config, "test", rows)
+            everyone["scores"] = score(all_rows, backbone, soft, prompt_config, topk, desc)
+        return score(self, backbone, soft, prompt_config, candidates, desc)
+
+    monkeypatch.setattr(evaluate_module._LLMRanker, "candidate_scores", spy)
+    evaluate(synthetic_dir, tiny_runs / "teacher", config, tmp_path / "eval", tiny_runs / "delrec")
+    ranks = pq.read_table(tmp_path / "eval" / "ranks.parquet").to_pydict()
+    retrieved = np.array(ranks["catalogue_teacher"]) < config.rerank_k
+    assert 0 < retrieved.sum() < len(rows)
+    assert np.array_equal(scored[0], rows[retrieved])
+    targets = synthetic.examples["test"].targets[rows]
+    expected = reranked_target_ranks(teacher_scores, topk, everyone["scores"], targets)
+    assert ranks["catalogue_delrec"] == expected.tolist()
 
 
 def test_popularity_ranks_by_training_interactions(synthetic):
