@@ -49,9 +49,8 @@ def worker(args: argparse.Namespace) -> None:
     """One torchrun process: finetune with every training step timed; rank 0 prints the figures."""
     import torch
 
-    from delrec import distributed
+    from delrec import distributed, loop
     from delrec.finetune import FinetuneConfig, finetune
-    from delrec.llm import loop
 
     torch.set_num_threads(args.threads or 1)
     seconds: list[float] = []

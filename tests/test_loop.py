@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from delrec.checkpoints import Checkpoints
-from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.llm.optim import Lion, linear_warmup
+from delrec.loop import TrainLoop, optimiser_state, restore_optimiser_state
 
 
 def _make_loop(partial, steps=6, crash_at=None, scores=None):
@@ -94,3 +94,47 @@ def test_a_checkpoint_of_another_run_is_ignored(tmp_path):
     other, _ = _make_loop(tmp_path / "p", steps=6)
     other.run_key = {"config": "different"}
     assert other.run().resumed_from == 0
+
+
+def test_a_stop_reason_ends_training_and_a_resumed_stopped_run_trains_no_more(tmp_path):
+    # validation gets worse after step 2: with a patience of one evaluation the loop stops at step 4
+    scores = [0.1, 0.5, 0.25, 0.2, 0.1]
+
+    def patience(history, best_step):
+        return "patience" if sum(1 for r in history if "acc" in r and r["step"] > best_step) >= 1 else None
+
+    seen = []
+
+    def kill_after_stop(step, record):
+        seen.append(step)
+        if step == 4:
+            raise KeyboardInterrupt  # after the checkpoint of the step that stops training
+
+    loop, _ = _make_loop(tmp_path / "p", steps=8, scores=scores)
+    loop.stop, loop.after_step = patience, kill_after_stop
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    assert seen == [1, 2, 3, 4]
+    resumed, _ = _make_loop(tmp_path / "p", steps=8, scores=scores)
+    resumed.stop = patience
+    result = resumed.run()
+    assert (result.resumed_from, result.stopped, result.best_step) == (4, "patience", 2)
+    assert [r["step"] for r in result.history] == [0, 1, 2, 3, 4]
+
+
+def test_without_reseeding_the_stage_keeps_its_own_random_stream(tmp_path):
+    draws = {}
+    for reseed in (True, False):
+        torch.manual_seed(7)
+        loop, _ = _make_loop(tmp_path / str(reseed), steps=2)
+        loop.reseed, loop.evaluate = reseed, None
+        inner = loop.step
+        loop.step = lambda index, rng, inner=inner: {"draw": torch.rand(()).item(), **inner(index, rng)}
+        draws[reseed] = [r["draw"] for r in loop.run().history]
+    torch.manual_seed(7)
+    expected = []
+    for _ in range(2):  # each step draws once, then the regression's noise (randn(3))
+        expected.append(torch.rand(()).item())
+        torch.randn(3)
+    assert draws[False] == expected  # torch's own stream, untouched by the loop
+    assert draws[True] != draws[False]

@@ -31,7 +31,6 @@ from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
 from delrec.llm.backbone import TINY, stage_backbone
-from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import TA_MIN_HISTORY, rps_instance, ta_instance, ta_rows, tail_rows, teacher_name
@@ -43,6 +42,7 @@ from delrec.llm.training import (
     rank_share_loss,
     setup_data_parallel,
 )
+from delrec.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.teachers import load_topk
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,6 @@ from delrec.data import load_dataset
 from delrec.distill import read_prompt_config
 from delrec.errors import DelrecError
 from delrec.llm.backbone import TINY, Backbone, stage_backbone
-from delrec.llm.loop import TrainLoop, optimiser_state, restore_optimiser_state
 from delrec.llm.optim import linear_warmup, make_optimizer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import stage2_instance, tail_rows
@@ -44,6 +43,7 @@ from delrec.llm.training import (
     rank_share_loss,
     setup_data_parallel,
 )
+from delrec.loop import TrainLoop, optimiser_state, restore_optimiser_state
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from delrec import layout
 from delrec.artifacts import (
@@ -44,6 +43,7 @@ from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
 from delrec.data.dataset import SPLITS
 from delrec.errors import DelrecError
+from delrec.loop import LoopResult, TrainLoop
 from delrec.metrics import metrics_from_ranks, target_ranks
 from delrec.teachers.models import Caser, GRU4Rec, SASRec, last_hidden
 
@@ -354,182 +354,36 @@ def train_teacher(
     :class:`delrec.checkpoints.Checkpoints`). Returns flat metrics.
     """
     started = time.perf_counter()
-    out = Path(out)
     dataset = load_dataset(dataset_dir)
-    device = _device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(config, dataset.num_items).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if model.seq2seq:
-        stride = min(config.window_stride or config.max_len, config.max_len)
-        inputs, targets = sequence_windows(dataset.train_sequences, config.max_len, stride)
-    else:
-        inputs, targets = next_item_pairs(dataset.train_sequences, config.caser_window)
-    inputs, targets = torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device)
-    past = PastItems(dataset)
-    log.info(
-        "%s: %d parameters, %d training %s, %s, %d torch threads",
-        config.model,
-        sum(p.numel() for p in model.parameters()),
-        len(inputs),
-        "windows" if model.seq2seq else "pairs",
-        device,
-        torch.get_num_threads(),
-    )
-
-    checkpoints = Checkpoints.for_output(out, checkpoint)
-    run_key = {"config": config.hash(), "dataset": dataset.manifest["id"]}
-    progress: dict[str, Any] = {
-        "epoch": 0,
-        "best_metric": -1.0,
-        "best_epoch": 0,
-        "bad_evals": 0,
-        "seconds": 0.0,
-        "seconds_to_best": 0.0,
-        "history": [],
-        "stopped": "max_epochs",
-    }
-    best_state = copy.deepcopy(model.state_dict())
-    state = checkpoints.load(run_key, map_location=device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        best_state = state["best_model"]
-        progress = state["progress"]
-        log.info("resuming from %s after epoch %d", checkpoints.folder, progress["epoch"])
+    training = _TeacherTraining(dataset, config)
     setup_s = time.perf_counter() - started
-
-    done = progress["bad_evals"] >= config.patience or (
-        config.time_budget_s is not None and progress["seconds"] >= config.time_budget_s
-    )
-    bar = tqdm(
-        total=config.max_epochs,
-        initial=progress["epoch"],
-        desc=f"train {config.model}",
+    checkpoints = Checkpoints.for_output(out, checkpoint)
+    result = TrainLoop(
+        name=f"train {config.model}",
+        steps=config.max_epochs,
+        seed=config.seed,
+        stream=0,
+        run_key={"config": config.hash(), "dataset": dataset.manifest["id"], "loop": "1"},
+        checkpoints=checkpoints,
+        step=training.epoch,
+        state=training.state,
+        restore=training.restore,
+        evaluate=training.validate,
+        score=lambda record: record["valid_NDCG@10"],
+        snapshot=lambda: copy.deepcopy(training.model.state_dict()),
+        eval_every=config.eval_every,
+        checkpoint_every=1,
+        postfix=("loss", "valid_NDCG@10"),
+        stop=training.stop_reason,
+        after_step=lambda epoch, record: training.epoch_end(epoch, record, on_epoch_end),
+        evaluate_first=False,
+        reseed=False,
         unit="epoch",
-        leave=False,
-    )
-    epoch = progress["epoch"]
-    while not done and epoch < config.max_epochs:
-        epoch += 1
-        epoch_start = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(inputs), device=device)
-        total, steps = 0.0, 0
-        for first in range(0, len(order), config.batch_size):
-            idx = order[first : first + config.batch_size]
-            loss = _loss(model, inputs[idx], targets[idx], config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            steps += 1
-        record: dict[str, float] = {"epoch": epoch, "loss": total / max(steps, 1)}
-        if epoch % config.eval_every == 0 or epoch == config.max_epochs:
-            metric = evaluate_split(model, dataset, "valid", config, past, candidates=False)["full"][
-                "NDCG@10"
-            ]
-            record["valid_NDCG@10"] = metric
-            if metric > progress["best_metric"]:
-                progress.update(best_metric=metric, best_epoch=epoch, bad_evals=0)
-                best_state = copy.deepcopy(model.state_dict())
-                improved = True
-            else:
-                progress["bad_evals"] += 1
-                improved = False
-        else:
-            improved = False
-        progress["seconds"] += time.perf_counter() - epoch_start
-        if improved:
-            progress["seconds_to_best"] = progress["seconds"]
-        record["seconds"] = progress["seconds"]
-        progress["epoch"] = epoch
-        progress["history"].append(record)
-        if progress["bad_evals"] >= config.patience:
-            progress["stopped"] = "patience"
-            done = True
-        elif config.time_budget_s is not None and progress["seconds"] >= config.time_budget_s:
-            progress["stopped"] = "time_budget"
-            done = True
-        checkpoints.save(
-            {
-                "run_key": run_key,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "best_model": best_state,
-                "progress": progress,
-            },
-        )
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{record['loss']:.4f}",
-            ndcg10=f"{record.get('valid_NDCG@10', float('nan')):.4f}",
-            best=f"{progress['best_metric']:.4f}",
-        )
-        log.info(
-            "epoch %d: loss %.4f, valid NDCG@10 %s (best %.4f at epoch %d), %.1f s",
-            epoch,
-            record["loss"],
-            f"{record['valid_NDCG@10']:.4f}" if "valid_NDCG@10" in record else "-",
-            progress["best_metric"],
-            progress["best_epoch"],
-            progress["seconds"],
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-    bar.close()
-
-    model.load_state_dict(best_state)
-    evaluated = {split: evaluate_split(model, dataset, split, config, past) for split in ("valid", "test")}
-    table = export_topk(model, dataset, config, past)
-    flat = {
-        f"{split}_{name}": value
-        for split, result in evaluated.items()
-        for name, value in result["full"].items()
-        if name in ("HR@10", "NDCG@10", "MRR@10")
-    }
-    for split, result in evaluated.items():
-        flat.update({f"{split}_cand_{name}": value for name, value in result.get("candidates", {}).items()})
-    flat.update(
-        epochs=float(progress["epoch"]),
-        best_epoch=float(progress["best_epoch"]),
-        seconds_to_best=progress["seconds_to_best"],
-        seconds_train=progress["seconds"],
-        seconds_setup=setup_s,
-    )
-    flat["seconds_total"] = time.perf_counter() - started
-    metrics = {
-        "model": config.model,
-        "metrics": flat,
-        "valid": evaluated["valid"],
-        "test": evaluated["test"],
-        "stopped": progress["stopped"],
-        "history": progress["history"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in best_state.items()}, tmp / layout.TEACHER_WEIGHTS)
-        write_json_atomic(
-            tmp / layout.CONFIG_JSON,
-            {"teacher": config.model_dump(mode="json"), "num_items": dataset.num_items},
-        )
-        write_json_atomic(tmp / layout.METRICS_JSON, metrics)
-        pq.write_table(table, tmp / layout.TOPK)
-        write_manifest(
-            tmp,
-            producer=PRODUCER,
-            config=config.model_dump(mode="json"),
-            inputs={"dataset": dataset_dir},
-            rows={split: len(dataset.examples[split]) for split in SPLITS},
-            extra={"model": config.model, "topk": config.topk},
-        )
+    ).run()
+    if result.best_state is not None:
+        training.model.load_state_dict(result.best_state)
+    flat = training.finish(result, dataset_dir, out, started, setup_s)
     checkpoints.clear()
     log.info(
         "%s: test HR@10 %.4f NDCG@10 %.4f MRR@10 %.4f; best epoch %d after %.1f s",
@@ -537,10 +391,158 @@ def train_teacher(
         flat["test_HR@10"],
         flat["test_NDCG@10"],
         flat["test_MRR@10"],
-        progress["best_epoch"],
-        progress["seconds_to_best"],
+        flat["best_epoch"],
+        flat["seconds_to_best"],
     )
     return flat
+
+
+class _TeacherTraining:
+    """The teacher's epoch, validation, stopping rule, checkpoint state and outputs, for :class:`TrainLoop`.
+
+    ``seconds`` counts training and validation time across resumes, for ``time_budget_s``.
+    """
+
+    def __init__(self, dataset: Dataset, config: TeacherConfig):
+        self.dataset, self.config = dataset, config
+        self.device = _device(config.device)
+        self.model = build_model(config, dataset.num_items).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        if self.model.seq2seq:
+            stride = min(config.window_stride or config.max_len, config.max_len)
+            inputs, targets = sequence_windows(dataset.train_sequences, config.max_len, stride)
+        else:
+            inputs, targets = next_item_pairs(dataset.train_sequences, config.caser_window)
+        self.inputs = torch.from_numpy(inputs).to(self.device)
+        self.targets = torch.from_numpy(targets).to(self.device)
+        self.past = PastItems(dataset)
+        self.seconds = 0.0
+        log.info(
+            "%s: %d parameters, %d training %s, %s, %d torch threads",
+            config.model,
+            sum(p.numel() for p in self.model.parameters()),
+            len(self.inputs),
+            "windows" if self.model.seq2seq else "pairs",
+            self.device,
+            torch.get_num_threads(),
+        )
+
+    def epoch(self, index: int, rng: np.random.Generator) -> dict[str, float]:
+        """One pass over the training windows in a random order (torch's RNG, carried in the state)."""
+        begin = time.perf_counter()
+        self.model.train()
+        order = torch.randperm(len(self.inputs), device=self.device)
+        total, steps = 0.0, 0
+        for first in range(0, len(order), self.config.batch_size):
+            idx = order[first : first + self.config.batch_size]
+            loss = _loss(self.model, self.inputs[idx], self.targets[idx], self.config)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item()
+            steps += 1
+        self.seconds += time.perf_counter() - begin
+        return {"loss": total / max(steps, 1), "seconds": self.seconds}
+
+    def validate(self) -> dict[str, float]:
+        begin = time.perf_counter()
+        result = evaluate_split(self.model, self.dataset, "valid", self.config, self.past, candidates=False)
+        self.seconds += time.perf_counter() - begin
+        return {"valid_NDCG@10": result["full"]["NDCG@10"], "seconds": self.seconds}
+
+    def stop_reason(self, history: list[dict[str, float]], best_epoch: int) -> str | None:
+        """Early stopping: ``patience`` validations without a better NDCG@10, or the time budget spent."""
+        since_best = sum(1 for r in history if "valid_NDCG@10" in r and r["step"] > best_epoch)
+        if since_best >= self.config.patience:
+            return "patience"
+        budget = self.config.time_budget_s
+        if budget is not None and history[-1]["seconds"] >= budget:
+            return "time_budget"
+        return None
+
+    def epoch_end(self, epoch: int, record: dict[str, float], hook) -> None:
+        if "valid_NDCG@10" not in record:  # the loop logs the validated epochs
+            log.info("epoch %d: loss %.4f, %.1f s", epoch, record["loss"], record["seconds"])
+        if hook is not None:
+            hook(epoch, record)
+
+    def state(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            "seconds": self.seconds,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.seconds = float(state["seconds"])
+
+    def finish(
+        self, result: LoopResult, dataset_dir, out, started: float, setup_s: float
+    ) -> dict[str, float]:
+        """Score the best model on valid and test, export its top-k and write the stage's output."""
+        model, dataset, config = self.model, self.dataset, self.config
+        evaluated = {
+            split: evaluate_split(model, dataset, split, config, self.past) for split in ("valid", "test")
+        }
+        flat = {
+            f"{split}_{name}": value
+            for split, res in evaluated.items()
+            for name, value in res["full"].items()
+            if name in ("HR@10", "NDCG@10", "MRR@10")
+        }
+        for split, res in evaluated.items():
+            flat.update({f"{split}_cand_{name}": value for name, value in res.get("candidates", {}).items()})
+        best = next((r for r in result.history if r["step"] == result.best_step), result.history[-1])
+        flat.update(
+            epochs=float(result.history[-1]["step"]),
+            best_epoch=float(best["step"]),
+            seconds_to_best=best["seconds"],
+            seconds_train=self.seconds,
+            seconds_setup=setup_s,
+        )
+        table = export_topk(model, dataset, config, self.past)
+        flat["seconds_total"] = time.perf_counter() - started
+        metrics = {
+            "model": config.model,
+            "metrics": flat,
+            "valid": evaluated["valid"],
+            "test": evaluated["test"],
+            "stopped": "max_epochs" if result.stopped == "steps" else result.stopped,
+            "history": [
+                {"epoch": r["step"]} | {k: v for k, v in r.items() if k != "step"} for r in result.history
+            ],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(self.device),
+        }
+        with atomic_dir(out) as tmp:
+            weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, tmp / layout.TEACHER_WEIGHTS)
+            write_json_atomic(
+                tmp / layout.CONFIG_JSON,
+                {"teacher": config.model_dump(mode="json"), "num_items": dataset.num_items},
+            )
+            write_json_atomic(tmp / layout.METRICS_JSON, metrics)
+            pq.write_table(table, tmp / layout.TOPK)
+            write_manifest(
+                tmp,
+                producer=PRODUCER,
+                config=config.model_dump(mode="json"),
+                inputs={"dataset": dataset_dir},
+                rows={split: len(dataset.examples[split]) for split in SPLITS},
+                extra={"model": config.model, "topk": config.topk},
+            )
+        return flat
 
 
 def load_teacher(teacher_dir: str | os.PathLike) -> tuple[nn.Module, TeacherConfig]:

@@ -1,9 +1,11 @@
-"""The one resumable training loop of the LLM stages (distill and finetune).
+"""The one resumable training loop of the training stages (teacher, distill, finetune).
 
 A stage hands the loop its step and evaluation functions and a way to save and restore its trainable
 state; the loop owns what every stage needs the same way: the run key that a checkpoint must match,
 per-step seeds (a resumed run draws the same batches and dropout masks as an uninterrupted one), the
-evaluation and checkpoint cadence, the best evaluated state, the history and the progress bar.
+evaluation and checkpoint cadence, the best evaluated state, early stopping, the history and the
+progress bar. The teacher's step is an epoch; it carries its own random state in its checkpoint
+(``reseed=False``), which keeps its figures those of the epoch loop it replaced.
 
 Under torchrun (:mod:`delrec.distributed`) every rank runs the loop in step: rank 0 reads the checkpoint
 and hands its state to the others (so the ranks start equal, resumed or not, whatever world size wrote
@@ -42,6 +44,8 @@ class LoopResult:
     best_state: State | None
     """``snapshot()`` taken at ``best_step`` (None when no evaluation ran)"""
     resumed_from: int = 0
+    stopped: str = "steps"
+    """why training ended: "steps" (all ran) or the reason ``stop`` gave"""
 
 
 @dataclass
@@ -51,7 +55,10 @@ class TrainLoop:
     ``step`` performs one optimisation step and returns its record (losses, lr, ...); ``evaluate``
     returns validation figures; ``score`` picks the figure that decides the best state (None: no best
     tracking); ``state``/``restore`` save and load everything trainable (parameters, optimiser,
-    scheduler); ``snapshot`` copies what is kept of the best state.
+    scheduler); ``snapshot`` copies what is kept of the best state. ``stop(history, best_step)``, asked
+    after each step (and on resuming), returns a reason to end early or None; ``after_step(step,
+    record)`` runs once the step's checkpoint is saved (an exception there stops the run, which a later
+    run resumes).
     """
 
     name: str
@@ -70,6 +77,13 @@ class TrainLoop:
     eval_every: int = 100
     checkpoint_every: int = 50
     postfix: tuple[str, ...] = ("loss",)
+    stop: Callable[[list[Record], int], str | None] | None = None
+    after_step: Callable[[int, Record], None] | None = None
+    evaluate_first: bool = True
+    """evaluate the untrained state as step 0"""
+    reseed: bool = True
+    """seed torch from (seed, stream, step) before each step; False: the stage keeps its own RNG state"""
+    unit: str = "step"
     _best: dict[str, Any] = field(default_factory=dict, init=False)
 
     def _consider(self, step: int, record: Record) -> None:
@@ -92,29 +106,34 @@ class TrainLoop:
         else:
             if distributed.world_size() > 1:
                 self.restore(distributed.broadcast_object(self.state()))  # every rank starts from rank 0's
-            if self.evaluate is not None:
+            if self.evaluate is not None and self.evaluate_first:
                 record = {"step": 0, **self.evaluate()}
                 log.info("%s step 0: %s", self.name, _fmt(record))
                 history.append(record)
                 self._consider(0, record)
+        stopped = self._stop_reason(history)
         progress = tqdm(
             range(start, self.steps),
             desc=self.name,
             initial=start,
             total=self.steps,
+            unit=self.unit,
             mininterval=5,
-            disable=not distributed.is_main(),
+            disable=not distributed.is_main() or stopped is not None,
         )
         for step in progress:
+            if stopped is not None:
+                break
             rng = np.random.default_rng([self.seed, self.stream, step])
-            torch.manual_seed(distributed.rank_seed(self.seed * 1_000_003 + self.stream * 7919 + step))
+            if self.reseed:
+                torch.manual_seed(distributed.rank_seed(self.seed * 1_000_003 + self.stream * 7919 + step))
             record = {"step": step + 1, **self.step(step, rng)}
-            progress.set_postfix({k: f"{record[k]:.3f}" for k in self.postfix if k in record})
             done = step + 1
             if self.evaluate is not None and (done % self.eval_every == 0 or done == self.steps):
                 record.update(self.evaluate())
                 self._consider(done, record)
-                log.info("%s step %d: %s", self.name, done, _fmt(record))
+                log.info("%s %s %d: %s", self.name, self.unit, done, _fmt(record))
+            progress.set_postfix({k: f"{record[k]:.3f}" for k in self.postfix if k in record})
             history.append(record)
             if done % self.checkpoint_every == 0 and done < self.steps and distributed.is_main():
                 self.checkpoints.save(
@@ -126,8 +145,21 @@ class TrainLoop:
                         "best": self._best,
                     },
                 )
+            if self.after_step is not None:
+                self.after_step(done, record)
+            stopped = self._stop_reason(history)
+        progress.close()
+        if stopped is not None:
+            log.info("%s stopped after %s %d: %s", self.name, self.unit, history[-1]["step"], stopped)
         best = self._best or {"step": self.steps, "score": float("nan"), "state": None}
-        return LoopResult(history, int(best["step"]), float(best["score"]), best["state"], start)
+        return LoopResult(
+            history, int(best["step"]), float(best["score"]), best["state"], start, stopped or "steps"
+        )
+
+    def _stop_reason(self, history: list[Record]) -> str | None:
+        if self.stop is None or not history:
+            return None
+        return self.stop(history, int(self._best.get("step", 0)))
 
 
 def _fmt(record: Record) -> str:
