@@ -76,9 +76,9 @@ def worker(args: argparse.Namespace) -> None:
 
             self.step = timed
 
-    import delrec.finetune as finetune_module
+    import delrec.llm.training as training_module
 
-    finetune_module.TrainLoop = TimedLoop  # instrumentation only: the stage runs unchanged
+    training_module.TrainLoop = TimedLoop  # instrumentation only: the stage runs unchanged
     steps = args.warmup + args.steps
     overrides = PRESET if args.backbone == "smollm2-135m" else {"init_r": 8, "target_r": 4}
     config = FinetuneConfig(

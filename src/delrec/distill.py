@@ -39,10 +39,14 @@ from delrec.llm.training import (
     LLMStageConfig,
     apply_sharding,
     instance_ranks,
+    keep_tiny_backbone,
     rank_share_loss,
     setup_data_parallel,
+    stage_loop,
+    stage_prompt_builder,
+    write_on_main,
 )
-from delrec.loop import TrainLoop, optimiser_state, restore_optimiser_state
+from delrec.loop import LoopResult, optimiser_state, restore_optimiser_state
 from delrec.teachers import load_topk
 
 log = logging.getLogger(__name__)
@@ -95,45 +99,29 @@ def distill(
     backbone = stage_backbone(
         config.backbone, None, titles=dataset.titles, device=device, autocast=config.bf16
     )
-    if backbone.name in TINY and distributed.is_main():  # saved whole now: sharding splits the weights
-        backbone.save(checkpoints.folder / "backbone")
+    keep_tiny_backbone(backbone, checkpoints)
     apply_sharding(config, backbone)
-    builder = PromptBuilder(
-        backbone,
-        dataset.titles,
-        domain=dataset.domain,
-        teacher=teacher,
-        n_soft=config.soft_tokens,
-        history_items=config.history_items,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_title_chars=config.max_title_chars,
-        max_answer_chars=config.max_title_chars,
-    )
+    builder = stage_prompt_builder(config, backbone, dataset, teacher, config.soft_tokens)
     soft = SoftPrompt.initialised(
         config.soft_tokens, backbone.input_embeddings, config.soft_init, config.seed
     )
     training = _PromptTraining(_Tasks(dataset, topk, builder, config), backbone, soft)
     backbone.model.eval()  # frozen: dropout off
-    result = TrainLoop(
-        name="distill",
-        steps=config.steps,
-        seed=config.seed,
-        stream=0,
-        run_key={
-            "config": config.run_hash(),
-            "dataset": read_manifest(dataset_dir)["id"],
-            "teacher": read_manifest(teacher_dir)["id"],
-            "backbone": backbone.fingerprint(),
-        },
-        checkpoints=checkpoints,
-        step=training.step,
-        state=training.state,
-        restore=training.restore,
+    run_key = {
+        "dataset": read_manifest(dataset_dir)["id"],
+        "teacher": read_manifest(teacher_dir)["id"],
+        "backbone": backbone.fingerprint(),
+    }
+    result = stage_loop(
+        config,
+        "distill",
+        0,
+        run_key,
+        checkpoints,
+        training,
         evaluate=training.evaluate,
-        score=lambda record: (record["valid_ta_acc"] + record["valid_rps_acc"]) / 2,
+        score=_mean_accuracy,
         snapshot=lambda: {"soft": soft.weight.detach().cpu().clone()},
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
         postfix=("loss_ta", "loss_rps"),
     ).run()
     if result.best_step == 0:
@@ -144,21 +132,9 @@ def distill(
         )
     with torch.no_grad():
         soft.weight.copy_(result.best_state["soft"])
-    last = result.history[-1]
-    metrics = {
-        "valid_ta_acc": float(last.get("valid_ta_acc", 0.0)),
-        "valid_rps_acc": float(last.get("valid_rps_acc", 0.0)),
-        "valid_acc_step0": float(
-            (result.history[0]["valid_ta_acc"] + result.history[0]["valid_rps_acc"]) / 2
-        ),
-        "best_valid_acc": result.best_score,
-        "best_step": result.best_step,
-        "final_loss_ta": float(last.get("loss_ta", float("nan"))),
-        "final_loss_rps": float(last.get("loss_rps", float("nan"))),
-        "seconds": time.time() - started,
-    }
-    if distributed.is_main():
-        _write_output(
+    metrics = _metrics(result, time.time() - started)
+    metrics = write_on_main(
+        lambda scratch: _write_output(
             out,
             config,
             dataset,
@@ -169,10 +145,11 @@ def distill(
             result.history,
             dataset_dir,
             teacher_dir,
-            checkpoints.folder,
-        )
-        checkpoints.clear()
-    metrics = distributed.broadcast_object(metrics)  # the other ranks wait for the output, then agree
+            scratch,
+        ),
+        checkpoints,
+        metrics,
+    )
     log.info(
         "distill done in %.0f s: best valid accuracy %.4f at step %d",
         metrics["seconds"],
@@ -180,6 +157,25 @@ def distill(
         result.best_step,
     )
     return metrics
+
+
+def _mean_accuracy(record: dict) -> float:
+    """The figure that picks the best soft prompt: the mean of the two tasks' validation accuracies."""
+    return (record["valid_ta_acc"] + record["valid_rps_acc"]) / 2
+
+
+def _metrics(result: LoopResult, seconds: float) -> dict:
+    last = result.history[-1]
+    return {
+        "valid_ta_acc": float(last.get("valid_ta_acc", 0.0)),
+        "valid_rps_acc": float(last.get("valid_rps_acc", 0.0)),
+        "valid_acc_step0": float(_mean_accuracy(result.history[0])),
+        "best_valid_acc": result.best_score,
+        "best_step": result.best_step,
+        "final_loss_ta": float(last.get("loss_ta", float("nan"))),
+        "final_loss_rps": float(last.get("loss_rps", float("nan"))),
+        "seconds": seconds,
+    }
 
 
 class _PromptTraining:

@@ -40,10 +40,14 @@ from delrec.llm.training import (
     LLMStageConfig,
     apply_sharding,
     instance_ranks,
+    keep_tiny_backbone,
     rank_share_loss,
     setup_data_parallel,
+    stage_loop,
+    stage_prompt_builder,
+    write_on_main,
 )
-from delrec.loop import TrainLoop, optimiser_state, restore_optimiser_state
+from delrec.loop import optimiser_state, restore_optimiser_state
 
 log = logging.getLogger(__name__)
 
@@ -201,22 +205,10 @@ def finetune(
     )
     backbone.fingerprint()  # computed (and kept) now: peft renames the base weights it wraps
     soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone)
-    builder = PromptBuilder(
-        backbone,
-        dataset.titles,
-        domain=dataset.domain,
-        teacher=prompt_config["teacher"],
-        n_soft=soft.n_tokens if soft is not None else 0,
-        history_items=config.history_items,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_title_chars=config.max_title_chars,
-        max_answer_chars=config.max_title_chars,
-    )
+    n_soft = soft.n_tokens if soft is not None else 0
+    builder = stage_prompt_builder(config, backbone, dataset, prompt_config["teacher"], n_soft)
     checkpoints = Checkpoints.for_output(out, checkpoint)
-    if (
-        backbone.name in TINY and distributed.is_main()
-    ):  # saved now: the base weights are harder to get back once peft wraps them
-        backbone.save(checkpoints.folder / "backbone")
+    keep_tiny_backbone(backbone, checkpoints)
     backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
     if config.adapter == "adalora" and config.adalora_init == "orthogonal":
         orthogonal_factors(backbone.model)
@@ -225,25 +217,13 @@ def finetune(
     if not len(training.train_rows):
         raise DelrecError("no training examples", path=dataset_dir)
     backbone.model.train()
-    result = TrainLoop(
-        name="finetune",
-        steps=config.steps,
-        seed=config.seed,
-        stream=2,
-        run_key={
-            "config": config.run_hash(),
-            "dataset": read_manifest(dataset_dir)["id"],
-            "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
-            "backbone": backbone.fingerprint(),
-        },
-        checkpoints=checkpoints,
-        step=training.step,
-        state=training.state,
-        restore=training.restore,
-        evaluate=training.evaluate if training.valid else None,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-    ).run()
+    run_key = {
+        "dataset": read_manifest(dataset_dir)["id"],
+        "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
+        "backbone": backbone.fingerprint(),
+    }
+    evaluate = training.evaluate if training.valid else None
+    result = stage_loop(config, "finetune", 2, run_key, checkpoints, training, evaluate=evaluate).run()
     backbone.model.eval()
     evaluated = [r for r in result.history if "valid_hr1" in r]
     metrics = {
@@ -252,8 +232,8 @@ def finetune(
         "final_loss": float(result.history[-1].get("loss", float("nan"))),
         "seconds": time.time() - started,
     }
-    if distributed.is_main():
-        _write_output(
+    metrics = write_on_main(
+        lambda scratch: _write_output(
             out,
             config,
             dataset,
@@ -264,10 +244,11 @@ def finetune(
             result.history,
             dataset_dir,
             distill_dir,
-            checkpoints.folder,
-        )
-        checkpoints.clear()
-    metrics = distributed.broadcast_object(metrics)  # the other ranks wait for the output, then agree
+            scratch,
+        ),
+        checkpoints,
+        metrics,
+    )
     log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
     return metrics
 

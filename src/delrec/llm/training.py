@@ -1,10 +1,11 @@
-"""Pieces shared by the two LLM training stages: their config base, data-parallel setup, the task loss
-(or a rank's share of it) and accuracy."""
+"""Pieces shared by the two LLM training stages: their config base, data-parallel setup, their prompt
+builder and training loop, the task loss (or a rank's share of it) and accuracy."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -13,14 +14,16 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from delrec import distributed
+from delrec.checkpoints import Checkpoints
 from delrec.config import StageConfig
 from delrec.errors import DelrecError
-from delrec.llm.backbone import Backbone
+from delrec.llm.backbone import TINY, Backbone
 from delrec.llm.scoring import Reduction, score_all, score_candidates
 from delrec.llm.sharding import shard_backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import Instance, answers_of
 from delrec.llm.templates import PromptBuilder
+from delrec.loop import TrainLoop
 from delrec.metrics import target_ranks
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,66 @@ def apply_sharding(config: LLMStageConfig, backbone: Backbone) -> None:
     :mod:`delrec.llm.sharding`); with ``replicate`` every rank keeps the whole backbone."""
     if config.sharding == "fsdp":
         shard_backbone(backbone)
+
+
+def stage_prompt_builder(
+    config: LLMStageConfig, backbone: Backbone, dataset, teacher: str, n_soft: int
+) -> PromptBuilder:
+    """The prompts a stage trains on, sized by its config; answers are cut as the prompt lists titles."""
+    return PromptBuilder(
+        backbone,
+        dataset.titles,
+        domain=dataset.domain,
+        teacher=teacher,
+        n_soft=n_soft,
+        history_items=config.history_items,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_title_chars=config.max_title_chars,
+        max_answer_chars=config.max_title_chars,
+    )
+
+
+def keep_tiny_backbone(backbone: Backbone, checkpoints: Checkpoints) -> None:
+    """A tiny test backbone is built, not downloaded, so its weights go into the output: saved beside
+    the checkpoint now, before sharding or peft make the base weights harder to get back."""
+    if backbone.name in TINY and distributed.is_main():
+        backbone.save(checkpoints.folder / "backbone")
+
+
+def stage_loop(
+    config: LLMStageConfig,
+    name: str,
+    stream: int,
+    run_key: Mapping[str, str],
+    checkpoints: Checkpoints,
+    training,
+    **options,
+) -> TrainLoop:
+    """The :class:`TrainLoop` of an LLM stage: ``training`` has ``step``, ``state`` and ``restore``; the
+    config gives the steps, seed and cadence, and its :meth:`~LLMStageConfig.run_hash` joins the run key."""
+    return TrainLoop(
+        name=name,
+        steps=config.steps,
+        seed=config.seed,
+        stream=stream,
+        run_key={"config": config.run_hash(), **run_key},
+        checkpoints=checkpoints,
+        step=training.step,
+        state=training.state,
+        restore=training.restore,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        **options,
+    )
+
+
+def write_on_main(write: Callable[[Path], None], checkpoints: Checkpoints, metrics: dict) -> dict:
+    """Rank 0 runs ``write(scratch)`` (scratch: the checkpoint folder) and clears the checkpoint; every
+    rank waits for it and returns rank 0's metrics."""
+    if distributed.is_main():
+        write(checkpoints.folder)
+        checkpoints.clear()
+    return distributed.broadcast_object(metrics)
 
 
 def task_loss(
