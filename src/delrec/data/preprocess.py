@@ -99,147 +99,32 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
     if scheme == "given":
         _check_given_split(raw)
     source = redact_url(raw.source)  # stats and manifest never carry credentials
-    stats: dict = {"dataset": config.dataset, "source": source, "raw_interactions": int(len(raw.users))}
     dropped = dict(raw.dropped)
     titles = {str(key): clean_title(value) for key, value in raw.titles.items() if value and value.strip()}
     titles = {key: value for key, value in titles.items() if value}
-    # Work on integer codes of the distinct raw ids: the per-id work is then per item, not per interaction.
-    item_raw, item_codes = np.unique(raw.items.astype(str), return_inverse=True)
-    user_raw, user_codes = np.unique(raw.users.astype(str), return_inverse=True)
-    item_has_title = np.array([key in titles for key in item_raw.tolist()], dtype=bool)
-    has_title = item_has_title[item_codes] if len(item_codes) else np.zeros(0, dtype=bool)
-    dropped["no_title"] = dropped.get("no_title", 0) + int((~has_title).sum())
-    dropped["no_title_items"] = int((~item_has_title).sum())
-    if dropped["no_title"]:
-        log.info(
-            "dropped %d interactions with %d items that have no title",
-            dropped["no_title"],
-            dropped["no_title_items"],
-        )
-    users, items, times = user_codes[has_title], item_codes[has_title], raw.timestamps[has_title]
     kcore = config.kcore if config.kcore is not None else dataset_info(config.dataset).kcore
-    if kcore > 1 and len(users):
-        keep = _kcore(users, items, kcore)
-        dropped["kcore"] = int((~keep).sum())
-        users, items, times = users[keep], items[keep], times[keep]
-    if len(users) == 0:
-        raise DelrecError(f"no interactions left after filtering (dropped: {dropped})", path=raw.source)
-
-    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, stable on ties
-    users, items = users[order], items[order]
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    sequences = np.split(items, bounds)
-    seq_users = users[np.r_[0, bounds]]
-    # A repeated interaction with an item keeps the first: the candidate sampler relies on "items the
-    # user interacted with" being a set, and re-consuming is not what the next-item task predicts.
-    deduped = [seq[np.sort(np.unique(seq, return_index=True)[1])] for seq in sequences]
-    dropped["repeats"] = int(sum(len(a) - len(b) for a, b in zip(sequences, deduped, strict=True)))
     # A user of a given split needs only a history and a target: its split is not made from its items.
     min_length = 2 if scheme == "given" else config.min_user_interactions
-    long_enough = np.array([len(s) >= min_length for s in deduped], dtype=bool)
-    dropped["short_users"] = int((~long_enough).sum())
-    if not long_enough.any():
-        raise DelrecError(
-            f"no user has {min_length}+ interactions after filtering (dropped: {dropped})",
-            path=raw.source,
-        )
-    # Users in raw-id order; items re-indexed 1..N (0 pads) in raw-id order, both contiguous.
-    kept_users = seq_users[long_enough]
-    user_perm = _id_order(user_raw[kept_users])
-    sequences = [deduped[i] for i in np.flatnonzero(long_enough)[user_perm]]
-    user_raw = user_raw[kept_users[user_perm]]
-    used_items = np.unique(np.concatenate(sequences))
-    used_items = used_items[_id_order(item_raw[used_items])]
-    remap = np.zeros(len(item_raw), dtype=np.int64)
-    remap[used_items] = np.arange(1, len(used_items) + 1)
-    sequences = [remap[s] for s in sequences]
-    item_raw = item_raw[used_items]
+    sequences, user_raw, item_raw = _user_sequences(raw, titles, kcore, min_length, dropped)
     num_items, num_users = len(item_raw), len(sequences)
 
     rng = np.random.default_rng(config.seed)
-    h = config.max_history
-    examples: dict[str, dict[str, list]] = {
-        s: {"users": [], "histories": [], "targets": []} for s in ("train", "valid", "test")
+    groups = _user_groups(scheme, raw, user_raw, rng)
+    train_sequences, examples = _examples(sequences, groups, scheme, config.max_history)
+    candidates = {
+        split: _split_candidates(rng, examples[split], sequences, num_items, config.num_candidates)
+        for split in ("valid", "test")
     }
-
-    def add(split: str, user: int, seq: np.ndarray, pos: int) -> None:
-        examples[split]["users"].append(user)
-        examples[split]["histories"].append(seq[max(0, pos - h) : pos])
-        examples[split]["targets"].append(int(seq[pos]))
-
-    train_sequences: list[np.ndarray] = []
-    if scheme == "loo":
-        groups = ["all"] * num_users
-        for user, seq in enumerate(sequences):
-            train_part = seq[:-2]
-            train_sequences.append(train_part)
-            for pos in range(1, len(train_part)):
-                add("train", user, seq, pos)
-            add("valid", user, seq, len(seq) - 2)
-            add("test", user, seq, len(seq) - 1)
-    elif scheme == "given":
-        groups = [raw.groups[user] for user in user_raw.tolist()]
-        for user, seq in enumerate(sequences):
-            # A held-out user's history is observed data, as every user's prefix is under loo.
-            train_part = seq if groups[user] == "train" else seq[:-1]
-            train_sequences.append(train_part)
-            for pos in range(1, len(train_part)):
-                add("train", user, seq, pos)
-            if groups[user] != "train":
-                add(groups[user], user, seq, len(seq) - 1)
-    else:
-        if num_users < 3:
-            raise DelrecError(
-                f"the user split needs 3+ users, {num_users} left after filtering", path=raw.source
-            )
-        perm = rng.permutation(num_users)
-        # 80/10/10 (the paper's code); at least one validation and one test user on tiny data.
-        n_valid = max(1, int(round(0.1 * num_users)))
-        n_train = min(int(round(0.8 * num_users)), num_users - n_valid - 1)
-        groups = [""] * num_users
-        for rank, user in enumerate(perm):
-            groups[user] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
-        for user, seq in enumerate(sequences):
-            if groups[user] == "train":
-                train_sequences.append(seq)
-                for pos in range(1, len(seq)):
-                    add("train", user, seq, pos)
-            else:
-                train_sequences.append(seq[:0])
-                add(groups[user], user, seq, len(seq) - 1)
-
-    final = {
-        split: Examples(
-            users=np.array(parts["users"], dtype=np.int64),
-            histories=parts["histories"],
-            targets=np.array(parts["targets"], dtype=np.int64),
-        )
-        for split, parts in examples.items()
-    }
-    candidates = {}
-    for split in ("valid", "test"):
-        ex = final[split]
-        candidates[split] = (
-            np.stack(
-                [
-                    _sample_candidates(
-                        rng, int(t), set(sequences[u].tolist()), num_items, config.num_candidates
-                    )
-                    for u, t in zip(ex.users, ex.targets, strict=True)
-                ]
-            )
-            if len(ex)
-            else np.zeros((0, config.num_candidates), dtype=np.int64)
-        )
 
     lengths = np.array([len(s) for s in sequences])
+    stats: dict = {"dataset": config.dataset, "source": source, "raw_interactions": int(len(raw.users))}
     stats.update(
         users=num_users,
         items=num_items,
         interactions=int(lengths.sum()),
         dropped=dropped,
         split=scheme,
-        examples={s: len(e) for s, e in final.items()},
+        examples={s: len(e) for s, e in examples.items()},
         users_per_group={g: groups.count(g) for g in sorted(set(groups))},
         sequence_length={f"p{q}": float(np.percentile(lengths, q)) for q in (0, 25, 50, 75, 90, 99, 100)},
         domain=raw.domain,
@@ -256,7 +141,7 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
             raw_user_ids=user_raw.tolist(),
             user_groups=groups,
             train_sequences=train_sequences,
-            examples=final,
+            examples=examples,
             candidates=candidates,
         )
         stats["seconds"] = round(time.perf_counter() - started, 3)
@@ -268,13 +153,149 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
             tmp,
             producer=PRODUCER,
             config=settings,
-            rows={"items": num_items, "users": num_users, **{s: len(e) for s, e in final.items()}},
+            rows={"items": num_items, "users": num_users, **{s: len(e) for s, e in examples.items()}},
             extra={"dataset": config.dataset, "domain": raw.domain, "source": source},
         )
     log.info(
         "wrote %s: %d users, %d items, %d interactions", out, num_users, num_items, stats["interactions"]
     )
     return stats
+
+
+def _user_sequences(
+    raw: RawData, titles: dict[str, str], kcore: int, min_length: int, dropped: dict[str, int]
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Each kept user's items in time order, items re-indexed 1..N (0 pads); raw user and item ids.
+
+    Drops (counted in ``dropped``) interactions with untitled items, those outside the k-core, repeats
+    of an item, and users with fewer than ``min_length`` items. Users and items are in raw-id order.
+    """
+    # Work on integer codes of the distinct raw ids: the per-id work is then per item, not per interaction.
+    item_raw, item_codes = np.unique(raw.items.astype(str), return_inverse=True)
+    user_raw, user_codes = np.unique(raw.users.astype(str), return_inverse=True)
+    item_has_title = np.array([key in titles for key in item_raw.tolist()], dtype=bool)
+    has_title = item_has_title[item_codes] if len(item_codes) else np.zeros(0, dtype=bool)
+    dropped["no_title"] = dropped.get("no_title", 0) + int((~has_title).sum())
+    dropped["no_title_items"] = int((~item_has_title).sum())
+    if dropped["no_title"]:
+        log.info(
+            "dropped %d interactions with %d items that have no title",
+            dropped["no_title"],
+            dropped["no_title_items"],
+        )
+    users, items, times = user_codes[has_title], item_codes[has_title], raw.timestamps[has_title]
+    if kcore > 1 and len(users):
+        keep = _kcore(users, items, kcore)
+        dropped["kcore"] = int((~keep).sum())
+        users, items, times = users[keep], items[keep], times[keep]
+    if len(users) == 0:
+        raise DelrecError(f"no interactions left after filtering (dropped: {dropped})", path=raw.source)
+
+    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, stable on ties
+    users, items = users[order], items[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    sequences = np.split(items, bounds)
+    seq_users = users[np.r_[0, bounds]]
+    # A repeated interaction with an item keeps the first: the candidate sampler relies on "items the
+    # user interacted with" being a set, and re-consuming is not what the next-item task predicts.
+    deduped = [seq[np.sort(np.unique(seq, return_index=True)[1])] for seq in sequences]
+    dropped["repeats"] = int(sum(len(a) - len(b) for a, b in zip(sequences, deduped, strict=True)))
+    long_enough = np.array([len(s) >= min_length for s in deduped], dtype=bool)
+    dropped["short_users"] = int((~long_enough).sum())
+    if not long_enough.any():
+        raise DelrecError(
+            f"no user has {min_length}+ interactions after filtering (dropped: {dropped})",
+            path=raw.source,
+        )
+    kept_users = seq_users[long_enough]
+    user_perm = _id_order(user_raw[kept_users])
+    sequences = [deduped[i] for i in np.flatnonzero(long_enough)[user_perm]]
+    user_raw = user_raw[kept_users[user_perm]]
+    used_items = np.unique(np.concatenate(sequences))
+    used_items = used_items[_id_order(item_raw[used_items])]
+    remap = np.zeros(len(item_raw), dtype=np.int64)
+    remap[used_items] = np.arange(1, len(used_items) + 1)
+    return [remap[s] for s in sequences], user_raw, item_raw[used_items]
+
+
+def _user_groups(scheme: str, raw: RawData, user_raw: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Each user's group: "all" (loo: every user gives a train, valid and test example), the source's
+    (given), or a seeded 80/10/10 draw of train, valid and test users (user)."""
+    num_users = len(user_raw)
+    if scheme == "loo":
+        return ["all"] * num_users
+    if scheme == "given":
+        return [raw.groups[user] for user in user_raw.tolist()]
+    if num_users < 3:
+        raise DelrecError(f"the user split needs 3+ users, {num_users} left after filtering", path=raw.source)
+    perm = rng.permutation(num_users)
+    # 80/10/10 (the paper's code); at least one validation and one test user on tiny data.
+    n_valid = max(1, int(round(0.1 * num_users)))
+    n_train = min(int(round(0.8 * num_users)), num_users - n_valid - 1)
+    groups = [""] * num_users
+    for rank, user in enumerate(perm):
+        groups[user] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
+    return groups
+
+
+def _examples(
+    sequences: list[np.ndarray], groups: list[str], scheme: str, max_history: int
+) -> tuple[list[np.ndarray], dict[str, Examples]]:
+    """Each user's training sequence, and the (user, history, target) examples of every split.
+
+    loo: a user's last item is its test target, the one before its validation target, the rest trains.
+    given and user: a valid or test user's last item is its target. Under given its history also trains
+    (observed data, as every user's prefix is under loo); under user, it does not.
+    """
+    parts: dict[str, dict[str, list]] = {
+        s: {"users": [], "histories": [], "targets": []} for s in ("train", "valid", "test")
+    }
+
+    def add(split: str, user: int, seq: np.ndarray, pos: int) -> None:
+        parts[split]["users"].append(user)
+        parts[split]["histories"].append(seq[max(0, pos - max_history) : pos])
+        parts[split]["targets"].append(int(seq[pos]))
+
+    train_sequences: list[np.ndarray] = []
+    for user, seq in enumerate(sequences):
+        group = groups[user]
+        if scheme == "loo":
+            train_part = seq[:-2]
+        elif group == "train":
+            train_part = seq
+        else:
+            train_part = seq[:-1] if scheme == "given" else seq[:0]
+        train_sequences.append(train_part)
+        for pos in range(1, len(train_part)):
+            add("train", user, seq, pos)
+        if scheme == "loo":
+            add("valid", user, seq, len(seq) - 2)
+            add("test", user, seq, len(seq) - 1)
+        elif group != "train":
+            add(group, user, seq, len(seq) - 1)
+    examples = {
+        split: Examples(
+            users=np.array(p["users"], dtype=np.int64),
+            histories=p["histories"],
+            targets=np.array(p["targets"], dtype=np.int64),
+        )
+        for split, p in parts.items()
+    }
+    return train_sequences, examples
+
+
+def _split_candidates(
+    rng: np.random.Generator, examples: Examples, sequences: list[np.ndarray], num_items: int, n: int
+) -> np.ndarray:
+    """``n`` candidates per example: its target and items the user never interacted with."""
+    if not len(examples):
+        return np.zeros((0, n), dtype=np.int64)
+    return np.stack(
+        [
+            _sample_candidates(rng, int(t), set(sequences[u].tolist()), num_items, n)
+            for u, t in zip(examples.users, examples.targets, strict=True)
+        ]
+    )
 
 
 def preprocess(
