@@ -103,6 +103,7 @@ class TrainLoop:
         if saved is not None:
             self.restore(saved["stage"])
             start, history, self._best = int(saved["step"]), list(saved["history"]), dict(saved["best"])
+            log.info("%s: resuming after %s %d of %d", self.name, self.unit, start, self.steps)
         else:
             if distributed.world_size() > 1:
                 self.restore(distributed.broadcast_object(self.state()))  # every rank starts from rank 0's
