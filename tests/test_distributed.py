@@ -93,6 +93,19 @@ def config_file(tmp_path: Path, name: str, config: dict) -> str:
     return str(path)
 
 
+def finetune_argv(synthetic_dir: Path, tiny_runs: Path, out: Path) -> list[str]:
+    """``delrec.cli finetune`` on the synthetic data with the tiny runs' soft prompt (options follow)."""
+    return [
+        "finetune",
+        "--data",
+        str(synthetic_dir),
+        "--distill",
+        str(tiny_runs / "distill"),
+        "--out",
+        str(out),
+    ]
+
+
 def history(folder: Path) -> list[dict]:
     return json.loads((folder / "history.json").read_text())
 
@@ -296,15 +309,7 @@ def test_fsdp_finetune_with_two_ranks_matches_one_process(
     """``sharding: fsdp``: each rank holds half of the decoder layers' weights; the adapter, its AdaLoRA
     rank pattern and the validation figures equal one process's (the saved adapter is the same file)."""
     two = tmp_path / "two"
-    args = [
-        "finetune",
-        "--data",
-        str(synthetic_dir),
-        "--distill",
-        str(tiny_runs / "distill"),
-        "--out",
-        str(two),
-    ]
+    args = finetune_argv(synthetic_dir, tiny_runs, two)
     config = config_file(tmp_path, "f", FINETUNE | {"sharding": "fsdp"})
     done = torchrun(["-m", "delrec.cli"], [*args, "--config", config])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -325,15 +330,7 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_as_one(
     """A checkpoint holds no trace of the world size or the sharding (the adapters are whole either
     way): a 2-rank run killed after a checkpoint resumes in one process, with replicate."""
     out = tmp_path / "resumed"
-    args = [
-        "finetune",
-        "--data",
-        str(synthetic_dir),
-        "--distill",
-        str(tiny_runs / "distill"),
-        "--out",
-        str(out),
-    ]
+    args = finetune_argv(synthetic_dir, tiny_runs, out)
     killed_config = config_file(tmp_path, "killed", FINETUNE | {"sharding": sharding})
     # Both ranks fail inside step 3, after rank 0 wrote the checkpoint of step 2.
     killed = torchrun([str(TESTS / "failing_cli.py"), "2"], [*args, "--config", killed_config])
