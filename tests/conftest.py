@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from delrec.artifacts import file_sha256
 from delrec.data import PreprocessConfig, load_dataset, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +94,15 @@ def checkpoint_workspace(request, monkeypatch, workspace: str, task: str):
     monkeypatch.setenv("DELREC_S3_ENDPOINT", request.getfixturevalue("moto_endpoint"))
     monkeypatch.setenv("DELREC_S3_SECURE", "0")
     return f"s3://{BUCKET}/checkpoints/run-1/{task}", request.getfixturevalue("store")
+
+
+def with_prompt_fields(folder, out, **fields):
+    """A copy of a fine-tuned model folder with prompt.json fields changed (the manifest re-signed)."""
+    shutil.copytree(folder, out)
+    prompt = json.loads((out / "prompt.json").read_text())
+    (out / "prompt.json").write_text(json.dumps({**prompt, **fields}))
+    manifest = json.loads((out / "manifest.json").read_text())  # re-signed: past the integrity check
+    size, sha = (out / "prompt.json").stat().st_size, file_sha256(out / "prompt.json")
+    manifest["files"]["prompt.json"] = {"sha256": sha, "size": size}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

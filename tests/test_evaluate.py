@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import shared_dataset
+from conftest import shared_dataset, with_prompt_fields
 
 from delrec import evaluate as evaluate_module
-from delrec.artifacts import file_sha256
 from delrec.cli import main
 from delrec.data import PreprocessConfig, load_dataset, preprocess
 from delrec.distill import DistillConfig, distill
@@ -186,15 +184,34 @@ def test_catalogue_universe_and_first_token_scoring(synthetic_dir, tiny_runs, tm
     assert "delrec_HR@1" in flat and "teacher_HR@10" in flat and "zero_shot_HR@1" not in flat
 
 
+def test_each_model_is_scored_as_it_was_fine_tuned_unless_the_config_says(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
+    """DELRec trained with ``sum`` is scored with ``sum`` (so are its rerank and the untuned LLM, its
+    reference), the ablation with its own ``mean``; ``scoring`` in the config overrides both."""
+    delrec_dir = with_prompt_fields(tiny_runs / "delrec", tmp_path / "delrec", scoring="sum")
+    used = []
+    real = evaluate_module.score_all
+
+    def recording(*args, **kwargs):
+        used.append((kwargs["desc"].split()[0], kwargs["reduction"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "score_all", recording)
+    base = {k: TINY[k] for k in ("backbone", "device", "bf16")} | {"max_examples": 6, "bootstrap_samples": 20}
+    args = (synthetic_dir, tiny_runs / "teacher")
+    evaluate(*args, EvaluateConfig(**base), tmp_path / "eval", delrec_dir, tiny_runs / "ablation")
+    # "DELRec" covers the rerank of the teacher's top K too (desc "DELRec rerank").
+    assert set(used) == {("DELRec", "sum"), ("ablation", "mean"), ("zero-shot", "sum")}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["scoring"] == "sum"
+    used.clear()
+    config = EvaluateConfig(**base, scoring="mean")
+    evaluate(*args, config, tmp_path / "eval2", delrec_dir, tiny_runs / "ablation")
+    assert {reduction for _, reduction in used} == {"mean"}
+
+
 def test_refuses_an_ablation_on_other_base_weights(synthetic_dir, tiny_runs, tmp_path):
-    other = tmp_path / "ablation"
-    shutil.copytree(tiny_runs / "ablation", other)
-    prompt = json.loads((other / "prompt.json").read_text())
-    (other / "prompt.json").write_text(json.dumps({**prompt, "backbone_fingerprint": "0" * 16}))
-    manifest = json.loads((other / "manifest.json").read_text())  # re-signed: past the integrity check
-    size, sha = (other / "prompt.json").stat().st_size, file_sha256(other / "prompt.json")
-    manifest["files"]["prompt.json"] = {"sha256": sha, "size": size}
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    other = with_prompt_fields(tiny_runs / "ablation", tmp_path / "ablation", backbone_fingerprint="0" * 16)
     with pytest.raises(DelrecError, match="other base weights"):
         evaluate(
             synthetic_dir,

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import with_prompt_fields
 from test_store import BUCKET, moto_endpoint, store  # noqa: F401, E402 (fixtures)
 
 from delrec import layout
@@ -169,3 +170,24 @@ def test_published_recommendations_land_under_the_run_id_once(tmp_path, store): 
         publish_recommendations(store, folder, f"s3://{BUCKET}/registry", "delrec", "job-7")
     with pytest.raises(DelrecError, match="manifest"):
         publish_recommendations(store, tmp_path, f"s3://{BUCKET}/registry", "delrec", "job-8")
+
+
+def test_delrec_reranks_with_the_scoring_it_was_fine_tuned_with(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
+    import delrec.recommend as recommend_module
+
+    delrec_dir = with_prompt_fields(tiny_runs / "delrec", tmp_path / "delrec", scoring="sum")
+    used = []
+    real = recommend_module.score_all
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["reduction"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recommend_module, "score_all", recording)
+    args = (synthetic_dir, tiny_runs / "teacher", delrec_dir)
+    users = pq.read_table(synthetic_dir / layout.USERS)["raw_id"].to_pylist()[:2]
+    recommend(*args, RecommendConfig(**TINY, users=users, top_n=2), tmp_path / "own")
+    recommend(*args, RecommendConfig(**TINY, users=users, top_n=2, scoring="mean"), tmp_path / "set")
+    assert used == ["sum", "mean"]

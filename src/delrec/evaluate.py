@@ -1,9 +1,10 @@
 """Evaluation: DELRec, the teacher, popularity, the ablation and the untuned LLM on the same candidates.
 
 Every model ranks the stored 20 candidates of each test example (option: the whole catalogue minus
-the user's history). The LLMs score each candidate title by its length-normalised log-likelihood
-(options: sum, first token); the teacher ranks by its own scores; popularity by the item's number of
-training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95% bootstrap intervals;
+the user's history). Each fine-tuned LLM scores a candidate title as it was trained to (its prompt.json
+``scoring``: length-normalised log-likelihood by default, or sum, or first token; the untuned LLM as
+DELRec), unless the config names one for all; the teacher ranks by its own scores; popularity by the
+item's number of training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95% bootstrap intervals;
 for DELRec minus each other model, the difference with a paired bootstrap interval; and the learning
 curves of distill and both finetunes. Written to ``metrics.json``, ``curves.json``, ``report.md`` and
 two charts.
@@ -86,8 +87,9 @@ class EvaluateConfig(StageConfig):
     max_examples: int | None = Field(None, ge=1)
     """score a seeded random subset of this many examples (None: all)"""
     batch_size: int = Field(8, ge=1)
-    scoring: Literal["mean", "sum", "first"] = "mean"
-    """mean: length-normalised title log-likelihood; sum; first: first title token (the authors')"""
+    scoring: Literal["mean", "sum", "first"] | None = None
+    """mean: length-normalised title log-likelihood; sum; first: first title token (the authors');
+    None: as each model was fine-tuned (its prompt.json; the untuned LLM as DELRec)"""
     universe: Literal["candidates", "catalogue"] = "candidates"
     """rank within the 20 stored candidates, or among every item the user has not interacted with"""
     catalogue_chunk: int = Field(100, ge=1)
@@ -144,6 +146,12 @@ def popularity_ranks(
     return item_score_ranks(np.broadcast_to(counts, (len(rows), len(counts))), dataset, split, rows, universe)
 
 
+def model_scoring(configured: str | None, prompt_config: dict) -> str:
+    """The reduction to score a fine-tuned model with: ``configured``, else the one it was trained with
+    (prompt.json ``scoring``; ``mean`` for a model saved before the field existed)."""
+    return configured or prompt_config.get("scoring", "mean")
+
+
 def stage2_builder(
     backbone: Backbone, dataset: Dataset, soft: SoftPrompt | None, prompt_config: dict
 ) -> PromptBuilder:
@@ -194,7 +202,7 @@ class _LLMRanker:
             answers,
             desc=desc,
             batch_size=self.config.batch_size,
-            reduction=self.config.scoring,
+            reduction=model_scoring(self.config.scoring, prompt_config),
             skip=builder.answer_skip,
         )
 
@@ -213,7 +221,7 @@ class _LLMRanker:
         ]
         kw = {
             "batch_size": self.config.batch_size,
-            "reduction": self.config.scoring,
+            "reduction": model_scoring(self.config.scoring, prompt_config),
             "skip": builder.answer_skip,
         }
         items = np.arange(1, self.dataset.num_items + 1)
@@ -692,7 +700,7 @@ def evaluate(
         "split": config.split,
         "examples": int(len(rows)),
         "universe": config.universe,
-        "scoring": config.scoring,
+        "scoring": model_scoring(config.scoring, delrec_config),
         "backbone": backbone_name,
         "teacher": delrec_config.get("teacher", ""),
         "seconds": time.time() - started,

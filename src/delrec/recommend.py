@@ -51,6 +51,7 @@ from delrec.evaluate import (
     delrec_prompt_config,
     finetuned_backbone,
     load_finetuned_adapter,
+    model_scoring,
     stage2_builder,
 )
 from delrec.llm.scoring import score_all
@@ -85,7 +86,8 @@ class RecommendConfig(StageConfig):
     users: list[str] | None = None
     """raw user ids to recommend for (None: every user)"""
     batch_size: int = Field(8, ge=1)
-    scoring: Literal["mean", "sum", "first"] = "mean"
+    scoring: Literal["mean", "sum", "first"] | None = None
+    """None: as DELRec was fine-tuned (its prompt.json)"""
     shard_users: int = Field(512, ge=1)
     """users per Parquet file; the unit of resumption"""
     row_group_rows: int = Field(50_000, ge=1)
@@ -176,6 +178,7 @@ class _Shard:
         self.teacher_model, self.teacher_max_len = teacher
         self.backbone, self.soft = backbone, soft
         self.builder = stage2_builder(backbone, dataset, soft, prompt_config)
+        self.scoring = model_scoring(config.scoring, prompt_config)
 
     def table(self, users: np.ndarray, sequences: list[np.ndarray]) -> pa.Table:
         seqs = [sequences[u] for u in users]
@@ -190,7 +193,7 @@ class _Shard:
             prompts,
             answers,
             batch_size=self.config.batch_size,
-            reduction=self.config.scoring,
+            reduction=self.scoring,
             skip=self.builder.answer_skip,
             desc="rerank",
         )
