@@ -225,10 +225,13 @@ def test_train_tail_keeps_each_users_latest_training_targets(synthetic):
         assert kept == lengths[-2:]
 
 
-def test_orthogonal_adalora_factors_leave_the_base_model_unchanged_at_step_zero(synthetic):
+@pytest.mark.parametrize("init", ["orthogonal", "lora"])
+def test_adalora_inits_leave_the_base_model_unchanged_at_step_zero(synthetic, init):
+    """orthogonal: P's rows and Q's columns orthonormal, E = 0; lora: P orthonormal, E = 1, Q = 0 (and Q
+    gets a gradient at once, as LoRA's B does)."""
     from peft import get_peft_model
 
-    from delrec.finetune import adapter_config, orthogonal_factors
+    from delrec.finetune import adapter_config, init_adalora
     from delrec.llm.backbone import stage_backbone
 
     backbone = stage_backbone("tiny-llama", None, titles=synthetic.titles, device="cpu", autocast=False)
@@ -236,11 +239,19 @@ def test_orthogonal_adalora_factors_leave_the_base_model_unchanged_at_step_zero(
     ids = torch.tensor([[5, 6, 7, 8]])
     before = backbone.model(input_ids=ids).logits
     peft_model = get_peft_model(backbone.model, adapter_config(tiny_finetune_config(), backbone))
-    orthogonal_factors(peft_model)
-    factors = {n: p for n, p in peft_model.named_parameters() if "lora_A" in n or "lora_B" in n}
+    init_adalora(peft_model, init)
+    params = dict(peft_model.named_parameters())
+    factors = {n: p for n, p in params.items() if "lora_A" in n or ("lora_B" in n and init == "orthogonal")}
     assert factors
     for name, p in factors.items():
         gram = p @ p.T if "lora_A" in name else p.T @ p  # P's rows, Q's columns orthonormal
         assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5), name
+    singular = [p for n, p in params.items() if "lora_E" in n]
+    assert singular and all(bool((p == (1.0 if init == "lora" else 0.0)).all()) for p in singular)
+    if init == "lora":
+        assert all(bool((p == 0).all()) for n, p in params.items() if "lora_B" in n)
+        peft_model.train()
+        peft_model(input_ids=ids).logits.square().mean().backward()
+        assert all(p.grad.abs().sum() > 0 for n, p in params.items() if "lora_B" in n)
     peft_model.eval()
-    assert torch.allclose(peft_model(input_ids=ids).logits, before, atol=1e-6)  # E = 0: no change yet
+    assert torch.allclose(peft_model(input_ids=ids).logits, before, atol=1e-6)  # no change yet

@@ -78,10 +78,12 @@ class FinetuneConfig(LLMStageConfig):
     delta_t: int = Field(1, ge=1)
     """AdaLoRA steps between rank re-allocations"""
     orth_reg_weight: float = Field(0.5, ge=0)
-    adalora_init: Literal["peft", "orthogonal"] = "peft"
+    adalora_init: Literal["peft", "orthogonal", "lora"] = "peft"
     """peft: P and Q ~ N(0, 0.02) (the authors'); orthogonal: P's rows and Q's columns orthonormal, the
     shape AdaLoRA's regulariser pulls them to. E starts at 0 either way (the base model is unchanged at
-    step 0); with N(0, 0.02) factors a change of E moves a layer's output ~4x less"""
+    step 0), so at first only E (init_r numbers a layer) gets a gradient; with N(0, 0.02) factors a
+    change of E moves a layer's output ~4x less. lora: P orthonormal, E = 1 and Q = 0, as LoRA starts
+    (B = 0): the model is unchanged at step 0 and Q's out x init_r entries learn from the first step"""
     optimizer: Literal["lion", "adamw"] = "lion"
     """the authors' code: Lion (8-bit), lr 1e-4, weight decay 1e-6"""
     steps: int = Field(1400, ge=1)
@@ -134,12 +136,17 @@ def adapter_config(config: FinetuneConfig, backbone: Backbone):
     )
 
 
-def orthogonal_factors(model: torch.nn.Module) -> None:
-    """Re-initialise AdaLoRA's P (``lora_A``: orthonormal rows) and Q (``lora_B``: orthonormal columns)."""
+def init_adalora(model: torch.nn.Module, init: str) -> None:
+    """Re-initialise AdaLoRA's P (``lora_A``), E (``lora_E``) and Q (``lora_B``) as ``adalora_init`` says:
+    orthogonal: P's rows and Q's columns orthonormal (E stays 0); lora: P's rows orthonormal, E = 1, Q = 0."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
+            if "lora_A" in name:
                 torch.nn.init.orthogonal_(param)
+            elif "lora_B" in name:
+                torch.nn.init.orthogonal_(param) if init == "orthogonal" else param.zero_()
+            elif "lora_E" in name and init == "lora":
+                param.fill_(1.0)
 
 
 def orthogonal_regulariser(model: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
@@ -210,8 +217,8 @@ def finetune(
     checkpoints = Checkpoints.for_output(out, checkpoint)
     keep_tiny_backbone(backbone, checkpoints)
     backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
-    if config.adapter == "adalora" and config.adalora_init == "orthogonal":
-        orthogonal_factors(backbone.model)
+    if config.adapter == "adalora" and config.adalora_init != "peft":
+        init_adalora(backbone.model, config.adalora_init)
     apply_sharding(config, backbone)  # fsdp: the adapters stay whole, outside the shards
     training = _AdapterTraining(config, dataset, backbone, soft, builder)
     if not len(training.train_rows):
