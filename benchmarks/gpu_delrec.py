@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         action="append",
         default=[],
         metavar="STAGE.FIELD=VALUE",
-        help="override a distill/finetune/evaluate field, e.g. finetune.lr=2e-3 finetune.adalora_init=orthogonal",
+        help="override a distill/finetune/evaluate field, e.g. finetune.lr=3e-4 finetune.adalora_init=lora",
     )
     args = parser.parse_args(argv)
     overrides: dict[str, dict] = {"distill": {}, "finetune": {}, "evaluate": {}}

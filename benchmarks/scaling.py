@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The preset's stage-2 shape (configs/ml-100k.yaml), what a step costs in the pipeline.
-PRESET = {"init_r": 64, "target_r": 8, "adapter_layers": 12, "train_tail": 10, "lora_alpha": 256}
+PRESET = {"init_r": 64, "target_r": 8, "adapter_layers": 12, "train_tail": 10, "lora_alpha": 400}
 
 
 def _free_port() -> int:
