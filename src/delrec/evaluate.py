@@ -4,10 +4,10 @@ Every model ranks the stored 20 candidates of each test example (option: the who
 the user's history). Each fine-tuned LLM scores a candidate title as it was trained to (its prompt.json
 ``scoring``: length-normalised log-likelihood by default, or sum, or first token; the untuned LLM as
 DELRec), unless the config names one for all; the teacher ranks by its own scores; popularity by the
-item's number of training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95% bootstrap intervals;
-for DELRec minus each other model, the difference with a paired bootstrap interval; and the learning
-curves of distill and both finetunes. Written to ``metrics.json``, ``curves.json``, ``report.md`` and
-two charts.
+item's number of training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95%
+bootstrap intervals; for DELRec minus each other model, the difference with a paired bootstrap interval;
+and the learning curves of distill and both finetunes. Written to ``metrics.json``, ``curves.json``,
+``report.md`` and two charts.
 
 The whole-catalogue protocol (``rerank_k`` > 0) answers what a team deploys for: the teacher ranks every
 item the user has not interacted with, DELRec reorders the teacher's top K, and items beyond K keep the

@@ -143,8 +143,10 @@ def init_adalora(model: torch.nn.Module, init: str) -> None:
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 torch.nn.init.orthogonal_(param)
+            elif "lora_B" in name and init == "orthogonal":
+                torch.nn.init.orthogonal_(param)
             elif "lora_B" in name:
-                torch.nn.init.orthogonal_(param) if init == "orthogonal" else param.zero_()
+                param.zero_()
             elif "lora_E" in name and init == "lora":
                 param.fill_(1.0)
 
