@@ -90,6 +90,7 @@ def test_only_adapter_weights_change(synthetic_dir, synthetic, distill_dir, tmp_
     prompt = json.loads((out / "prompt.json").read_text())
     assert prompt["soft_tokens"] == 8 and prompt["backbone_fingerprint"] == saved.fingerprint()
     assert prompt["max_answer_chars"] == prompt["max_title_chars"]  # evaluate scores the answers trained on
+    assert prompt["title_years"] is True
 
 
 def test_adalora_reallocates_ranks(synthetic_dir, tmp_path, monkeypatch):

@@ -163,6 +163,30 @@ def test_an_answer_is_the_candidate_as_the_prompt_lists_it(setup):
     assert cut.answer(1) == whole.answer(1)  # a title within the cut is scored whole
 
 
+def test_title_years_can_be_left_out_of_prompts_and_answers(setup):
+    from types import SimpleNamespace
+
+    from delrec.evaluate import stage2_builder
+    from delrec.finetune import FinetuneConfig
+    from delrec.llm.training import stage_prompt_builder
+
+    backbone, _, _ = setup
+    titles = ["", "Toy Story (1995)", "Seven (Se7en) (1995)", "(1995)"]
+    kw = dict(domain="movies", teacher="SASRec", n_soft=0)
+    short = PromptBuilder(backbone, titles, title_years=False, **kw)
+    text = short.stage2_text([1], [2, 3], soft=False, limit=80)
+    assert "History: Toy Story. Candidates: Seven (Se7en), (1995)." in text
+    body = slice(short.answer_skip, -1)
+    assert backbone.tokenizer.decode(short.answer(1)[body]).strip() == "Toy Story"
+    kept = PromptBuilder(backbone, titles, **kw)
+    assert backbone.tokenizer.decode(kept.answer(1)[body]).strip() == "Toy Story (1995)"
+    # evaluate and recommend rebuild, from the model's prompt.json, the titles it was trained on
+    dataset = SimpleNamespace(titles=titles, domain="movies")
+    trained = stage_prompt_builder(FinetuneConfig(title_years=False), backbone, dataset, "SASRec", 0)
+    served = stage2_builder(backbone, dataset, None, {"teacher": "SASRec", "title_years": False})
+    assert trained.titles == served.titles == ["", "Toy Story", "Seven (Se7en)", "(1995)"]
+
+
 def test_candidate_sampling_excludes_history_and_is_seeded():
     history = set(range(1, 30))
     a = sample_candidates(np.random.default_rng(3), [40], history, 100, 20)

@@ -166,6 +166,7 @@ def stage2_builder(
         max_prompt_tokens=prompt_config.get("max_prompt_tokens", 768),
         max_title_chars=prompt_config.get("max_title_chars", 80),
         max_answer_chars=prompt_config.get("max_answer_chars"),
+        title_years=prompt_config.get("title_years", True),
     )
 
 

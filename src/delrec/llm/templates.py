@@ -15,6 +15,7 @@ the pattern clause and the teacher reference.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,13 @@ WORDING = {
     "products": ("bought", "buy", "product"),
 }
 DEFAULT_WORDING = ("consumed", "consume", "item")
+# MovieLens's "Toy Story (1995)": the release year in brackets at the end of a title.
+TITLE_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def without_year(title: str) -> str:
+    """``title`` without a trailing "(YYYY)"; unchanged if that is all it holds."""
+    return TITLE_YEAR.sub("", title) or title
 
 
 @dataclass(frozen=True)
@@ -57,13 +65,14 @@ class PromptBuilder:
         max_title_chars: int = 80,
         max_answer_chars: int | None = None,
         max_answer_tokens: int = 32,
+        title_years: bool = True,
     ):
         self.tokenizer = backbone.tokenizer
         self.encoder_decoder = backbone.is_encoder_decoder
         self.eos_id = backbone.eos_id
         self.placeholder = backbone.pad_id
         self.sentinel_id = self.tokenizer.convert_tokens_to_ids(SENTINEL) if self.encoder_decoder else None
-        self.titles = titles
+        self.titles = titles if title_years else [without_year(t) for t in titles]
         self.past, self.present, self.noun = WORDING.get(domain, DEFAULT_WORDING)
         self.teacher = teacher
         self.n_soft = n_soft
