@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -91,6 +92,18 @@ def test_only_adapter_weights_change(synthetic_dir, synthetic, distill_dir, tmp_
     assert prompt["soft_tokens"] == 8 and prompt["backbone_fingerprint"] == saved.fingerprint()
     assert prompt["max_answer_chars"] == prompt["max_title_chars"]  # evaluate scores the answers trained on
     assert prompt["title_years"] is True
+
+
+def test_finetune_warns_when_it_spells_titles_unlike_the_distillation(
+    synthetic_dir, distill_dir, tmp_path, caplog
+):
+    name = json.loads((distill_dir / "prompt.json").read_text())["backbone"]
+    assert json.loads((distill_dir / "prompt.json").read_text())["title_years"] is True
+    config = tiny_finetune_config(backbone=name, steps=1, title_years=False)
+    with caplog.at_level(logging.WARNING, logger="delrec.finetune"):
+        finetune(synthetic_dir, config, tmp_path / "ft", distill_dir=distill_dir)
+    assert "title_years is False here but True in the soft prompt's distillation" in caplog.text
+    assert json.loads((tmp_path / "ft" / "prompt.json").read_text())["title_years"] is False
 
 
 def test_adalora_reallocates_ranks(synthetic_dir, tmp_path, monkeypatch):
