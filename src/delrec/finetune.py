@@ -214,12 +214,13 @@ def finetune(
     )
     backbone.fingerprint()  # computed (and kept) now: peft renames the base weights it wraps
     soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone)
-    if soft is not None and prompt_config.get("title_years", True) != config.title_years:
+    distilled_title_years = prompt_config.get("title_years", True)
+    if soft is not None and distilled_title_years != config.title_years:
         log.warning(
             "title_years is %s here but %s in the soft prompt's distillation: its prompts spelled titles "
             "differently",
             config.title_years,
-            prompt_config.get("title_years", True),
+            distilled_title_years,
         )
     n_soft = soft.n_tokens if soft is not None else 0
     builder = stage_prompt_builder(config, backbone, dataset, prompt_config["teacher"], n_soft)
