@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -164,12 +167,6 @@ def test_an_answer_is_the_candidate_as_the_prompt_lists_it(setup):
 
 
 def test_title_years_can_be_left_out_of_prompts_and_answers(setup):
-    from types import SimpleNamespace
-
-    from delrec.evaluate import stage2_builder
-    from delrec.finetune import FinetuneConfig
-    from delrec.llm.training import stage_prompt_builder
-
     backbone, _, _ = setup
     titles = ["", "Toy Story (1995)", "Seven (Se7en) (1995)", "(1995)"]
     kw = dict(domain="movies", teacher="SASRec", n_soft=0)
@@ -180,11 +177,29 @@ def test_title_years_can_be_left_out_of_prompts_and_answers(setup):
     assert backbone.tokenizer.decode(short.answer(1)[body]).strip() == "Toy Story"
     kept = PromptBuilder(backbone, titles, **kw)
     assert backbone.tokenizer.decode(kept.answer(1)[body]).strip() == "Toy Story (1995)"
-    # evaluate and recommend rebuild, from the model's prompt.json, the titles it was trained on
+
+
+def test_served_prompts_are_the_prompts_the_model_was_trained_on(setup, synthetic):
+    """evaluate and recommend rebuild a model's prompts from its prompt.json: every prompt setting a
+    stage trains with comes back, and a prompt.json from before a setting existed gets its default."""
+    from delrec.evaluate import stage2_builder
+    from delrec.finetune import FinetuneConfig
+    from delrec.llm.templates import PromptSettings
+    from delrec.llm.training import stage_prompt_builder
+
+    backbone, _, _ = setup
+    titles = ["", *(f"{t} (1995)" for t in synthetic.titles[1:])]
     dataset = SimpleNamespace(titles=titles, domain="movies")
-    trained = stage_prompt_builder(FinetuneConfig(title_years=False), backbone, dataset, "SASRec", 0)
-    served = stage2_builder(backbone, dataset, None, {"teacher": "SASRec", "title_years": False})
-    assert trained.titles == served.titles == ["", "Toy Story", "Seven (Se7en)", "(1995)"]
+    config = FinetuneConfig(history_items=4, max_prompt_tokens=120, max_title_chars=12, title_years=False)
+    assert all(v != getattr(PromptSettings(), k) for k, v in config.prompt_settings().as_json().items())
+    stored = json.loads(json.dumps({"teacher": "SASRec", **config.prompt_settings().as_json()}))
+    trained = stage_prompt_builder(config, backbone, dataset, "SASRec", N_SOFT)
+    served = stage2_builder(backbone, dataset, SimpleNamespace(n_tokens=N_SOFT), stored)
+    history, candidates = np.arange(1, 9), np.arange(20, 40)
+    assert served.stage2(history, candidates) == trained.stage2(history, candidates)
+    assert [served.answer(i) for i in candidates] == [trained.answer(i) for i in candidates]
+    old_model = stage2_builder(backbone, dataset, None, {"teacher": "SASRec"})
+    assert (old_model.history_items, old_model.max_title_chars, old_model.titles) == (10, 80, titles)
 
 
 def test_candidate_sampling_excludes_history_and_is_seeded():

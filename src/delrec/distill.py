@@ -295,7 +295,7 @@ def _write_output(
             "teacher": teacher,
             "domain": dataset.domain,
             "soft_tokens": config.soft_tokens,
-            "title_years": config.title_years,
+            **config.prompt_settings().as_json(),
             "backbone": backbone.name,
             "backbone_fingerprint": backbone.fingerprint(),
         }

@@ -46,7 +46,7 @@ from delrec.errors import DelrecError
 from delrec.llm.backbone import Backbone, stage_backbone
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
-from delrec.llm.templates import PromptBuilder
+from delrec.llm.templates import PromptBuilder, PromptSettings
 from delrec.metrics import bootstrap_intervals, metrics_from_ranks, paired_bootstrap, target_ranks
 
 log = logging.getLogger(__name__)
@@ -156,17 +156,12 @@ def stage2_builder(
     backbone: Backbone, dataset: Dataset, soft: SoftPrompt | None, prompt_config: dict
 ) -> PromptBuilder:
     """The stage-2 prompt a fine-tuned model was trained on (``prompt_config``: its prompt.json)."""
-    return PromptBuilder(
+    return PromptSettings.from_json(prompt_config).builder(
         backbone,
         dataset.titles,
         domain=dataset.domain,
         teacher=prompt_config.get("teacher", ""),
         n_soft=soft.n_tokens if soft is not None else 0,
-        history_items=prompt_config.get("history_items", 10),
-        max_prompt_tokens=prompt_config.get("max_prompt_tokens", 768),
-        max_title_chars=prompt_config.get("max_title_chars", 80),
-        max_answer_chars=prompt_config.get("max_answer_chars"),
-        title_years=prompt_config.get("title_years", True),
     )
 
 

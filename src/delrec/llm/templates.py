@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 from delrec.llm.backbone import SENTINEL, Backbone
 
@@ -47,6 +47,38 @@ class EncodedPrompt:
     ids: tuple[int, ...]
     soft_start: int = -1
     n_soft: int = 0
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How a model's prompts are sized and its titles spelled.
+
+    A fine-tuned model must be scored on the prompts it was trained on: finetune stores these in its
+    prompt.json (:meth:`as_json`) and evaluate and recommend rebuild the prompts from it
+    (:meth:`from_json`), so the two sides cannot list different fields.
+    """
+
+    history_items: int = 10
+    max_prompt_tokens: int = 768
+    max_title_chars: int = 80
+    max_answer_chars: int | None = None
+    title_years: bool = True
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, stored: Mapping[str, object]) -> PromptSettings:
+        """The settings a prompt.json records; a field it lacks (a model saved before the field existed)
+        takes its default, which is how that model was trained."""
+        return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored})
+
+    def builder(
+        self, backbone: Backbone, titles: Sequence[str], *, domain: str, teacher: str, n_soft: int
+    ) -> PromptBuilder:
+        return PromptBuilder(
+            backbone, titles, domain=domain, teacher=teacher, n_soft=n_soft, **self.as_json()
+        )
 
 
 class PromptBuilder:

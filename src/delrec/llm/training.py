@@ -22,7 +22,7 @@ from delrec.llm.scoring import Reduction, score_all, score_candidates
 from delrec.llm.sharding import shard_backbone
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import Instance, answers_of
-from delrec.llm.templates import PromptBuilder
+from delrec.llm.templates import PromptBuilder, PromptSettings
 from delrec.loop import TrainLoop
 from delrec.metrics import target_ranks
 
@@ -72,6 +72,17 @@ class LLMStageConfig(StageConfig):
     embeddings, output head and adapters whole; decoder-only backbones; see :mod:`delrec.llm.sharding`).
     The results are the same; in one process fsdp is replicate"""
 
+    def prompt_settings(self) -> PromptSettings:
+        """The prompt sizes and title spelling this stage trains with; answers are cut as the prompt
+        lists titles."""
+        return PromptSettings(
+            history_items=self.history_items,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_title_chars=self.max_title_chars,
+            max_answer_chars=self.max_title_chars,
+            title_years=self.title_years,
+        )
+
     def run_hash(self) -> str:
         """The config's hash in a checkpoint's run key: ``sharding`` left out (counted as replicate, so
         a replicate run's key is its :meth:`hash`), since it places the weights and changes no result:
@@ -105,18 +116,9 @@ def apply_sharding(config: LLMStageConfig, backbone: Backbone) -> None:
 def stage_prompt_builder(
     config: LLMStageConfig, backbone: Backbone, dataset, teacher: str, n_soft: int
 ) -> PromptBuilder:
-    """The prompts a stage trains on, sized by its config; answers are cut as the prompt lists titles."""
-    return PromptBuilder(
-        backbone,
-        dataset.titles,
-        domain=dataset.domain,
-        teacher=teacher,
-        n_soft=n_soft,
-        history_items=config.history_items,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_title_chars=config.max_title_chars,
-        max_answer_chars=config.max_title_chars,
-        title_years=config.title_years,
+    """The prompts a stage trains on, sized by its config."""
+    return config.prompt_settings().builder(
+        backbone, dataset.titles, domain=dataset.domain, teacher=teacher, n_soft=n_soft
     )
 
 
