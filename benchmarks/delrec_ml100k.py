@@ -10,7 +10,8 @@ learning curves of distill's two tasks and both finetunes (``curves.png``).
 
 Stage configs are the ``ml-100k`` preset's, with the step counts below (sized for a 90-minute budget on
 2 idle cores), and titles keep their year (the preset drops it to fit ``make run`` in 20 minutes at some
-cost in quality; ``--set distill.title_years=false --set finetune.title_years=false`` drops it here too).
+cost in quality; ``--set distill.title_years=false --set finetune.title_years=false`` drops it here too:
+600 steps without the year gave DELRec HR@1 0.134, 200 steps with it 0.223; see the README).
 Outputs of finished stages in ``--work`` are reused, so a second run only redoes what is missing (delete
 the folder for a fresh run).
 """
