@@ -45,7 +45,7 @@ from delrec.llm.backbone import load_backbone
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import answers_of, stage2_instance
-from delrec.llm.templates import PromptBuilder
+from delrec.llm.templates import PromptBuilder, PromptSettings
 from delrec.llm.training import task_loss
 
 
@@ -165,8 +165,7 @@ def main() -> None:
         domain=dataset.domain,
         teacher="SASRec",
         n_soft=args.soft_tokens,
-        history_items=args.history_items,
-        title_years=args.title_years,
+        settings=PromptSettings(history_items=args.history_items, title_years=args.title_years),
     )
     peft_config = adapter_config(FinetuneConfig(steps=100, init_r=args.init_r, target_r=8), backbone)
     n_layers = backbone.base_model().config.num_hidden_layers

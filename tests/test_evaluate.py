@@ -291,11 +291,16 @@ def test_adapters_load_and_unload_cleanly(synthetic, tiny_runs):
     from delrec.evaluate import _unload_adapter, load_finetuned_adapter
     from delrec.llm.backbone import load_backbone
     from delrec.llm.scoring import score_all
-    from delrec.llm.templates import PromptBuilder
+    from delrec.llm.templates import PromptBuilder, PromptSettings
 
     backbone = load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False)
     builder = PromptBuilder(
-        backbone, synthetic.titles, domain="movies", teacher="", n_soft=0, history_items=6
+        backbone,
+        synthetic.titles,
+        domain="movies",
+        teacher="",
+        n_soft=0,
+        settings=PromptSettings(history_items=6),
     )
     test = synthetic.examples["test"]
     prompts = [
@@ -316,7 +321,7 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path
     import delrec.finetune as finetune_module
     from delrec.llm.scoring import score_all
     from delrec.llm.soft_prompt import SoftPrompt
-    from delrec.llm.templates import PromptBuilder
+    from delrec.llm.templates import PromptBuilder, PromptSettings
     from delrec.metrics import target_ranks
 
     trained = {}
@@ -354,7 +359,7 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path
         domain=data.domain,
         teacher=prompt["teacher"],
         n_soft=soft.n_tokens,
-        history_items=6,
+        settings=PromptSettings(history_items=6),
     )
     valid, cands = data.examples["valid"], data.candidates["valid"][:12]
     prompts = [builder.stage2(valid.histories[i], cands[i], soft=True) for i in range(12)]

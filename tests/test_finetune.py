@@ -198,7 +198,7 @@ def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
     from delrec.evaluate import load_finetuned_adapter
     from delrec.finetune import adapter_config
     from delrec.llm.scoring import score_all
-    from delrec.llm.templates import PromptBuilder
+    from delrec.llm.templates import PromptBuilder, PromptSettings
 
     backbone = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=False)
     model = get_peft_model(
@@ -215,7 +215,12 @@ def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
     assert min(sum(r) for r in model.peft_config["default"].rank_pattern.values()) < 12  # ranks were pruned
     model.eval()
     builder = PromptBuilder(
-        backbone, synthetic.titles, domain="movies", teacher="", n_soft=0, history_items=5
+        backbone,
+        synthetic.titles,
+        domain="movies",
+        teacher="",
+        n_soft=0,
+        settings=PromptSettings(history_items=5),
     )
     test, cands = synthetic.examples["test"], synthetic.candidates["test"]
     prompts = [builder.stage2(test.histories[i], cands[i], soft=False) for i in range(3)]

@@ -15,7 +15,7 @@ from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.scoring import score_all, score_candidates, score_naive
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import rps_instance, sample_candidates, stage2_instance, ta_instance
-from delrec.llm.templates import SOFT_MARKER, PromptBuilder
+from delrec.llm.templates import SOFT_MARKER, PromptBuilder, PromptSettings
 
 N_SOFT = 6
 
@@ -25,7 +25,12 @@ def setup(request, synthetic):
     backbone = load_backbone(request.param, titles=synthetic.titles, device="cpu", autocast=False)
     soft = SoftPrompt.initialised(N_SOFT, backbone.input_embeddings, "normal", seed=1)
     builder = PromptBuilder(
-        backbone, synthetic.titles, domain="games", teacher="GRU4Rec", n_soft=N_SOFT, history_items=6
+        backbone,
+        synthetic.titles,
+        domain="games",
+        teacher="GRU4Rec",
+        n_soft=N_SOFT,
+        settings=PromptSettings(history_items=6),
     )
     return backbone, soft, builder
 
@@ -143,8 +148,7 @@ def test_prompt_length_is_bounded(setup, synthetic):
         domain="movies",
         teacher="SASRec",
         n_soft=N_SOFT,
-        history_items=10,
-        max_prompt_tokens=150,
+        settings=PromptSettings(max_prompt_tokens=150),
     )
     prompt = builder.stage2(np.arange(1, 11), np.arange(20, 40))
     assert len(prompt.ids) <= 150
@@ -153,9 +157,12 @@ def test_prompt_length_is_bounded(setup, synthetic):
 def test_an_answer_is_the_candidate_as_the_prompt_lists_it(setup):
     backbone, _, _ = setup
     titles = ["", "A short one", "A very long product title that goes on and on past the cut"]
-    kw = dict(domain="beauty", teacher="SASRec", n_soft=0, max_title_chars=24, max_answer_tokens=100)
-    cut = PromptBuilder(backbone, titles, max_answer_chars=24, **kw)
-    whole = PromptBuilder(backbone, titles, **kw)  # a model saved before answers were cut
+    kw = dict(domain="beauty", teacher="SASRec", n_soft=0, max_answer_tokens=100)
+    cut = PromptBuilder(
+        backbone, titles, settings=PromptSettings(max_title_chars=24, max_answer_chars=24), **kw
+    )
+    # a model saved before answers were cut
+    whole = PromptBuilder(backbone, titles, settings=PromptSettings(max_title_chars=24), **kw)
     text = cut.stage2_text([1], [1, 2], soft=False, limit=24)
     listed = text.split("Candidates: A short one, ")[1].split(". The next")[0]
     assert listed == "A very long product tit…"
@@ -170,7 +177,7 @@ def test_title_years_can_be_left_out_of_prompts_and_answers(setup):
     backbone, _, _ = setup
     titles = ["", "Toy Story (1995)", "Seven (Se7en) (1995)", "(1995)"]
     kw = dict(domain="movies", teacher="SASRec", n_soft=0)
-    short = PromptBuilder(backbone, titles, title_years=False, **kw)
+    short = PromptBuilder(backbone, titles, settings=PromptSettings(title_years=False), **kw)
     text = short.stage2_text([1], [2, 3], soft=False, limit=80)
     assert "History: Toy Story. Candidates: Seven (Se7en), (1995)." in text
     body = slice(short.answer_skip, -1)
@@ -184,7 +191,6 @@ def test_served_prompts_are_the_prompts_the_model_was_trained_on(setup, syntheti
     stage trains with comes back, and a prompt.json from before a setting existed gets its default."""
     from delrec.evaluate import stage2_builder
     from delrec.finetune import FinetuneConfig
-    from delrec.llm.templates import PromptSettings
     from delrec.llm.training import stage_prompt_builder
 
     backbone, _, _ = setup

@@ -12,7 +12,7 @@ from delrec.llm.backbone import load_backbone
 from delrec.llm.scoring import compute_prefix, score_all, score_candidates, score_naive, shared_prefix_length
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import answers_of, stage2_instance
-from delrec.llm.templates import EncodedPrompt, PromptBuilder
+from delrec.llm.templates import EncodedPrompt, PromptBuilder, PromptSettings
 
 N_SOFT = 5
 
@@ -24,7 +24,12 @@ def llama(request, synthetic):
     assert backbone.model.config._attn_implementation == request.param
     soft = SoftPrompt.initialised(N_SOFT, backbone.input_embeddings, "normal", seed=2)
     builder = PromptBuilder(
-        backbone, synthetic.titles, domain="movies", teacher="SASRec", n_soft=N_SOFT, history_items=5
+        backbone,
+        synthetic.titles,
+        domain="movies",
+        teacher="SASRec",
+        n_soft=N_SOFT,
+        settings=PromptSettings(history_items=5),
     )
     test = synthetic.examples["test"]
     instances = [

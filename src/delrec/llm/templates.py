@@ -73,16 +73,10 @@ class PromptSettings:
         takes its default, which is how that model was trained."""
         return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored})
 
-    def builder(
-        self, backbone: Backbone, titles: Sequence[str], *, domain: str, teacher: str, n_soft: int
-    ) -> PromptBuilder:
-        return PromptBuilder(
-            backbone, titles, domain=domain, teacher=teacher, n_soft=n_soft, **self.as_json()
-        )
-
 
 class PromptBuilder:
-    """Renders and encodes the three prompts for one dataset, teacher and backbone."""
+    """Renders and encodes the three prompts for one dataset, teacher and backbone, sized and spelled as
+    ``settings`` say (the defaults: how models saved before a setting existed were trained)."""
 
     def __init__(
         self,
@@ -92,26 +86,22 @@ class PromptBuilder:
         domain: str,
         teacher: str,
         n_soft: int,
-        history_items: int = 10,
-        max_prompt_tokens: int = 768,
-        max_title_chars: int = 80,
-        max_answer_chars: int | None = None,
+        settings: PromptSettings = PromptSettings(),
         max_answer_tokens: int = 32,
-        title_years: bool = True,
     ):
         self.tokenizer = backbone.tokenizer
         self.encoder_decoder = backbone.is_encoder_decoder
         self.eos_id = backbone.eos_id
         self.placeholder = backbone.pad_id
         self.sentinel_id = self.tokenizer.convert_tokens_to_ids(SENTINEL) if self.encoder_decoder else None
-        self.titles = titles if title_years else [without_year(t) for t in titles]
+        self.titles = titles if settings.title_years else [without_year(t) for t in titles]
         self.past, self.present, self.noun = WORDING.get(domain, DEFAULT_WORDING)
         self.teacher = teacher
         self.n_soft = n_soft
-        self.history_items = history_items
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_title_chars = max_title_chars
-        self.max_answer_chars = max_answer_chars
+        self.history_items = settings.history_items
+        self.max_prompt_tokens = settings.max_prompt_tokens
+        self.max_title_chars = settings.max_title_chars
+        self.max_answer_chars = settings.max_answer_chars
         self.max_answer_tokens = max_answer_tokens
         self._answers: dict[int, tuple[int, ...]] = {}
 

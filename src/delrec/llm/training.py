@@ -117,8 +117,13 @@ def stage_prompt_builder(
     config: LLMStageConfig, backbone: Backbone, dataset, teacher: str, n_soft: int
 ) -> PromptBuilder:
     """The prompts a stage trains on, sized by its config."""
-    return config.prompt_settings().builder(
-        backbone, dataset.titles, domain=dataset.domain, teacher=teacher, n_soft=n_soft
+    return PromptBuilder(
+        backbone,
+        dataset.titles,
+        domain=dataset.domain,
+        teacher=teacher,
+        n_soft=n_soft,
+        settings=config.prompt_settings(),
     )
 
 
