@@ -412,6 +412,43 @@ def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(tiny_r
         torch.testing.assert_close(kept(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
 
 
+def test_an_adalora_module_pruned_to_rank_0_saves_without_a_shard_warning_and_loads_exactly(
+    tiny_runs, tmp_path, caplog
+):
+    """Rank pruning can take every row of a module (as on ML-100K at 500 steps): peft then warns of FSDP
+    shards saved before gathering. Nothing is wrong, so the pruned modules are logged instead."""
+    from peft import AdaLoraConfig, get_peft_model
+    from peft.utils.warning import PeftWarning
+
+    from delrec.adapter_io import load_adapter, save_adapter
+    from delrec.llm.backbone import load_backbone
+
+    def tiny_model():
+        return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+
+    config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2, target_modules=["v_proj"])
+    model = get_peft_model(tiny_model(), config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+        singular = [p for n, p in model.named_parameters() if n.endswith("lora_E.default")]
+        singular[0].zero_()  # the allocator masked every row of the first module
+    model.peft_config["default"].rank_pattern = {}
+    ids = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="delrec.adapter_io"):
+        warnings.simplefilter("error", PeftWarning)
+        save_adapter(model, tmp_path / "pruned")
+    assert f"pruned 1 of {len(singular)} adapted modules to rank 0" in caplog.text
+    with torch.no_grad():
+        loaded = load_adapter(tiny_model(), tmp_path / "pruned")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
+    assert [tuple(p.shape) for n, p in loaded.named_parameters() if n.endswith("lora_E.default")][0] == (0, 1)
+
+
 def test_a_lora_adapter_loads_exactly(tiny_runs, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -12,11 +12,15 @@ Two things in peft 0.21 get in the way with AdaLoRA:
   (``delta_t`` > 1 with no final fixed-budget phase, ``tfinal`` = 0) the optimiser moves masked rows
   again, so the saved adapter would lack rows the trained one uses. ``save_adapter`` keeps exactly the
   rows whose singular value is non-zero in memory: a zero row adds nothing, any other row is kept.
+  A module AdaLoRA pruned to rank 0 is saved with 0-row factors, which peft (0.21) takes for FSDP
+  shards saved before gathering and warns about; ``save_adapter`` logs the pruned modules instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,11 +28,13 @@ import torch
 from delrec.errors import DelrecError
 
 ADAPTER_NAME = "default"
+log = logging.getLogger(__name__)
 
 
 def save_adapter(peft_model, folder: str | os.PathLike) -> None:
     """``peft_model.save_pretrained(folder)``, with AdaLoRA's kept rows taken from the weights in memory."""
     config = peft_model.peft_config[ADAPTER_NAME]
+    pruned: list[str] = []
     if config.peft_type == "ADALORA" and config.rank_pattern is not None:
         suffix = f"lora_E.{ADAPTER_NAME}"
         config.rank_pattern = {
@@ -36,7 +42,24 @@ def save_adapter(peft_model, folder: str | os.PathLike) -> None:
             for name, param in peft_model.base_model.model.named_parameters()
             if name.endswith(suffix)
         }
-    peft_model.save_pretrained(folder)
+        pruned = [name.removesuffix(".lora_E") for name, keep in config.rank_pattern.items() if not any(keep)]
+    # Whole factors in memory: any 0-row factor in the file comes from a rank-0 pattern, not a shard.
+    whole = all(
+        param.dim() == 2 and param.numel() > 0
+        for name, param in peft_model.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    )
+    with warnings.catch_warnings():
+        if pruned and whole:
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        peft_model.save_pretrained(folder)
+    if pruned:
+        log.info(
+            "AdaLoRA pruned %d of %d adapted modules to rank 0 (saved as 0-row factors): %s",
+            len(pruned),
+            len(config.rank_pattern),
+            ", ".join(pruned[:4]) + (", ..." if len(pruned) > 4 else ""),
+        )
 
 
 def load_adapter(model: torch.nn.Module, folder: str | os.PathLike):
