@@ -371,20 +371,23 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path
     assert float((evaluated[:12] == 0).mean()) == hr1
 
 
+def _tiny_base(tiny_runs):
+    """A fresh copy of the tiny test backbone's model, for an adapter to wrap."""
+    from delrec.llm.backbone import load_backbone
+
+    return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
+
+
 def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(tiny_runs, tmp_path):
     """Between rank allocations the optimiser moves masked rows again: the saved adapter must keep them."""
     from peft import AdaLoraConfig, get_peft_model
 
     from delrec.adapter_io import load_adapter, save_adapter
-    from delrec.llm.backbone import load_backbone
-
-    def tiny_model():
-        return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
 
     config = AdaLoraConfig(
         init_r=4, target_r=2, total_step=10, tinit=1, tfinal=0, target_modules=["q_proj", "v_proj"]
     )
-    model = get_peft_model(tiny_model(), config).eval()
+    model = get_peft_model(_tiny_base(tiny_runs), config).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -404,8 +407,8 @@ def test_saved_adalora_adapter_keeps_rows_moved_after_the_last_allocation(tiny_r
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*did not match any targeted module")
         plain, kept = (
-            load_adapter(tiny_model(), tmp_path / "plain"),
-            load_adapter(tiny_model(), tmp_path / "kept"),
+            load_adapter(_tiny_base(tiny_runs), tmp_path / "plain"),
+            load_adapter(_tiny_base(tiny_runs), tmp_path / "kept"),
         )
     with torch.no_grad():
         assert (plain(input_ids=ids).logits - trained).abs().max() > 1e-3  # peft's save drops used rows
@@ -421,13 +424,9 @@ def test_an_adalora_module_pruned_to_rank_0_saves_without_a_shard_warning_and_lo
     from peft.utils.warning import PeftWarning
 
     from delrec.adapter_io import load_adapter, save_adapter
-    from delrec.llm.backbone import load_backbone
-
-    def tiny_model():
-        return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
 
     config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2, target_modules=["v_proj"])
-    model = get_peft_model(tiny_model(), config).eval()
+    model = get_peft_model(_tiny_base(tiny_runs), config).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -444,7 +443,7 @@ def test_an_adalora_module_pruned_to_rank_0_saves_without_a_shard_warning_and_lo
         save_adapter(model, tmp_path / "pruned")
     assert f"pruned 1 of {len(singular)} adapted modules to rank 0" in caplog.text
     with torch.no_grad():
-        loaded = load_adapter(tiny_model(), tmp_path / "pruned")
+        loaded = load_adapter(_tiny_base(tiny_runs), tmp_path / "pruned")
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
     assert [tuple(p.shape) for n, p in loaded.named_parameters() if n.endswith("lora_E.default")][0] == (0, 1)
 
@@ -453,12 +452,8 @@ def test_a_lora_adapter_loads_exactly(tiny_runs, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from delrec.adapter_io import load_adapter, save_adapter
-    from delrec.llm.backbone import load_backbone
 
-    def tiny_model():
-        return load_backbone(str(tiny_runs / "ablation" / "backbone"), device="cpu", autocast=False).model
-
-    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    model = get_peft_model(_tiny_base(tiny_runs), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -467,7 +462,7 @@ def test_a_lora_adapter_loads_exactly(tiny_runs, tmp_path):
     save_adapter(model, tmp_path / "lora")
     with torch.no_grad():
         torch.testing.assert_close(
-            load_adapter(tiny_model(), tmp_path / "lora")(input_ids=ids).logits,
+            load_adapter(_tiny_base(tiny_runs), tmp_path / "lora")(input_ids=ids).logits,
             model(input_ids=ids).logits,
             rtol=0,
             atol=1e-5,

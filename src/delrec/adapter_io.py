@@ -43,14 +43,13 @@ def save_adapter(peft_model, folder: str | os.PathLike) -> None:
             if name.endswith(suffix)
         }
         pruned = [name.removesuffix(".lora_E") for name, keep in config.rank_pattern.items() if not any(keep)]
-    # Whole factors in memory: any 0-row factor in the file comes from a rank-0 pattern, not a shard.
-    whole = all(
-        param.dim() == 2 and param.numel() > 0
-        for name, param in peft_model.named_parameters()
-        if ".lora_A." in name or ".lora_B." in name
-    )
     with warnings.catch_warnings():
-        if pruned and whole:
+        # With whole factors in memory, a 0-row factor in the file comes from a rank-0 pattern, not a shard.
+        if pruned and all(
+            param.dim() == 2 and param.numel() > 0
+            for name, param in peft_model.named_parameters()
+            if ".lora_A." in name or ".lora_B." in name
+        ):
             warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
         peft_model.save_pretrained(folder)
     if pruned:
