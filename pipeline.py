@@ -1,7 +1,7 @@
 """The DELRec Kubeflow pipeline: the graph and its options; the commands are delrec.pipeline_cli.
 
     prepare -> preprocess -> train_teacher -> distill -> finetune (with the soft prompt) --+
-                         \\-> finetune (ablation: no soft prompt) ----------------------+--> evaluate -> [publish]
+                                          \\-> finetune (ablation: no soft prompt) -----+--> evaluate -> [publish]
 
 Commands:
     python pipeline.py compile [--out FILE] [--preset NAME]
@@ -427,10 +427,16 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
         training_task(soft, "distill", "distill", gpu_image, s3_secret)
 
-        tuned = finetune(config=config["finetune"], dataset=data, soft_prompt=soft.outputs["soft_prompt"])
+        # The teacher is read only with teacher_kd > 0 (distillation of its candidate scores).
+        tuned = finetune(
+            config=config["finetune"],
+            dataset=data,
+            soft_prompt=soft.outputs["soft_prompt"],
+            teacher=teacher.outputs["teacher"],
+        )
         training_task(tuned, "finetune", "finetune", gpu_image, s3_secret)
-        # The ablation: the same LLM and config without the soft prompt; needs only the dataset.
-        ablation = finetune(config=config["finetune"], dataset=data)
+        # The ablation: the same LLM, config and teacher without the soft prompt.
+        ablation = finetune(config=config["finetune"], dataset=data, teacher=teacher.outputs["teacher"])
         training_task(ablation, "finetune", "finetune-ablation", gpu_image, s3_secret)
 
         if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":

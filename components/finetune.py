@@ -1,6 +1,7 @@
 """LLM fine-tuning (DELRec stage 2): Dataset + frozen soft prompt -> AdaLoRA Model. Runs on a GPU.
 
-Without ``soft_prompt`` it trains the ablation: the same LLM and config, no soft prompt.
+Without ``soft_prompt`` it trains the ablation: the same LLM and config, no soft prompt. ``teacher`` is
+read only with ``teacher_kd`` > 0 (its scores of each training example's candidates).
 """
 
 from kfp import dsl
@@ -16,6 +17,7 @@ def finetune(
     model: Output[Model],
     metrics: Output[Metrics],
     soft_prompt: Input[Model] | None = None,
+    teacher: Input[Model] | None = None,
 ):
     """Run ``delrec.finetune.finetune`` and log its metrics.
 
@@ -45,12 +47,14 @@ def finetune(
             config,
             model.path,
             distill_dir=soft_prompt.path if soft_prompt else None,
+            teacher_dir=teacher.path if teacher else None,
             checkpoint=location_from_env(),
         )
     else:
         inputs = {
             "data": Artifact(dataset.path, dataset.uri),
             "distill": Artifact(soft_prompt.path, soft_prompt.uri) if soft_prompt else None,
+            "teacher": Artifact(teacher.path, teacher.uri) if teacher else None,
         }
         result = launch.run(
             "finetune", config.model_dump(mode="json"), inputs, Artifact(model.path, model.uri)

@@ -274,3 +274,82 @@ def test_adalora_inits_leave_the_base_model_unchanged_at_step_zero(synthetic, in
         assert all(p.grad.abs().sum() > 0 for n, p in params.items() if "lora_B" in n)
     peft_model.eval()
     assert torch.allclose(peft_model(input_ids=ids).logits, before, atol=1e-6)  # no change yet
+
+
+def test_teacher_kd_needs_the_teacher_folder(synthetic_dir, tmp_path):
+    with pytest.raises(DelrecError, match="teacher_kd") as err:
+        finetune(synthetic_dir, tiny_finetune_config(teacher_kd=0.5), tmp_path / "ft")
+    assert err.value.field == "teacher_kd"
+    assert not (tmp_path / "ft").exists()
+
+
+def test_teacher_probabilities_are_its_full_ranking_scores_on_the_candidates(synthetic, tiny_runs):
+    """The scores stage 2 distils are those the teacher ranks the catalogue with (evaluate's), restricted
+    to each example's candidates: same histories, padding and item weights."""
+    from delrec.teachers import CandidateTeacher, load_teacher
+    from delrec.teachers.train import PastItems, split_scores
+
+    model, config = load_teacher(tiny_runs / "teacher")
+    full = np.concatenate(
+        [
+            s.numpy()
+            for _, s in split_scores(
+                model, synthetic, "valid", config.model_copy(update={"bf16": False}), PastItems(synthetic)
+            )
+        ]
+    )
+    candidates = synthetic.candidates["valid"]
+    expected = torch.softmax(torch.from_numpy(np.take_along_axis(full, candidates, axis=1)) / 2.0, dim=-1)
+    teacher = CandidateTeacher(tiny_runs / "teacher")
+    got = teacher.probabilities(list(synthetic.examples["valid"].histories), candidates, temperature=2.0)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    assert got.shape == candidates.shape and np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_teacher_kd_mixes_the_answer_with_the_teachers_softmax(
+    synthetic_dir, synthetic, tiny_runs, tmp_path, monkeypatch
+):
+    """Each training example's target: (1 - w) on the right answer + w x the teacher's softmax over the
+    example's candidates after the example's history; the teacher joins the manifest's inputs."""
+    from delrec.teachers import CandidateTeacher
+
+    asked, seen = [], []
+    real_probabilities = CandidateTeacher.probabilities
+    real_loss = finetune_module.rank_share_loss
+
+    def probabilities(self, histories, candidates, temperature=1.0):
+        out = real_probabilities(self, histories, candidates, temperature)
+        asked.append((histories, candidates, temperature, out))
+        return out
+
+    def loss(backbone, soft, builder, batch, objective, reduction, targets=None):
+        seen.append((batch, targets))
+        return real_loss(backbone, soft, builder, batch, objective, reduction, targets)
+
+    monkeypatch.setattr(CandidateTeacher, "probabilities", probabilities)
+    monkeypatch.setattr(finetune_module, "rank_share_loss", loss)
+    config = tiny_finetune_config(steps=2, teacher_kd=0.25, teacher_kd_temperature=0.5)
+    out = tmp_path / "kd"
+    finetune(synthetic_dir, config, out, distill_dir=tiny_runs / "distill", teacher_dir=tiny_runs / "teacher")
+    train = synthetic.examples["train"]
+    examples = {(tuple(h.tolist()), int(t)) for h, t in zip(train.histories, train.targets, strict=True)}
+    assert len(asked) == len(seen) == 2
+    for (histories, candidates, temperature, teacher), (batch, targets) in zip(asked, seen, strict=True):
+        assert temperature == 0.5
+        answers = np.zeros(candidates.shape, dtype=np.float32)
+        for i, instance in enumerate(batch):
+            assert np.array_equal(candidates[i], instance.candidates)
+            answers[i, instance.answer] = 1.0
+            target_item = int(instance.candidates[instance.answer])
+            assert (tuple(histories[i].tolist()), target_item) in examples  # its own training row
+        np.testing.assert_allclose(targets.numpy(), 0.75 * answers + 0.25 * teacher, atol=1e-6)
+    assert "teacher" in json.loads((out / "manifest.json").read_text())["inputs"]
+    plain = tmp_path / "plain"
+    finetune(
+        synthetic_dir,
+        tiny_finetune_config(steps=1),
+        plain,
+        distill_dir=tiny_runs / "distill",
+        teacher_dir=tiny_runs / "teacher",
+    )
+    assert "teacher" not in json.loads((plain / "manifest.json").read_text())["inputs"]  # teacher_kd 0

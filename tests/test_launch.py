@@ -49,6 +49,8 @@ def ranks(tmp_path, monkeypatch):
 def test_the_torchrun_command_runs_the_stage_cli():
     args = launch.stage_arguments("finetune", {"data": "/d", "distill": None}, "/o", "/c.json")
     assert args == ["finetune", "--data", "/d", "--out", "/o", "--config", "/c.json"]  # the ablation
+    with_teacher = launch.stage_arguments("finetune", {"data": "/d", "teacher": "/t"}, "/o", "/c.json")
+    assert with_teacher[:5] == ["finetune", "--data", "/d", "--teacher", "/t"]  # for teacher_kd
     assert launch.torchrun_command(args, nproc_per_node=2) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "delrec.cli", *args,
@@ -62,7 +64,7 @@ def test_the_torchrun_command_runs_the_stage_cli():
     [
         ("evaluate", {"data": "/d"}, "no distributed launch for stage 'evaluate'"),
         ("distill", {"data": "/d"}, r"missing \['teacher'\]"),
-        ("finetune", {"data": "/d", "teacher": "/t"}, r"unknown \['teacher'\]"),
+        ("finetune", {"data": "/d", "soft_prompt": "/s"}, r"unknown \['soft_prompt'\]"),
     ],
 )
 def test_bad_stage_inputs_are_named(stage, inputs, message):

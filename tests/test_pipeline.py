@@ -96,6 +96,14 @@ def test_compiled_yaml_caching_retries_and_publish_condition():
         assert config == {
             "taskOutputParameter": {"outputParameterKey": f"{stage}_config", "producerTask": "prepare"}
         }
+    # Both finetunes get the teacher (read with teacher_kd > 0); only DELRec's gets the soft prompt.
+    for task, soft in (("finetune", True), ("finetune-2", False)):
+        artifacts = tasks[task]["inputs"]["artifacts"]
+        assert artifacts["teacher"]["taskOutputArtifact"] == {
+            "outputArtifactKey": "teacher",
+            "producerTask": "train-teacher",
+        }
+        assert ("soft_prompt" in artifacts) is soft
     (condition,) = [t for n, t in tasks.items() if n.startswith("condition")]
     assert "publish_to" in condition["triggerPolicy"]["condition"]
     publish = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]["publish"]

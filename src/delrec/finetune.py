@@ -26,7 +26,7 @@ from pydantic import Field
 
 from delrec import distributed, layout
 from delrec.adapter_io import save_adapter
-from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from delrec.artifacts import atomic_dir, read_manifest, require_same_input, write_json_atomic, write_manifest
 from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.distill import read_prompt_config
@@ -48,6 +48,7 @@ from delrec.llm.training import (
     write_on_main,
 )
 from delrec.loop import optimiser_state, restore_optimiser_state
+from delrec.teachers import CandidateTeacher
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ class FinetuneConfig(LLMStageConfig):
     step 0), so at first only E (init_r numbers a layer) gets a gradient; with N(0, 0.02) factors a
     change of E moves a layer's output ~4x less. lora: P orthonormal, E = 1 and Q = 0, as LoRA starts
     (B = 0): the model is unchanged at step 0 and Q's out x init_r entries learn from the first step"""
+    teacher_kd: float = Field(0.0, ge=0, le=1)
+    """weight of the teacher's view in each training example's target over its candidates: (1 - w) x the
+    right answer + w x the softmax of the teacher's scores of the candidates (knowledge distillation; needs
+    the teacher folder). The teacher shapes training only: the prompt and serving stay teacher-free.
+    The paper: 0 (the right answer only)"""
+    teacher_kd_temperature: float = Field(1.0, gt=0)
+    """temperature of the teacher's softmax over the candidates (higher: softer targets)"""
     optimizer: Literal["lion", "adamw"] = "lion"
     """the authors' code: Lion (8-bit), lr 1e-4, weight decay 1e-6"""
     steps: int = Field(1400, ge=1)
@@ -195,18 +203,25 @@ def finetune(
     out: str | os.PathLike,
     distill_dir: str | os.PathLike | None = None,
     *,
+    teacher_dir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Fine-tune the LLM with the frozen soft prompt from ``distill_dir`` (None: the ablation).
 
+    ``teacher_dir``: the trained teacher, needed (and only read) when ``config.teacher_kd`` > 0.
     ``checkpoint``: where the training state is kept and resumed from, a folder or an ``s3://`` prefix
     (default ``<out>.partial``; see :class:`delrec.checkpoints.Checkpoints`).
     """
     from peft import get_peft_model
 
     started = time.time()
+    if config.teacher_kd > 0 and teacher_dir is None:
+        raise DelrecError("teacher_kd > 0 needs the teacher folder (teacher_dir)", field="teacher_kd")
+    teacher_dir = teacher_dir if config.teacher_kd > 0 else None
     device = setup_data_parallel(config)
     dataset = load_dataset(dataset_dir)
+    if teacher_dir is not None:
+        require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
     prompt_config = read_prompt_config(distill_dir) if distill_dir is not None else {"teacher": ""}
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
@@ -230,7 +245,8 @@ def finetune(
     if config.adapter == "adalora" and config.adalora_init != "peft":
         init_adalora(backbone.model, config.adalora_init)
     apply_sharding(config, backbone)  # fsdp: the adapters stay whole, outside the shards
-    training = _AdapterTraining(config, dataset, backbone, soft, builder)
+    teacher = CandidateTeacher(teacher_dir) if teacher_dir is not None else None
+    training = _AdapterTraining(config, dataset, backbone, soft, builder, teacher)
     if not len(training.train_rows):
         raise DelrecError("no training examples", path=dataset_dir)
     backbone.model.train()
@@ -238,6 +254,7 @@ def finetune(
         "dataset": read_manifest(dataset_dir)["id"],
         "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
         "backbone": backbone.fingerprint(),
+        "teacher": read_manifest(teacher_dir)["id"] if teacher_dir is not None else "",
     }
     evaluate = training.evaluate if training.valid else None
     result = stage_loop(config, "finetune", 2, run_key, checkpoints, training, evaluate=evaluate).run()
@@ -259,8 +276,7 @@ def finetune(
             prompt_config,
             metrics,
             result.history,
-            dataset_dir,
-            distill_dir,
+            {"dataset": dataset_dir, "distill": distill_dir, "teacher": teacher_dir},
             scratch,
         ),
         checkpoints,
@@ -273,9 +289,17 @@ def finetune(
 class _AdapterTraining:
     """Stage 2's optimisation step, validation and checkpoint state, for :class:`TrainLoop`."""
 
-    def __init__(self, config: FinetuneConfig, dataset, backbone: Backbone, soft, builder: PromptBuilder):
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        dataset,
+        backbone: Backbone,
+        soft,
+        builder: PromptBuilder,
+        teacher: CandidateTeacher | None,
+    ):
         self.config, self.dataset, self.backbone = config, dataset, backbone
-        self.soft, self.builder = soft, builder
+        self.soft, self.builder, self.teacher = soft, builder, teacher
         self.peft_model = backbone.model
         self.train_rows = tail_rows(dataset.examples["train"], config.train_tail)
         self.valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
@@ -294,6 +318,7 @@ class _AdapterTraining:
     def step(self, index: int, rng: np.random.Generator) -> dict:
         config, train = self.config, self.dataset.examples["train"]
         # The global batch, the same on every rank (same generator state); each rank scores its share.
+        rows = rng.choice(self.train_rows, size=config.batch_size)
         batch = [
             stage2_instance(
                 self.builder,
@@ -304,10 +329,16 @@ class _AdapterTraining:
                 num_candidates=config.num_candidates,
                 soft=self.soft is not None,
             )
-            for r in rng.choice(self.train_rows, size=config.batch_size)
+            for r in rows
         ]
         task = rank_share_loss(
-            self.backbone, self.soft, self.builder, batch, config.objective, config.scoring
+            self.backbone,
+            self.soft,
+            self.builder,
+            batch,
+            config.objective,
+            config.scoring,
+            self._targets([train.histories[r] for r in rows], batch),
         )
         loss = task
         if self.adalora:  # a term of the weights, not of the examples: once over all ranks
@@ -323,6 +354,17 @@ class _AdapterTraining:
             self.peft_model.base_model.update_and_allocate(index)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": task.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def _targets(self, histories: list[np.ndarray], batch: list) -> torch.Tensor | None:
+        """Each example's target over its candidates: None (the right answer alone) without
+        ``teacher_kd``, else the answer mixed with the teacher's softmax over the candidates."""
+        if self.teacher is None:
+            return None
+        candidates = np.stack([inst.candidates for inst in batch])
+        answers = np.eye(candidates.shape[1], dtype=np.float32)[[inst.answer for inst in batch]]
+        teacher = self.teacher.probabilities(histories, candidates, self.config.teacher_kd_temperature)
+        weight = self.config.teacher_kd
+        return torch.from_numpy((1 - weight) * answers + weight * teacher)
 
     def evaluate(self) -> dict:
         ranks = instance_ranks(
@@ -385,12 +427,12 @@ def _write_output(
     prompt_config: dict,
     metrics,
     history,
-    dataset_dir,
-    distill_dir,
+    inputs: dict,
     scratch: Path,
 ) -> None:
     """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest;
-    ``scratch`` (the checkpoint folder) holds the tiny test backbone's base weights."""
+    ``inputs``: the input folders by role (None: not used); ``scratch`` (the checkpoint folder) holds
+    the tiny test backbone's base weights."""
     with atomic_dir(out) as tmp:
         save_adapter(backbone.model, tmp / layout.ADAPTER)
         if soft is not None:
@@ -411,12 +453,11 @@ def _write_output(
         )
         write_json_atomic(tmp / layout.METRICS_JSON, metrics)
         write_json_atomic(tmp / layout.HISTORY_JSON, history)
-        inputs = {"dataset": dataset_dir} | ({"distill": distill_dir} if distill_dir is not None else {})
         write_manifest(
             tmp,
             producer=layout.FINETUNE,
             config=config.model_dump(mode="json"),
-            inputs=inputs,
+            inputs={role: folder for role, folder in inputs.items() if folder is not None},
             rows={"steps": config.steps},
             extra={
                 "backbone": backbone.name,

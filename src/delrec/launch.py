@@ -41,10 +41,10 @@ ENV_TRAINJOB = "DELREC_TRAINJOB"
 
 Stage = Literal["distill", "finetune"]
 # The stage's input folders, by the ``delrec <stage>`` option that takes each; the optional ones may be
-# absent (finetune without --distill trains the ablation).
+# absent (finetune without --distill trains the ablation; it reads --teacher only with teacher_kd > 0).
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "distill": (("data", "teacher"), ()),
-    "finetune": (("data",), ("distill",)),
+    "finetune": (("data",), ("distill", "teacher")),
 }
 
 

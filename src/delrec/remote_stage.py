@@ -1,7 +1,7 @@
 """What each node of a stage's TrainJob runs: ``python -m delrec.remote_stage <stage> ...``.
 
     python -m delrec.remote_stage distill --data s3://... --teacher s3://... --out s3://... --config-json '{...}'
-    python -m delrec.remote_stage finetune --data s3://... [--distill s3://...] --out s3://... --config-json '{...}'
+    python -m delrec.remote_stage finetune --data s3://... [--distill s3://...] [--teacher s3://...] --out s3://... --config-json '{...}'
 
 On every node: download the input folders from the object store into a local work folder, then run
 torchrun over ``delrec.cli <stage> ... --config cfg.json``; torchrun takes the node count, ranks per node,

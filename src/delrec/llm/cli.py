@@ -55,7 +55,16 @@ def _finetune(args: argparse.Namespace) -> None:
     from delrec.finetune import FinetuneConfig, finetune
 
     config = _config(FinetuneConfig, "finetune", args)
-    _print(finetune(args.data, config, args.out, distill_dir=args.distill, checkpoint=_checkpoint(args)))
+    _print(
+        finetune(
+            args.data,
+            config,
+            args.out,
+            distill_dir=args.distill,
+            teacher_dir=args.teacher,
+            checkpoint=_checkpoint(args),
+        )
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -163,6 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _common(p, training=True)
     p.add_argument("--distill", help="distill folder (omit for the no-soft-prompt ablation)")
+    p.add_argument("--teacher", help="teacher folder (read only with teacher_kd > 0: its candidate scores)")
     p.set_defaults(handler=_finetune)
 
     p = subparsers.add_parser(

@@ -177,8 +177,10 @@ def task_loss(
     instances: Sequence[Instance],
     objective: Objective,
     reduction: Reduction,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``candidates``: cross-entropy over the candidates' scores; ``likelihood``: the answer's NLL."""
+    """``candidates``: cross-entropy over the candidates' scores, against each instance's answer or, given
+    ``targets`` ((B, C) probabilities over the candidates), against those; ``likelihood``: the answer's NLL."""
     prompts = [inst.prompt for inst in instances]
     if objective == "likelihood":
         answers = [[builder.answer(int(inst.candidates[inst.answer]))] for inst in instances]
@@ -194,8 +196,9 @@ def task_loss(
         reduction=reduction,
         skip=builder.answer_skip,
     )
-    target = torch.tensor([inst.answer for inst in instances], device=scores.device)
-    return F.cross_entropy(scores, target)
+    if targets is None:
+        targets = torch.tensor([inst.answer for inst in instances], device=scores.device)
+    return F.cross_entropy(scores, targets.to(scores.device))
 
 
 def rank_share_loss(
@@ -205,12 +208,15 @@ def rank_share_loss(
     batch: Sequence[Instance],
     objective: Objective,
     reduction: Reduction,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's share of the global ``batch``'s mean :func:`task_loss`: the sum of its examples'
     losses over the global batch size; summed over the ranks it is the global mean (one process: the
-    whole batch's mean). Every rank must pass the same ``batch``."""
-    share = [batch[i] for i in distributed.shard_indices(len(batch))]
-    loss = task_loss(backbone, soft_prompt, builder, share, objective, reduction)
+    whole batch's mean). Every rank must pass the same ``batch`` (and ``targets``, one row each)."""
+    indices = distributed.shard_indices(len(batch))
+    share = [batch[i] for i in indices]
+    share_targets = targets[torch.as_tensor(indices, dtype=torch.long)] if targets is not None else None
+    loss = task_loss(backbone, soft_prompt, builder, share, objective, reduction, share_targets)
     return loss * (len(share) / len(batch))
 
 

@@ -1,5 +1,5 @@
 """Conventional sequential recommenders (teachers): SASRec, GRU4Rec, Caser."""
 
-from delrec.teachers.train import TeacherConfig, load_teacher, load_topk, train_teacher
+from delrec.teachers.train import CandidateTeacher, TeacherConfig, load_teacher, load_topk, train_teacher
 
-__all__ = ["TeacherConfig", "load_teacher", "load_topk", "train_teacher"]
+__all__ = ["CandidateTeacher", "TeacherConfig", "load_teacher", "load_topk", "train_teacher"]

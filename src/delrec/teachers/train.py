@@ -267,6 +267,28 @@ def split_scores(
         yield rows, scores
 
 
+class CandidateTeacher:
+    """A trained teacher that scores given candidates after given histories (stage 2's soft targets)."""
+
+    def __init__(self, teacher_dir: str | os.PathLike):
+        self.model, self.config = load_teacher(teacher_dir)
+
+    @torch.no_grad()
+    def probabilities(
+        self, histories: list[np.ndarray], candidates: np.ndarray, temperature: float = 1.0
+    ) -> np.ndarray:
+        """Softmax of the teacher's scores of ``candidates`` (n, C) at ``temperature``: (n, C) float32."""
+        max_len = self.config.max_len
+        inputs = np.zeros((len(histories), max_len), dtype=np.int64)
+        for i, history in enumerate(histories):
+            tail = history[-max_len:]
+            inputs[i, max_len - len(tail) :] = tail
+        hidden = last_hidden(self.model, torch.from_numpy(inputs)).float()
+        weights = self.model.item_weights().float()[torch.from_numpy(np.asarray(candidates))]
+        scores = torch.einsum("nd,ncd->nc", hidden, weights)
+        return torch.softmax(scores / temperature, dim=-1).numpy()
+
+
 def evaluate_split(
     model: nn.Module,
     dataset: Dataset,
