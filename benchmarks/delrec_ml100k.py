@@ -105,10 +105,10 @@ def main() -> None:
     times["finetune"] = run_stage(
         "finetune",
         work / "delrec",
-        lambda: finetune(data, f_cfg, work / "delrec", distill_dir=work / "distill"),
+        lambda: finetune(data, f_cfg, work / "delrec", distill_dir=work / "distill", teacher_dir=teacher),
     )
     times["ablation"] = run_stage(
-        "ablation", work / "ablation", lambda: finetune(data, f_cfg, work / "ablation")
+        "ablation", work / "ablation", lambda: finetune(data, f_cfg, work / "ablation", teacher_dir=teacher)
     )
     eval_dir = work / "eval"
     times["evaluate"] = run_stage(

@@ -189,9 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
     run(
         "finetune",
         work / "delrec",
-        lambda: finetune(data, finetune_config, work / "delrec", work / "distill"),
+        lambda: finetune(data, finetune_config, work / "delrec", work / "distill", teacher_dir=teacher),
     )
-    run("ablation", work / "ablation", lambda: finetune(data, finetune_config, work / "ablation"))
+    run(
+        "ablation",
+        work / "ablation",
+        lambda: finetune(data, finetune_config, work / "ablation", teacher_dir=teacher),
+    )
     eval_config = EvaluateConfig.from_dict(
         {
             "backbone": args.backbone,

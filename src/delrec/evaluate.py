@@ -156,10 +156,9 @@ def stage2_builder(
     backbone: Backbone, dataset: Dataset, soft: SoftPrompt | None, prompt_config: dict
 ) -> PromptBuilder:
     """The stage-2 prompt a fine-tuned model was trained on (``prompt_config``: its prompt.json)."""
-    return PromptBuilder(
+    return PromptBuilder.for_dataset(
         backbone,
-        dataset.titles,
-        domain=dataset.domain,
+        dataset,
         teacher=prompt_config.get("teacher", ""),
         n_soft=soft.n_tokens if soft is not None else 0,
         settings=PromptSettings.from_json(prompt_config),

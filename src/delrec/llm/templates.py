@@ -105,6 +105,15 @@ class PromptBuilder:
         self.max_answer_tokens = max_answer_tokens
         self._answers: dict[int, tuple[int, ...]] = {}
 
+    @classmethod
+    def for_dataset(
+        cls, backbone: Backbone, dataset, *, teacher: str, n_soft: int, settings: PromptSettings
+    ) -> PromptBuilder:
+        """The builder of a loaded dataset's titles and domain: the one way stages and serving make it."""
+        return cls(
+            backbone, dataset.titles, domain=dataset.domain, teacher=teacher, n_soft=n_soft, settings=settings
+        )
+
     # -- wording ---------------------------------------------------------------------------------
     def _title(self, item: int, limit: int) -> str:
         title = self.titles[item]

@@ -117,13 +117,8 @@ def stage_prompt_builder(
     config: LLMStageConfig, backbone: Backbone, dataset, teacher: str, n_soft: int
 ) -> PromptBuilder:
     """The prompts a stage trains on, sized by its config."""
-    return PromptBuilder(
-        backbone,
-        dataset.titles,
-        domain=dataset.domain,
-        teacher=teacher,
-        n_soft=n_soft,
-        settings=config.prompt_settings(),
+    return PromptBuilder.for_dataset(
+        backbone, dataset, teacher=teacher, n_soft=n_soft, settings=config.prompt_settings()
     )
 
 
