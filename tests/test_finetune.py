@@ -283,6 +283,11 @@ def test_teacher_kd_needs_the_teacher_folder(synthetic_dir, tmp_path):
     assert not (tmp_path / "ft").exists()
 
 
+def test_teacher_kd_with_the_likelihood_objective_is_refused_before_anything_runs():
+    with pytest.raises(DelrecError, match="teacher_kd > 0 distils scores over the candidates"):
+        FinetuneConfig.from_dict({"teacher_kd": 0.5, "objective": "likelihood"}, source="finetune config")
+
+
 def test_teacher_probabilities_are_its_full_ranking_scores_on_the_candidates(synthetic, tiny_runs):
     """The scores stage 2 distils are those the teacher ranks the catalogue with (evaluate's), restricted
     to each example's candidates: same histories, padding and item weights."""

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from delrec import distributed, layout
 from delrec.adapter_io import save_adapter
@@ -100,6 +100,14 @@ class FinetuneConfig(LLMStageConfig):
     weight_decay: float = Field(1e-6, ge=0)
     warmup_steps: int = Field(800, ge=0)
     eval_every: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _teacher_kd_needs_candidates(self) -> FinetuneConfig:
+        if self.teacher_kd > 0 and self.objective != "candidates":
+            raise ValueError(
+                "teacher_kd > 0 distils scores over the candidates: it needs objective candidates"
+            )
+        return self
 
 
 def adapter_config(config: FinetuneConfig, backbone: Backbone):
