@@ -46,12 +46,17 @@ class Examples:
 
     def padded_histories(self, max_len: int) -> np.ndarray:
         """Histories as an (n, max_len) int64 matrix, left-padded with 0, keeping the most recent items."""
-        out = np.zeros((len(self.histories), max_len), dtype=np.int64)
-        for i, hist in enumerate(self.histories):
-            tail = hist[-max_len:]
-            if len(tail):
-                out[i, max_len - len(tail) :] = tail
-        return out
+        return left_padded(self.histories, max_len)
+
+
+def left_padded(histories, max_len: int) -> np.ndarray:
+    """Item sequences as an (n, max_len) int64 matrix, left-padded with 0, keeping the most recent items."""
+    out = np.zeros((len(histories), max_len), dtype=np.int64)
+    for i, hist in enumerate(histories):
+        tail = hist[-max_len:]
+        if len(tail):
+            out[i, max_len - len(tail) :] = tail
+    return out
 
 
 @dataclass

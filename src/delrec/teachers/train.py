@@ -41,7 +41,7 @@ from delrec.artifacts import (
 from delrec.checkpoints import Checkpoints
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
-from delrec.data.dataset import SPLITS
+from delrec.data.dataset import SPLITS, left_padded
 from delrec.errors import DelrecError
 from delrec.loop import LoopResult, TrainLoop
 from delrec.metrics import metrics_from_ranks, target_ranks
@@ -278,12 +278,8 @@ class CandidateTeacher:
         self, histories: list[np.ndarray], candidates: np.ndarray, temperature: float = 1.0
     ) -> np.ndarray:
         """Softmax of the teacher's scores of ``candidates`` (n, C) at ``temperature``: (n, C) float32."""
-        max_len = self.config.max_len
-        inputs = np.zeros((len(histories), max_len), dtype=np.int64)
-        for i, history in enumerate(histories):
-            tail = history[-max_len:]
-            inputs[i, max_len - len(tail) :] = tail
-        hidden = last_hidden(self.model, torch.from_numpy(inputs)).float()
+        inputs = torch.from_numpy(left_padded(histories, self.config.max_len))
+        hidden = last_hidden(self.model, inputs).float()
         weights = self.model.item_weights().float()[torch.from_numpy(np.asarray(candidates))]
         scores = torch.einsum("nd,ncd->nc", hidden, weights)
         return torch.softmax(scores / temperature, dim=-1).numpy()
