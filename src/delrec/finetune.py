@@ -228,8 +228,12 @@ def finetune(
     teacher_dir = teacher_dir if config.teacher_kd > 0 else None
     device = setup_data_parallel(config)
     dataset = load_dataset(dataset_dir)
+    teacher_id = ""
     if teacher_dir is not None:
-        require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
+        teacher_manifest = require_same_input(
+            teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER
+        )
+        teacher_id = teacher_manifest["id"]  # read once: the run key names it
     prompt_config = read_prompt_config(distill_dir) if distill_dir is not None else {"teacher": ""}
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
@@ -262,7 +266,7 @@ def finetune(
         "dataset": read_manifest(dataset_dir)["id"],
         "distill": read_manifest(distill_dir)["id"] if distill_dir is not None else "",
         "backbone": backbone.fingerprint(),
-        "teacher": read_manifest(teacher_dir)["id"] if teacher_dir is not None else "",
+        "teacher": teacher_id,
     }
     evaluate = training.evaluate if training.valid else None
     result = stage_loop(config, "finetune", 2, run_key, checkpoints, training, evaluate=evaluate).run()
