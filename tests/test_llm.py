@@ -249,3 +249,19 @@ def test_bf16_weight_storage_is_lossless_and_keeps_the_embedding(synthetic):
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_the_log_says_why_a_cpu_runs_the_llm_in_fp32(synthetic, monkeypatch, caplog, capability):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    with caplog.at_level("INFO", logger="delrec.llm.backbone"):
+        backbone = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=True)
+    assert backbone.autocast == (capability == "AVX512")
+    explained = [r.getMessage() for r in caplog.records if "no AVX-512" in r.getMessage()]
+    if capability == "AVX2":
+        assert explained == [
+            "this CPU has no AVX-512 (torch's capability: AVX2): no bf16 matmul units, so the LLM runs in "
+            "fp32, about half as fast as on a CPU with AVX-512 bf16"
+        ]
+    else:
+        assert explained == []

@@ -338,6 +338,12 @@ def load_backbone(
         dev,
         "on" if use_bf16 else "off",
     )
+    if autocast and not use_bf16 and dev.type == "cpu":
+        log.info(
+            "this CPU has no AVX-512 (torch's capability: %s): no bf16 matmul units, so the LLM runs in fp32, "
+            "about half as fast as on a CPU with AVX-512 bf16",
+            torch.backends.cpu.get_cpu_capability(),
+        )
     return Backbone(
         model=model,
         tokenizer=tokenizer,
