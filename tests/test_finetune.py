@@ -277,7 +277,9 @@ def test_adalora_inits_leave_the_base_model_unchanged_at_step_zero(synthetic, in
 
 
 def test_teacher_kd_needs_the_teacher_folder(synthetic_dir, tmp_path):
-    with pytest.raises(DelrecError, match="teacher_kd") as err:
+    with pytest.raises(
+        DelrecError, match=r"teacher_kd 0.5 needs the teacher folder \(delrec finetune --teacher"
+    ) as err:
         finetune(synthetic_dir, tiny_finetune_config(teacher_kd=0.5), tmp_path / "ft")
     assert err.value.field == "teacher_kd"
     assert not (tmp_path / "ft").exists()

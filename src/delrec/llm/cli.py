@@ -164,9 +164,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "prompt without soft prompt (the ablation). Resumes from OUT.partial/."
         ),
         epilog=(
-            "examples:\n  delrec finetune --data data/ml-100k --distill runs/distill --out runs/delrec --preset ml-100k\n"
-            "  delrec finetune --data data/ml-100k --out runs/ablation --preset ml-100k"
-            + _TORCHRUN.format(command="finetune --data D [--distill S] --out O")
+            "examples (the ml-100k preset distils the teacher's scores, teacher_kd 1.0: --teacher):\n"
+            "  delrec finetune --data data/ml-100k --distill runs/distill --teacher runs/sasrec --out runs/delrec "
+            "--preset ml-100k\n"
+            "  delrec finetune --data data/ml-100k --teacher runs/sasrec --out runs/ablation --preset ml-100k"
+            + _TORCHRUN.format(command="finetune --data D [--distill S] [--teacher T] --out O")
         ),
         formatter_class=fmt,
     )
