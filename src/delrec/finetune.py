@@ -226,8 +226,7 @@ def finetune(
     if config.teacher_kd > 0 and teacher_dir is None:
         raise DelrecError(
             f"teacher_kd {config.teacher_kd} needs the teacher folder (delrec finetune --teacher, or "
-            "teacher_dir=); the ml-100k preset and those extending it set 1.0, set teacher_kd: 0 to train "
-            "without a teacher",
+            "teacher_dir=); set teacher_kd: 0 to train without a teacher",
             field="teacher_kd",
         )
     teacher_dir = teacher_dir if config.teacher_kd > 0 else None
