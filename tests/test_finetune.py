@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -192,9 +193,12 @@ def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, ca
 
 
 def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
-    """After rank pruning the saved adapter is resized; evaluate's reload must score exactly the same."""
+    """After rank pruning the saved adapter is resized; evaluate's reload must score exactly the same, and
+    saving warns of nothing (peft takes a module pruned to rank 0 for an ungathered FSDP shard)."""
     from peft import get_peft_model
+    from peft.utils.warning import PeftWarning
 
+    from delrec.adapter_io import save_adapter
     from delrec.evaluate import load_finetuned_adapter
     from delrec.finetune import adapter_config
     from delrec.llm.scoring import score_all
@@ -226,7 +230,9 @@ def test_a_pruned_adalora_adapter_reloads_exactly(synthetic, tmp_path):
     prompts = [builder.stage2(test.histories[i], cands[i], soft=False) for i in range(3)]
     answers = [[builder.answer(int(c)) for c in cands[i]] for i in range(3)]
     before = score_all(backbone, None, prompts, answers)
-    model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftWarning)
+        save_adapter(model, tmp_path / "adapter")
     reloaded = load_backbone("tiny-llama", titles=synthetic.titles, device="cpu", autocast=False)
     load_finetuned_adapter(reloaded, tmp_path)
     assert abs(score_all(reloaded, None, prompts, answers) - before).max() < 1e-5

@@ -124,14 +124,7 @@ def distill(
         snapshot=lambda: {"soft": soft.weight.detach().cpu().clone()},
         postfix=("loss_ta", "loss_rps"),
     ).run()
-    if result.best_step == 0:
-        log.warning(
-            "NO LEARNING: the untrained soft prompt (step 0) scored best on validation (%.4f); it is the one "
-            "kept. Train longer, raise lr, or use more validation examples (eval_examples).",
-            result.best_score,
-        )
-    with torch.no_grad():
-        soft.weight.copy_(result.best_state["soft"])
+    _keep_best(result, soft)
     metrics = _metrics(result, time.time() - started)
     metrics = write_on_main(
         lambda scratch: _write_output(
@@ -157,6 +150,18 @@ def distill(
         result.best_step,
     )
     return metrics
+
+
+def _keep_best(result, soft: SoftPrompt) -> None:
+    """Put the best soft prompt of the run into ``soft``, warning loudly if it is the untrained one."""
+    if result.best_step == 0:
+        log.warning(
+            "NO LEARNING: the untrained soft prompt (step 0) scored best on validation (%.4f); it is the one "
+            "kept. Train longer, raise lr, or use more validation examples (eval_examples).",
+            result.best_score,
+        )
+    with torch.no_grad():
+        soft.weight.copy_(result.best_state["soft"])
 
 
 def _mean_accuracy(record: dict) -> float:

@@ -220,47 +220,22 @@ def finetune(
     ``checkpoint``: where the training state is kept and resumed from, a folder or an ``s3://`` prefix
     (default ``<out>.partial``; see :class:`delrec.checkpoints.Checkpoints`).
     """
-    from peft import get_peft_model
-
     started = time.time()
-    if config.teacher_kd > 0 and teacher_dir is None:
-        raise DelrecError(
-            f"teacher_kd {config.teacher_kd} needs the teacher folder (delrec finetune --teacher, or "
-            "teacher_dir=); set teacher_kd: 0 to train without a teacher",
-            field="teacher_kd",
-        )
-    teacher_dir = teacher_dir if config.teacher_kd > 0 else None
+    teacher_dir, teacher_id = _checked_teacher(config, teacher_dir, dataset_dir)
     device = setup_data_parallel(config)
     dataset = load_dataset(dataset_dir)
-    teacher_id = ""
-    if teacher_dir is not None:
-        teacher_manifest = require_same_input(
-            teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER
-        )
-        teacher_id = teacher_manifest["id"]  # read once: the run key names it
     prompt_config = read_prompt_config(distill_dir) if distill_dir is not None else {"teacher": ""}
     torch.manual_seed(config.seed)
     backbone = stage_backbone(
         config.backbone, distill_dir, titles=dataset.titles, device=device, autocast=config.bf16
     )
     backbone.fingerprint()  # computed (and kept) now: peft renames the base weights it wraps
-    soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone)
-    distilled_title_years = prompt_config.get("title_years", True)
-    if soft is not None and distilled_title_years != config.title_years:
-        log.warning(
-            "title_years is %s here but %s in the soft prompt's distillation: its prompts spelled titles "
-            "differently",
-            config.title_years,
-            distilled_title_years,
-        )
+    soft = _frozen_soft_prompt(distill_dir, prompt_config, backbone, config.title_years)
     n_soft = soft.n_tokens if soft is not None else 0
     builder = stage_prompt_builder(config, backbone, dataset, prompt_config["teacher"], n_soft)
     checkpoints = Checkpoints.for_output(out, checkpoint)
     keep_tiny_backbone(backbone, checkpoints)
-    backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
-    if config.adapter == "adalora" and config.adalora_init != "peft":
-        init_adalora(backbone.model, config.adalora_init)
-    apply_sharding(config, backbone)  # fsdp: the adapters stay whole, outside the shards
+    _add_adapter(config, backbone)
     teacher = CandidateTeacher(teacher_dir) if teacher_dir is not None else None
     training = _AdapterTraining(config, dataset, backbone, soft, builder, teacher)
     if not len(training.train_rows):
@@ -275,31 +250,54 @@ def finetune(
     evaluate = training.evaluate if training.valid else None
     result = stage_loop(config, "finetune", 2, run_key, checkpoints, training, evaluate=evaluate).run()
     backbone.model.eval()
-    evaluated = [r for r in result.history if "valid_hr1" in r]
-    metrics = {
-        "valid_hr1": evaluated[-1]["valid_hr1"] if evaluated else 0.0,
-        "valid_hr1_step0": evaluated[0]["valid_hr1"] if evaluated else 0.0,
-        "final_loss": float(result.history[-1].get("loss", float("nan"))),
-        "seconds": time.time() - started,
-    }
+    metrics = _metrics(result.history, time.time() - started)
+    inputs = {"dataset": dataset_dir, "distill": distill_dir, "teacher": teacher_dir}
     metrics = write_on_main(
         lambda scratch: _write_output(
-            out,
-            config,
-            dataset,
-            backbone,
-            soft,
-            prompt_config,
-            metrics,
-            result.history,
-            {"dataset": dataset_dir, "distill": distill_dir, "teacher": teacher_dir},
-            scratch,
+            out, config, dataset, backbone, soft, prompt_config, metrics, result.history, inputs, scratch
         ),
         checkpoints,
         metrics,
     )
     log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
     return metrics
+
+
+def _checked_teacher(
+    config: FinetuneConfig, teacher_dir: str | os.PathLike | None, dataset_dir: str | os.PathLike
+) -> tuple[str | os.PathLike | None, str]:
+    """The teacher folder if ``teacher_kd`` uses it (else None) and its run id ("" without), checked to be
+    trained on ``dataset_dir``."""
+    if config.teacher_kd == 0:
+        return None, ""
+    if teacher_dir is None:
+        raise DelrecError(
+            f"teacher_kd {config.teacher_kd} needs the teacher folder (delrec finetune --teacher, or "
+            "teacher_dir=); set teacher_kd: 0 to train without a teacher",
+            field="teacher_kd",
+        )
+    manifest = require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
+    return teacher_dir, manifest["id"]
+
+
+def _add_adapter(config: FinetuneConfig, backbone: Backbone) -> None:
+    """Wrap the backbone's model in the configured peft adapter, initialised as ``adalora_init`` says."""
+    from peft import get_peft_model
+
+    backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
+    if config.adapter == "adalora" and config.adalora_init != "peft":
+        init_adalora(backbone.model, config.adalora_init)
+    apply_sharding(config, backbone)  # fsdp: the adapters stay whole, outside the shards
+
+
+def _metrics(history: list[dict], seconds: float) -> dict:
+    evaluated = [r for r in history if "valid_hr1" in r]
+    return {
+        "valid_hr1": evaluated[-1]["valid_hr1"] if evaluated else 0.0,
+        "valid_hr1_step0": evaluated[0]["valid_hr1"] if evaluated else 0.0,
+        "final_loss": float(history[-1].get("loss", float("nan"))),
+        "seconds": seconds,
+    }
 
 
 class _AdapterTraining:
@@ -404,10 +402,20 @@ class _AdapterTraining:
         _restore_allocator(self.peft_model, saved["allocator"])
 
 
-def _frozen_soft_prompt(distill_dir, prompt_config: dict, backbone: Backbone) -> SoftPrompt | None:
-    """The distilled soft prompt, checked against the backbone's weights; None for the ablation."""
+def _frozen_soft_prompt(
+    distill_dir, prompt_config: dict, backbone: Backbone, title_years: bool
+) -> SoftPrompt | None:
+    """The distilled soft prompt, checked against the backbone's weights (and warned about if it was
+    distilled on titles spelled otherwise); None for the ablation."""
     if distill_dir is None:
         return None
+    if prompt_config.get("title_years", True) != title_years:
+        log.warning(
+            "title_years is %s here but %s in the soft prompt's distillation: its prompts spelled titles "
+            "differently",
+            title_years,
+            prompt_config.get("title_years", True),
+        )
     if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
         raise DelrecError(
             "the backbone's weights differ from those the soft prompt was distilled on",
@@ -441,7 +449,7 @@ def _write_output(
     backbone: Backbone,
     soft,
     prompt_config: dict,
-    metrics,
+    metrics: dict,
     history,
     inputs: dict,
     scratch: Path,
