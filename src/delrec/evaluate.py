@@ -656,7 +656,7 @@ def evaluate(
     started = time.time()
     device = distributed.init_from_env(config.device)
     dataset = load_dataset(dataset_dir)
-    require_same_input(teacher_dir, "dataset", dataset_dir, producer="train_teacher")
+    require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
     rows = _chosen_rows(dataset, config, dataset_dir)
     delrec_config, ablation_config = _prompt_configs(delrec_dir, ablation_dir, dataset_dir)
 
@@ -707,14 +707,14 @@ def evaluate(
             tmp / layout.METRICS_JSON,
             {"meta": meta, "models": results, "paired": paired, "catalogue": catalogue, "flat": flat},
         )
-        write_json_atomic(tmp / "curves.json", curves)
+        write_json_atomic(tmp / layout.CURVES_JSON, curves)
         pq.write_table(
             pa.table(
                 {"row": pa.array(rows, pa.int32())}
                 | {m: pa.array(r, pa.int32()) for m, r in ranks.items()}
                 | {f"catalogue_{m}": pa.array(r, pa.int32()) for m, r in catalogue_ranks.items()}
             ),
-            tmp / "ranks.parquet",
+            tmp / layout.RANKS,
         )
         write_report(tmp, results, meta, paired, curves, catalogue)
         inputs = {"dataset": dataset_dir, "teacher": teacher_dir, "delrec": delrec_dir}

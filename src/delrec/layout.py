@@ -52,9 +52,14 @@ TOPK = "topk.parquet"
 # ---- distill / finetune
 PROMPT_JSON = "prompt.json"
 ADAPTER = "adapter"
+SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"
+SOFT_PROMPT_JSON = "soft_prompt.json"
+BACKBONE_JSON = "backbone.json"
+"""a saved backbone's name and weights fingerprint, beside its weights and tokenizer"""
 
 # ---- evaluate
 RANKS = "ranks.parquet"
+CURVES_JSON = "curves.json"
 RECOMMENDATIONS = "recommendations"  # recommend: a folder of part-NNNNN.parquet
 
 # ---- resumable stages: ``<out>.partial/state.pt`` next to (not inside) the output

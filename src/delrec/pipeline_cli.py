@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from delrec import layout
 from delrec.errors import DelrecError
 from delrec.pipeline_cache import CACHE_DIR, VerifiedCache, code_fingerprint
 from delrec.pipeline_report import (
@@ -113,7 +114,7 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     # A run where every task is a cache hit may leave no folder of its own.
     run_dir = next(iter(sorted({p for p in root.iterdir() if p.is_dir()} - before)), None)
     evaluation = Path(result.outputs["evaluation"].path)
-    report = json.loads((evaluation / "metrics.json").read_text())
+    report = json.loads((evaluation / layout.METRICS_JSON).read_text())
     print("\n" + format_evaluation(report))
     rows = stage_rows(clock, cache, run_dir)
     counts = {status: sum(r.status == status for r in rows) for status in ("ran", "cached")}

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from delrec import layout
 from delrec.errors import DelrecError
 
 log = logging.getLogger(__name__)
 
-BACKBONE_JSON = "backbone.json"
 TINY = ("tiny-llama", "tiny-t5")
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,7 +134,7 @@ class Backbone:
         folder.mkdir(parents=True, exist_ok=True)
         self.base_model().save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
-        (folder / BACKBONE_JSON).write_text(
+        (folder / layout.BACKBONE_JSON).write_text(
             json.dumps({"name": self.name, "fingerprint": self.fingerprint()}, indent=2) + "\n"
         )
 
@@ -296,7 +296,7 @@ def store_bf16_weights(model: nn.Module) -> int:
 
 def saved_backbone_name(folder: str | os.PathLike) -> str | None:
     """The name recorded in a saved backbone folder, or None if ``folder`` holds no saved backbone."""
-    path = Path(folder) / BACKBONE_JSON
+    path = Path(folder) / layout.BACKBONE_JSON
     return json.loads(path.read_text())["name"] if path.is_file() else None
 
 
@@ -375,7 +375,7 @@ def stage_backbone(
     builds the same weights as distill did; evaluate checks this through the weights' fingerprints.
     """
     saved = Path(upstream) / "backbone" if upstream is not None else None
-    if saved is not None and (saved / BACKBONE_JSON).is_file():
+    if saved is not None and (saved / layout.BACKBONE_JSON).is_file():
         name = saved_backbone_name(saved)
         if spec not in (name, str(saved)):
             raise DelrecError(

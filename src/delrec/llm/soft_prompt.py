@@ -11,10 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from delrec import layout
 from delrec.errors import DelrecError
-
-WEIGHTS = "soft_prompt.safetensors"
-CONFIG = "soft_prompt.json"
 
 SoftInit = Literal["normal", "vocab"]
 
@@ -73,16 +71,20 @@ class SoftPrompt(nn.Module):
     def save(self, folder: str | os.PathLike, **meta) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.detach().float().cpu().contiguous()}, folder / WEIGHTS)
+        save_file(
+            {"weight": self.weight.detach().float().cpu().contiguous()}, folder / layout.SOFT_PROMPT_WEIGHTS
+        )
         config = {"n_tokens": self.n_tokens, "dim": self.weight.shape[1], **meta}
-        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (folder / layout.SOFT_PROMPT_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> SoftPrompt:
         folder = Path(folder)
-        if not (folder / WEIGHTS).is_file():
-            raise DelrecError(f"no {WEIGHTS}: expected the output of the distill stage", path=folder)
-        weight = load_file(folder / WEIGHTS)["weight"]
+        if not (folder / layout.SOFT_PROMPT_WEIGHTS).is_file():
+            raise DelrecError(
+                f"no {layout.SOFT_PROMPT_WEIGHTS}: expected the output of the distill stage", path=folder
+            )
+        weight = load_file(folder / layout.SOFT_PROMPT_WEIGHTS)["weight"]
         prompt = cls(*weight.shape)
         with torch.no_grad():
             prompt.weight.copy_(weight)
@@ -90,7 +92,9 @@ class SoftPrompt(nn.Module):
 
 
 def read_soft_prompt_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / CONFIG
+    path = Path(folder) / layout.SOFT_PROMPT_JSON
     if not path.is_file():
-        raise DelrecError(f"no {CONFIG}: expected the output of the distill stage", path=folder)
+        raise DelrecError(
+            f"no {layout.SOFT_PROMPT_JSON}: expected the output of the distill stage", path=folder
+        )
     return json.loads(path.read_text())

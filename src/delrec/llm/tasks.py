@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delrec import layout
 from delrec.artifacts import read_manifest
 from delrec.data import Dataset
 from delrec.data.dataset import Examples
@@ -34,10 +35,10 @@ class Instance:
 
 def teacher_name(teacher_dir: str | os.PathLike) -> str:
     """The teacher's display name (SASRec, GRU4Rec, Caser) from its folder."""
-    manifest = read_manifest(teacher_dir, producer="train_teacher")
+    manifest = read_manifest(teacher_dir, producer=layout.TRAIN_TEACHER)
     model = manifest.get("model")
     if model is None:
-        config_path = Path(teacher_dir) / "config.json"
+        config_path = Path(teacher_dir) / layout.CONFIG_JSON
         model = (
             json.loads(config_path.read_text()).get("teacher", {}).get("model")
             if config_path.is_file()
