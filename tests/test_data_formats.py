@@ -220,7 +220,7 @@ def test_movielens_100k_folder_and_zip(tmp_path):
         len(ds.titles) - 1,
         N_USERS * PER_USER,
     )
-    assert ds.domain == "movies" and ds.verb == "watched"
+    assert ds.domain == "movies"
     check_sequences(ds, "", str)
     by_raw = dict(zip(ds.raw_item_ids, ds.titles, strict=True))
     assert by_raw["2"] == "Les Misérables (1995)"  # latin-1 decoded, article moved
@@ -288,7 +288,7 @@ def test_kcore_default_for_amazon(tmp_path):
 def test_steam(tmp_path):
     folder = write_steam(tmp_path / "steam")
     stats, ds = run(tmp_path, dataset="steam", source=str(folder), kcore=0)
-    assert stats["interactions"] == N_USERS * PER_USER and ds.domain == "games" and ds.verb == "played"
+    assert stats["interactions"] == N_USERS * PER_USER and ds.domain == "games"
     check_sequences(ds, "gamer", lambda i: str(1000 + i))
     titles = dict(zip(ds.raw_item_ids, ds.titles, strict=True))
     assert all(titles[r] == f"Quest {int(r) - 1000}" for r in ds.raw_item_ids[1:])

@@ -30,7 +30,6 @@ from delrec.errors import DelrecError
 PRODUCER = layout.PREPROCESS
 SPLITS = ("train", "valid", "test")
 EVAL_SPLITS = ("valid", "test")
-DOMAIN_VERBS = {"movies": "watched", "games": "played", "products": "bought"}
 
 
 @dataclass
@@ -81,10 +80,6 @@ class Dataset:
     @property
     def num_users(self) -> int:
         return len(self.train_sequences)
-
-    @property
-    def verb(self) -> str:
-        return DOMAIN_VERBS.get(self.domain, "consumed")
 
 
 def _list_array(arrays: list[np.ndarray]) -> pa.Array:

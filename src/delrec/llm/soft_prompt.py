@@ -89,12 +89,3 @@ class SoftPrompt(nn.Module):
         with torch.no_grad():
             prompt.weight.copy_(weight)
         return prompt.to(device)
-
-
-def read_soft_prompt_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / layout.SOFT_PROMPT_JSON
-    if not path.is_file():
-        raise DelrecError(
-            f"no {layout.SOFT_PROMPT_JSON}: expected the output of the distill stage", path=folder
-        )
-    return json.loads(path.read_text())
