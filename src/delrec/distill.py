@@ -295,7 +295,7 @@ def _write_output(
     with atomic_dir(out) as tmp:
         soft.save(tmp, init=config.soft_init, backbone=backbone.name, step=metrics["best_step"])
         if backbone.name in TINY:
-            shutil.copytree(scratch / "backbone", tmp / "backbone")
+            shutil.copytree(scratch / layout.BACKBONE_DIR, tmp / layout.BACKBONE_DIR)
         prompt_config = {
             "teacher": teacher,
             "domain": dataset.domain,

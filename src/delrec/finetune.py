@@ -462,7 +462,7 @@ def _write_output(
         if soft is not None:
             soft.save(tmp, teacher=prompt_config["teacher"])
         if backbone.name in TINY:
-            shutil.copytree(scratch / "backbone", tmp / "backbone")
+            shutil.copytree(scratch / layout.BACKBONE_DIR, tmp / layout.BACKBONE_DIR)
         write_json_atomic(
             tmp / layout.PROMPT_JSON,
             {

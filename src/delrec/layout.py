@@ -54,6 +54,8 @@ PROMPT_JSON = "prompt.json"
 ADAPTER = "adapter"
 SOFT_PROMPT_WEIGHTS = "soft_prompt.safetensors"
 SOFT_PROMPT_JSON = "soft_prompt.json"
+BACKBONE_DIR = "backbone"
+"""a tiny test backbone travels with the artifacts in this folder, so later stages use its weights"""
 BACKBONE_JSON = "backbone.json"
 """a saved backbone's name and weights fingerprint, beside its weights and tokenizer"""
 

@@ -363,7 +363,7 @@ def stage_backbone(
     Tiny models are always built with seed 0, so a stage without an upstream folder (the ablation)
     builds the same weights as distill did; evaluate checks this through the weights' fingerprints.
     """
-    saved = Path(upstream) / "backbone" if upstream is not None else None
+    saved = Path(upstream) / layout.BACKBONE_DIR if upstream is not None else None
     if saved is not None and (saved / layout.BACKBONE_JSON).is_file():
         name = saved_backbone_name(saved)
         if spec not in (name, str(saved)):

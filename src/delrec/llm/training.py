@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from delrec import distributed
+from delrec import distributed, layout
 from delrec.checkpoints import Checkpoints
 from delrec.config import StageConfig
 from delrec.errors import DelrecError
@@ -126,7 +126,7 @@ def keep_tiny_backbone(backbone: Backbone, checkpoints: Checkpoints) -> None:
     """A tiny test backbone is built, not downloaded, so its weights go into the output: saved beside
     the checkpoint now, before sharding or peft make the base weights harder to get back."""
     if backbone.name in TINY and distributed.is_main():
-        backbone.save(checkpoints.folder / "backbone")
+        backbone.save(checkpoints.folder / layout.BACKBONE_DIR)
 
 
 def stage_loop(
