@@ -409,12 +409,13 @@ def _frozen_soft_prompt(
     distilled on titles spelled otherwise); None for the ablation."""
     if distill_dir is None:
         return None
-    if prompt_config.get("title_years", True) != title_years:
+    distilled_title_years = prompt_config.get("title_years", True)
+    if distilled_title_years != title_years:
         log.warning(
             "title_years is %s here but %s in the soft prompt's distillation: its prompts spelled titles "
             "differently",
             title_years,
-            prompt_config.get("title_years", True),
+            distilled_title_years,
         )
     if backbone.fingerprint() != prompt_config["backbone_fingerprint"]:
         raise DelrecError(

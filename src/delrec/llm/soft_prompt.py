@@ -79,12 +79,10 @@ class SoftPrompt(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> SoftPrompt:
-        folder = Path(folder)
-        if not (folder / layout.SOFT_PROMPT_WEIGHTS).is_file():
-            raise DelrecError(
-                f"no {layout.SOFT_PROMPT_WEIGHTS}: expected the output of the distill stage", path=folder
-            )
-        weight = load_file(folder / layout.SOFT_PROMPT_WEIGHTS)["weight"]
+        path = Path(folder) / layout.SOFT_PROMPT_WEIGHTS
+        if not path.is_file():
+            raise DelrecError(f"no {path.name}: expected the output of the distill stage", path=folder)
+        weight = load_file(path)["weight"]
         prompt = cls(*weight.shape)
         with torch.no_grad():
             prompt.weight.copy_(weight)
