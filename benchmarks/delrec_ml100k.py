@@ -12,7 +12,7 @@ Stage configs are the ``ml-100k`` preset's, with the step counts below (sized fo
 2 idle cores with AVX-512 bf16; a CPU with AVX2 only runs the LLM in fp32 and takes about twice as long),
 and titles keep their year (the preset drops it to fit ``make run`` in 20 minutes at some
 cost in quality; ``--set distill.title_years=false --set finetune.title_years=false`` drops it here too:
-600 steps without the year gave DELRec HR@1 0.134, 200 steps with it 0.223; see the README).
+600 steps without the year gave DELRec HR@1 0.134, 200 steps with it 0.223; see docs/results.md).
 Outputs of finished stages in ``--work`` are reused, so a second run only redoes what is missing (delete
 the folder for a fresh run).
 """
