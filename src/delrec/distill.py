@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -30,7 +29,7 @@ from delrec.artifacts import atomic_dir, read_manifest, write_json_atomic, write
 from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
-from delrec.llm.backbone import TINY, stage_backbone
+from delrec.llm.backbone import stage_backbone
 from delrec.llm.optim import Lion, linear_warmup
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import TA_MIN_HISTORY, rps_instance, ta_instance, ta_rows, tail_rows, teacher_name
@@ -38,6 +37,7 @@ from delrec.llm.templates import PromptBuilder
 from delrec.llm.training import (
     LLMStageConfig,
     apply_sharding,
+    copy_tiny_backbone,
     instance_ranks,
     keep_tiny_backbone,
     rank_share_loss,
@@ -294,8 +294,7 @@ def _write_output(
     """``scratch`` (the checkpoint folder) holds the tiny test backbone's weights, saved before sharding."""
     with atomic_dir(out) as tmp:
         soft.save(tmp, init=config.soft_init, backbone=backbone.name, step=metrics["best_step"])
-        if backbone.name in TINY:
-            shutil.copytree(scratch / layout.BACKBONE_DIR, tmp / layout.BACKBONE_DIR)
+        copy_tiny_backbone(backbone, scratch, tmp)
         prompt_config = {
             "teacher": teacher,
             "domain": dataset.domain,

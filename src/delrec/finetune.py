@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -31,7 +30,7 @@ from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
 from delrec.distill import read_prompt_config
 from delrec.errors import DelrecError
-from delrec.llm.backbone import TINY, Backbone, stage_backbone
+from delrec.llm.backbone import Backbone, stage_backbone
 from delrec.llm.optim import linear_warmup, make_optimizer
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.tasks import stage2_instance, tail_rows
@@ -39,6 +38,7 @@ from delrec.llm.templates import PromptBuilder
 from delrec.llm.training import (
     LLMStageConfig,
     apply_sharding,
+    copy_tiny_backbone,
     instance_ranks,
     keep_tiny_backbone,
     rank_share_loss,
@@ -462,8 +462,7 @@ def _write_output(
         save_adapter(backbone.model, tmp / layout.ADAPTER)
         if soft is not None:
             soft.save(tmp, teacher=prompt_config["teacher"])
-        if backbone.name in TINY:
-            shutil.copytree(scratch / layout.BACKBONE_DIR, tmp / layout.BACKBONE_DIR)
+        copy_tiny_backbone(backbone, scratch, tmp)
         write_json_atomic(
             tmp / layout.PROMPT_JSON,
             {

@@ -4,6 +4,7 @@ builder and training loop, the task loss (or a rank's share of it) and accuracy.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -127,6 +128,13 @@ def keep_tiny_backbone(backbone: Backbone, checkpoints: Checkpoints) -> None:
     the checkpoint now, before sharding or peft make the base weights harder to get back."""
     if backbone.name in TINY and distributed.is_main():
         backbone.save(checkpoints.folder / layout.BACKBONE_DIR)
+
+
+def copy_tiny_backbone(backbone: Backbone, scratch: Path, out: Path) -> None:
+    """Put the tiny backbone that :func:`keep_tiny_backbone` saved in ``scratch`` into the stage's output
+    folder ``out``, so later stages use its weights; a real backbone is not copied."""
+    if backbone.name in TINY:
+        shutil.copytree(scratch / layout.BACKBONE_DIR, out / layout.BACKBONE_DIR)
 
 
 def stage_loop(
