@@ -13,7 +13,9 @@ example with the same model and adapter:
   cross-entropy; its training step accumulates the batch's gradient one example at a time (20 full
   sequences of ~600 tokens under autograd per example; a whole batch of 80 does not fit 24 GB).
 
-The run first checks that ours and plain give the same scores, then measures examples/s, counts the
+The run first checks that ours and plain give the same scores, then measures examples/s in ``--rounds``
+rounds that each time ours and plain back to back (a rate is its side's best round; a ratio is the median
+of the rounds' ratios, so the machine's drift between rounds cancels), counts the
 floating-point operations of one of our training steps and scoring batches (torch's FlopCounterMode) and
 measures the CPU's matmul peak in the dtype the model computes in (bf16 under autocast, else fp32) at the
 same thread count. Prints JSON lines; ``--json OUT`` writes the summary. With ``--old-scoring FILE``
@@ -102,14 +104,22 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def timed(fn, repeats: int) -> float:
-    """Seconds per call, the best of ``repeats`` (the machine is shared: the minimum is the least disturbed)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_rates(ours, n_ours: int, plain, n_plain: int, rounds: int) -> tuple[float, float, float]:
+    """Examples/s of ours and of plain (each its best round: the least disturbed) and the ratio ours / plain,
+    the median of the rounds' ratios. Each round times ours and plain back to back, so that the machine's
+    drift (its speed moved 24% between two runs a minute apart) touches both sides of a ratio alike."""
+    ours_rates, plain_rates = [], []
+    for _ in range(rounds):
+        ours_rates.append(n_ours / seconds(ours))
+        plain_rates.append(n_plain / seconds(plain))
+    ratios = [o / p for o, p in zip(ours_rates, plain_rates, strict=True)]
+    return max(ours_rates), max(plain_rates), float(np.median(ratios))
 
 
 def load_module(path: str):
@@ -119,7 +129,7 @@ def load_module(path: str):
     return module
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -140,7 +150,12 @@ def main() -> None:
         "--plain-train-examples", type=int, default=1, help="examples of the batch the plain loop trains on"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="training examples per step (the preset's)")
-    parser.add_argument("--train-steps", type=int, default=2, help="timed training steps (best one counts)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds; each runs ours and plain back to back (rates: the best round; ratios: the median)",
+    )
     parser.add_argument("--init-r", type=int, default=64, help="AdaLoRA's initial rank (the preset's)")
     parser.add_argument(
         "--adapter-layers", type=int, default=None, help="adapt only the top N layers (default: all)"
@@ -150,7 +165,7 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of our steps")
     parser.add_argument("--json", help="write the summary here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -212,10 +227,17 @@ def main() -> None:
     def score_ours():
         score_all(backbone, soft, prompts, answers, batch_size=args.score_batch_size)
 
-    results["scoring_examples_per_s"] = n / timed(score_ours, 2)
     m = min(args.plain_examples, n)
-    results["plain_scoring_examples_per_s"] = m / timed(
-        lambda: [plain_scores(backbone, soft, inst, builder, False) for inst in instances[:m]], 1
+    (
+        results["scoring_examples_per_s"],
+        results["plain_scoring_examples_per_s"],
+        results["scoring_ratio_vs_plain"],
+    ) = paired_rates(
+        score_ours,
+        n,
+        lambda: [plain_scores(backbone, soft, inst, builder, False) for inst in instances[:m]],
+        m,
+        args.rounds,
     )
     k = min(args.score_batch_size, n)
     score_flops = (
@@ -242,9 +264,12 @@ def main() -> None:
             scores = plain_scores(backbone, soft, inst, builder, True)[None]
             (F.cross_entropy(scores, target[k : k + 1]) / len(batch)).backward()
 
-    results["training_examples_per_s"] = len(batch) / timed(step_ours, args.train_steps)
-    results["plain_training_examples_per_s"] = min(args.plain_train_examples, len(batch)) / timed(
-        step_plain, 1
+    (
+        results["training_examples_per_s"],
+        results["plain_training_examples_per_s"],
+        results["training_ratio_vs_plain"],
+    ) = paired_rates(
+        step_ours, len(batch), step_plain, min(args.plain_train_examples, len(batch)), args.rounds
     )
     train_flops = count_flops(step_ours)
     if args.old_scoring:
@@ -256,10 +281,10 @@ def main() -> None:
             )
             F.cross_entropy(scores, torch.tensor([inst.answer for inst in batch])).backward()
 
-        results["old_training_examples_per_s"] = len(batch) / timed(step_old, 1)
+        results["old_training_examples_per_s"] = len(batch) / seconds(step_old)
         backbone.model.eval()
-        results["old_scoring_examples_per_s"] = n / timed(
-            lambda: old.score_all(backbone, soft, prompts, answers, batch_size=args.score_batch_size), 1
+        results["old_scoring_examples_per_s"] = n / seconds(
+            lambda: old.score_all(backbone, soft, prompts, answers, batch_size=args.score_batch_size)
         )
         backbone.model.train()
     for p in params:
@@ -282,9 +307,7 @@ def main() -> None:
     summary = {
         **results,
         "title_years": args.title_years,
-        "scoring_ratio_vs_plain": results["scoring_examples_per_s"] / results["plain_scoring_examples_per_s"],
-        "training_ratio_vs_plain": results["training_examples_per_s"]
-        / results["plain_training_examples_per_s"],
+        "rounds": args.rounds,
         "achieved_tflops": train_tflops,
         "scoring_achieved_tflops": score_flops * results["scoring_examples_per_s"] / n / 1e12,
         "matmul_peak_tflops": peak,
@@ -307,6 +330,7 @@ def main() -> None:
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
