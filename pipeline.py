@@ -251,55 +251,55 @@ def _resources(task: dsl.PipelineTask, res: Resources) -> None:
         task.set_memory_limit(res.memory_limit)
 
 
-def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, Any] | None = None):
-    """The pipeline function, with the Kubernetes settings of ``options`` baked in.
+class _Tasks:
+    """The Kubernetes settings of the graph's tasks (images, resources, GPUs, secrets, volumes, checkpoints),
+    from the preset's pipeline options."""
 
-    ``defaults`` (``pipeline_arguments``' run arguments; by default those of the default preset) give
-    the run parameters and stage configs their defaults, so a run needs no argument at all.
-    """
-    o = options or PipelineOptions()
-    d = defaults if defaults is not None else pipeline_arguments(DEFAULT_PRESET)[1]
+    def __init__(self, options: PipelineOptions):
+        self.o = options
 
-    def cpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
-        task.set_container_image(image).set_caching_options(o.caching)
-        _resources(task, o.resources.get(stage) or _default_resources()[stage])
-        task.set_retry(o.retries, o.retry_backoff, o.retry_backoff_factor, o.retry_backoff_max)
-        kubernetes.set_timeout(task, o.cpu_timeout_s)
-        if o.s3_config_map:
+    def cpu(self, task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
+        task.set_container_image(image).set_caching_options(self.o.caching)
+        _resources(task, self.o.resources.get(stage) or _default_resources()[stage])
+        task.set_retry(
+            self.o.retries, self.o.retry_backoff, self.o.retry_backoff_factor, self.o.retry_backoff_max
+        )
+        kubernetes.set_timeout(task, self.o.cpu_timeout_s)
+        if self.o.s3_config_map:
             # Optional: a run that never touches s3:// needs no ConfigMap; one that does fails naming it.
             kubernetes.use_config_map_as_env(
-                task, o.s3_config_map, {key: key for key in S3_SETTINGS_ENV}, optional=True
+                task, self.o.s3_config_map, {key: key for key in S3_SETTINGS_ENV}, optional=True
             )
         return task.set_display_name(stage)
 
-    def gpu_task(task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
-        cpu_task(task, stage, image)
-        if o.gpus:
+    def gpu(self, task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
+        self.cpu(task, stage, image)
+        if self.o.gpus:
             # A literal, not a parameter: the driver would resolve an int parameter to "" (no GPU).
-            task.set_accelerator_type(o.accelerator).set_accelerator_limit(o.gpus)
-            kubernetes.add_toleration(task, key=o.gpu_toleration, operator="Exists", effect="NoSchedule")
-            for key, value in o.gpu_node_selector.items():
+            task.set_accelerator_type(self.o.accelerator).set_accelerator_limit(self.o.gpus)
+            kubernetes.add_toleration(task, key=self.o.gpu_toleration, operator="Exists", effect="NoSchedule")
+            for key, value in self.o.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, key, value)
-        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=o.shm_size)
-        kubernetes.set_timeout(task, o.gpu_timeout_s)
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=self.o.shm_size)
+        kubernetes.set_timeout(task, self.o.gpu_timeout_s)
         return task
 
-    def hf_token(task: dsl.PipelineTask) -> None:
-        kubernetes.use_secret_as_env(task, o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
-        model_cache(task)
+    def hf_token(self, task: dsl.PipelineTask) -> None:
+        kubernetes.use_secret_as_env(task, self.o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
+        self.model_cache(task)
 
-    def model_cache(task: dsl.PipelineTask) -> None:
-        if o.model_cache_pvc:
-            kubernetes.mount_pvc(task, pvc_name=o.model_cache_pvc, mount_path="/cache")
+    def model_cache(self, task: dsl.PipelineTask) -> None:
+        if self.o.model_cache_pvc:
+            kubernetes.mount_pvc(task, pvc_name=self.o.model_cache_pvc, mount_path="/cache")
 
-    def identify(task: dsl.PipelineTask, name: str, s3_secret) -> None:
+    def identify(self, task: dsl.PipelineTask, name: str, s3_secret) -> None:
         """The run id and task name in the environment (checkpoints' prefix, a TrainJob's name), and the
         object-store credentials."""
         task.set_env_variable(checkpoints.ENV_TASK, name)
         kubernetes.use_field_path_as_env(task, checkpoints.ENV_RUN_ID, "metadata.labels['pipeline/runid']")
-        kubernetes.use_secret_as_env(task, s3_secret, o.s3_secret_keys)
+        kubernetes.use_secret_as_env(task, s3_secret, self.o.s3_secret_keys)
 
-    def workspace(task: dsl.PipelineTask, name: str, s3_secret) -> None:
+    def workspace(self, task: dsl.PipelineTask, name: str, s3_secret) -> None:
         """Checkpoints under ``<checkpoint_root>/<run id>/<name>``, where a retried pod finds them.
 
         An object-store prefix, not a volume: KFP puts the names of the claims a task mounts into its
@@ -308,57 +308,68 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         id comes from the pod's label, not an input (PIPELINE_JOB_ID_PLACEHOLDER): inputs are in the
         cache key too. kfp.local sets no labels, so a local run keeps ``<out>.partial``.
         """
-        if not o.checkpoint_root:
+        if not self.o.checkpoint_root:
             return
-        task.set_env_variable(checkpoints.ENV_ROOT, o.checkpoint_root)
-        identify(task, name, s3_secret)
+        task.set_env_variable(checkpoints.ENV_ROOT, self.o.checkpoint_root)
+        self.identify(task, name, s3_secret)
 
-    def training_task(task: dsl.PipelineTask, stage: str, name: str, image, s3_secret) -> dsl.PipelineTask:
+    def training(self, task: dsl.PipelineTask, stage: str, name: str, image, s3_secret) -> dsl.PipelineTask:
         """distill or a finetune: in its own pod (torchrun ranks on ``gpus`` > 1), or a launcher of a
         TrainJob (trainer: trainjob)."""
-        if o.trainer == "trainjob":
-            trainjob_launcher(task, stage, image)
+        if self.o.trainer == "trainjob":
+            self._trainjob_launcher(task, stage, image)
             # Forwarded to the TrainJob as a secret reference (delrec.trainjob.launcher_env).
-            kubernetes.use_secret_as_env(task, o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
-            if not o.checkpoint_root:
-                identify(task, name, s3_secret)
+            kubernetes.use_secret_as_env(task, self.o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
+            if not self.o.checkpoint_root:
+                self.identify(task, name, s3_secret)
         else:
-            gpu_task(task, stage, image)
-            hf_token(task)
-            if o.gpus > 1:
-                task.set_env_variable(launch.ENV_NPROC_PER_NODE, str(o.gpus))
+            self.gpu(task, stage, image)
+            self.hf_token(task)
+            if self.o.gpus > 1:
+                task.set_env_variable(launch.ENV_NPROC_PER_NODE, str(self.o.gpus))
                 for key, value in NCCL_ENV.items():
                     task.set_env_variable(key, value)
-        workspace(task, name, s3_secret)
+        self.workspace(task, name, s3_secret)
         return task.set_display_name(name)
 
-    def trainjob_launcher(task: dsl.PipelineTask, stage: str, image) -> None:
+    def _trainjob_launcher(self, task: dsl.PipelineTask, stage: str, image) -> None:
         """A CPU pod that submits the stage's TrainJob and waits for it. It runs the GPU image: the
         TrainJob runs the launcher's own image (delrec.trainjob), so the gpu_image parameter decides."""
-        cpu_task(task, "launcher", image)
-        res = o.resources.get(stage) or _default_resources()[stage]
+        self.cpu(task, "launcher", image)
+        res = self.o.resources.get(stage) or _default_resources()[stage]
         settings = trainjob.TrainJobSettings(
-            runtime=o.runtime,
-            nodes=o.nodes,
-            gpus_per_node=o.node_gpus,
-            accelerator=o.accelerator,
+            runtime=self.o.runtime,
+            nodes=self.o.nodes,
+            gpus_per_node=self.o.node_gpus,
+            accelerator=self.o.accelerator,
             cpu=res.cpu,
             memory=res.memory,
-            queue=o.queue,
-            gpu_toleration=o.gpu_toleration,
-            node_selector=o.gpu_node_selector,
-            shm_size=o.shm_size,
+            queue=self.o.queue,
+            gpu_toleration=self.o.gpu_toleration,
+            node_selector=self.o.gpu_node_selector,
+            shm_size=self.o.shm_size,
             # Several nodes (and the tasks beside it) cannot share a ReadWriteOnce claim.
-            model_cache_pvc=o.model_cache_pvc if o.model_cache_access == "ReadWriteMany" else "",
-            outputs=o.trainjob_outputs,
-            timeout_s=o.gpu_timeout_s,
+            model_cache_pvc=self.o.model_cache_pvc if self.o.model_cache_access == "ReadWriteMany" else "",
+            outputs=self.o.trainjob_outputs,
+            timeout_s=self.o.gpu_timeout_s,
         )
         task.set_env_variable(launch.ENV_TRAINER, "trainjob")
         task.set_env_variable(launch.ENV_TRAINJOB, settings.model_dump_json())
-        if o.node_gpus:
+        if self.o.node_gpus:
             for key, value in NCCL_ENV.items():
                 task.set_env_variable(key, value)
-        kubernetes.set_timeout(task, o.gpu_timeout_s + LAUNCHER_GRACE_S)
+        kubernetes.set_timeout(task, self.o.gpu_timeout_s + LAUNCHER_GRACE_S)
+
+
+def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, Any] | None = None):
+    """The pipeline function, with the Kubernetes settings of ``options`` baked in.
+
+    ``defaults`` (``pipeline_arguments``' run arguments; by default those of the default preset) give
+    the run parameters and stage configs their defaults, so a run needs no argument at all.
+    """
+    o = options or PipelineOptions()
+    d = defaults if defaults is not None else pipeline_arguments(DEFAULT_PRESET)[1]
+    tasks = _Tasks(o)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -405,27 +416,27 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             finetune_batch_size=finetune_batch_size,
             evaluate_batch_size=evaluate_batch_size,
         )
-        cpu_task(setup, "prepare", cpu_image).set_caching_options(False)
+        tasks.cpu(setup, "prepare", cpu_image).set_caching_options(False)
         kubernetes.use_secret_as_env(setup, s3_secret, o.s3_secret_keys, optional=True)
-        model_cache(setup)  # a path source on the cache volume is listed where preprocess reads it
+        tasks.model_cache(setup)  # a path source on the cache volume is listed where preprocess reads it
         config = {stage: setup.outputs[f"{stage}_config"] for stage in STAGES}
 
         prep = preprocess(
             config=config["preprocess"],
             source_fingerprint=setup.outputs["source_fingerprint"],
         )
-        cpu_task(prep, "preprocess", cpu_image)
+        tasks.cpu(prep, "preprocess", cpu_image)
         # Optional: only an s3:// source needs the credentials.
         kubernetes.use_secret_as_env(prep, s3_secret, o.s3_secret_keys, optional=True)
-        model_cache(prep)
+        tasks.model_cache(prep)
         data = prep.outputs["dataset"]
 
         teacher = train_teacher(config=config["teacher"], dataset=data)
-        cpu_task(teacher, "teacher", cpu_image)
-        workspace(teacher, "teacher", s3_secret)
+        tasks.cpu(teacher, "teacher", cpu_image)
+        tasks.workspace(teacher, "teacher", s3_secret)
 
         soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
-        training_task(soft, "distill", "distill", gpu_image, s3_secret)
+        tasks.training(soft, "distill", "distill", gpu_image, s3_secret)
 
         # The teacher is read only with teacher_kd > 0 (distillation of its candidate scores).
         tuned = finetune(
@@ -434,10 +445,10 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             soft_prompt=soft.outputs["soft_prompt"],
             teacher=teacher.outputs["teacher"],
         )
-        training_task(tuned, "finetune", "finetune", gpu_image, s3_secret)
+        tasks.training(tuned, "finetune", "finetune", gpu_image, s3_secret)
         # The ablation: the same LLM, config and teacher without the soft prompt.
         ablation = finetune(config=config["finetune"], dataset=data, teacher=teacher.outputs["teacher"])
-        training_task(ablation, "finetune", "finetune-ablation", gpu_image, s3_secret)
+        tasks.training(ablation, "finetune", "finetune-ablation", gpu_image, s3_secret)
 
         if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":
             # The ablation would run beside distill and finetune: with a ReadWriteOnce cache, on another
@@ -452,8 +463,8 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             ablation=ablation.outputs["model"],
             distill=soft.outputs["soft_prompt"],
         )
-        gpu_task(ev, "evaluate", gpu_image)
-        hf_token(ev)
+        tasks.gpu(ev, "evaluate", gpu_image)
+        tasks.hf_token(ev)
 
         with dsl.If(publish_to != "", name="publish-configured"):
             pub = publish(
@@ -475,7 +486,7 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
                 gate=gate,
             )
             # Never served from cache: a re-run must really push (and re-check the gate).
-            cpu_task(pub, "publish", cpu_image).set_caching_options(False)
+            tasks.cpu(pub, "publish", cpu_image).set_caching_options(False)
             kubernetes.use_secret_as_env(pub, s3_secret, o.s3_secret_keys)
 
             # What a team deploys it for: the next items for every user, only from a model that passed.
@@ -490,8 +501,8 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
                     pipeline_name=PIPELINE_NAME,
                     run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 )
-                gpu_task(recs, "recommend", gpu_image).set_caching_options(False)
-                hf_token(recs)
+                tasks.gpu(recs, "recommend", gpu_image).set_caching_options(False)
+                tasks.hf_token(recs)
                 kubernetes.use_secret_as_env(recs, s3_secret, o.s3_secret_keys)
 
         return Outputs(
