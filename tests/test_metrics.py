@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 
@@ -96,17 +94,6 @@ def test_paired_bootstrap_matches_a_slow_reference():
         assert fast[name]["lo"] == pytest.approx(lo, abs=1e-12)
         assert fast[name]["hi"] == pytest.approx(hi, abs=1e-12)
         assert fast[name]["diff"] == pytest.approx(point_a[name] - point_b[name], abs=1e-12)
-
-
-def test_paired_bootstrap_of_943_users_takes_well_under_a_second():
-    rng = np.random.default_rng(4)
-    a, b = rng.integers(0, 20, size=943), rng.integers(0, 20, size=943)
-    seconds = []
-    for _ in range(2):  # the faster of two runs: a busy shared machine can stall one
-        started = time.perf_counter()
-        paired_bootstrap(a, b, samples=10_000)
-        seconds.append(time.perf_counter() - started)
-    assert min(seconds) < 1.0
 
 
 def test_paired_bootstrap_refuses_different_examples():
