@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_delrec", REPO / "benchmarks" / "gpu_delrec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_gpu_recipe_runs_on_cpu_with_a_tiny_model(tmp_path):
-    script = _load_script()
+    script = load_benchmark("gpu_delrec")
     figures = script.main(
         [
             "--dataset", "synthetic", "--backbone", "tiny-llama", "--device", "cpu", "--work", str(tmp_path / "w"),
@@ -40,7 +31,7 @@ def test_gpu_recipe_runs_on_cpu_with_a_tiny_model(tmp_path):
 
 
 def test_gpu_recipe_refuses_an_override_of_an_unknown_stage(tmp_path, capsys):
-    script = _load_script()
+    script = load_benchmark("gpu_delrec")
     try:
         script.main(["--backbone", "tiny-llama", "--work", str(tmp_path / "w"), "--set", "teacher.lr=1"])
     except SystemExit as exc:

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from delrec.data import PreprocessConfig, preprocess
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("llm_throughput", REPO / "benchmarks" / "llm_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_rates_are_each_sides_best_round_and_the_ratio_the_median_of_paired_rounds(monkeypatch):
-    script = _load_script()
+    script = load_benchmark("llm_throughput")
     # ours, plain, ours, plain, ...: the machine is twice as slow in round 2, for both sides alike
     clock = iter([1.0, 10.0, 2.0, 20.0, 1.0, 40.0])
     monkeypatch.setattr(script, "seconds", lambda fn: next(clock))
@@ -29,11 +18,10 @@ def test_rates_are_each_sides_best_round_and_the_ratio_the_median_of_paired_roun
     assert ratio == 40.0
 
 
-def test_a_tiny_run_writes_the_issues_figures_with_scores_equal_to_plain(tmp_path):
-    out, data = tmp_path / "tp.json", tmp_path / "synthetic"
-    preprocess(PreprocessConfig(dataset="synthetic"), data)
-    summary = _load_script().main(
-        ["--data", str(data), "--backbone", "tiny-llama", "--score-examples", "4", "--score-batch-size", "2", "--rounds", "1",
+def test_a_tiny_run_writes_the_issues_figures_with_scores_equal_to_plain(synthetic_dir, tmp_path):
+    out = tmp_path / "tp.json"
+    summary = load_benchmark("llm_throughput").main(
+        ["--data", str(synthetic_dir), "--backbone", "tiny-llama", "--score-examples", "4", "--score-batch-size", "2", "--rounds", "1",
          "--json", str(out)]
     )  # fmt: skip
     asked = ("scoring_examples_per_s", "training_examples_per_s", "scoring_ratio_vs_plain")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import with_prompt_fields
+from conftest import load_benchmark, with_prompt_fields
 from test_store import BUCKET, moto_endpoint, store  # noqa: F401, E402 (fixtures)
 
 from delrec import layout
@@ -138,14 +138,7 @@ def test_cli_writes_recommendations_for_the_given_users(synthetic_dir, tiny_runs
 
 
 def test_the_benchmark_runs_both_paths_and_they_agree(synthetic_dir, tiny_runs, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recommend.py"
-    spec = importlib.util.spec_from_file_location("recommend_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    figures = bench.main(
+    figures = load_benchmark("recommend").main(
         [
             "--data", str(synthetic_dir), "--teacher", str(tiny_runs / "teacher"), "--delrec", str(tiny_runs / "delrec"),
             "--backbone", "tiny-llama", "--no-bf16", "--users", "6", "--plain-users", "3", "--threads", "1",
