@@ -129,3 +129,26 @@ def test_a_killed_teacher_resumes_from_the_prefix_in_a_fresh_out_and_cleans_up(
     )
     # Done: the output is in place, the workspace is gone (here and in the store).
     assert s3_env.list(prefix) == [] and not (tmp_path / "pod2" / "teacher.partial").exists()
+
+
+def test_clearing_a_named_folder_or_prefix_removes_only_the_stage_files(s3_env, tmp_path):
+    # A user may point --checkpoint at a folder or prefix that holds other things (other runs' states,
+    # published models): a finished stage removes its own files there, never the rest.
+    folder = tmp_path / "ckpts"
+    (folder / "other-run").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    local = Checkpoints.for_output(tmp_path / "out", folder)
+    local.save({"step": 3})
+    (local.folder / "backbone").mkdir()
+    local.clear()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "other-run"]
+
+    prefix = f"{ROOT}/models"
+    s3_env.put_bytes(b"{}", f"{prefix}/latest.json")
+    s3_env.put_bytes(b"x", f"{prefix}/run1/bundle.json")
+    remote = Checkpoints.for_output(tmp_path / "out2", prefix)
+    remote.save({"step": 3})
+    assert "state.pt" in s3_env.list(prefix)
+    remote.clear()
+    assert sorted(s3_env.list(prefix)) == ["latest.json", "run1/bundle.json"]
+    assert not remote.folder.exists()  # the stage's own <out>.partial goes whole

@@ -65,6 +65,11 @@ def location_from_env() -> str | None:
     return join_uri(root, run_id, task)
 
 
+STAGE_FILES = (layout.CHECKPOINT, layout.CHECKPOINT + ".tmp", layout.BACKBONE_DIR)
+"""what a stage writes into its checkpoint folder: the training state (and its temporary name) and, for a
+tiny test backbone, its weights"""
+
+
 @dataclass(frozen=True)
 class Checkpoints:
     """A stage's checkpoint folder, mirrored to an ``s3://`` prefix when ``remote`` is set.
@@ -77,6 +82,9 @@ class Checkpoints:
     folder: Path
     remote: str | None = None
     store: S3Store | None = None
+    owned: bool = True
+    """the folder is the stage's own ``<out>.partial`` (removed whole once done); False for a folder the
+    user named, which may hold other files: only what the stage wrote there is removed"""
 
     @classmethod
     def for_output(cls, out: str | os.PathLike, where: str | os.PathLike | None = None) -> Checkpoints:
@@ -87,7 +95,7 @@ class Checkpoints:
         if is_s3_uri(str(where)):
             parse_uri(str(where))  # a clear error for a malformed URI, before any training
             return cls(partial_dir(out), str(where), S3Store.from_env())
-        return cls(Path(where))
+        return cls(Path(where).expanduser(), owned=False)
 
     def _remote_state(self) -> str:
         return join_uri(self.remote or "", layout.CHECKPOINT)
@@ -116,7 +124,19 @@ class Checkpoints:
         return load_checkpoint(self.folder, run_key, map_location=map_location)
 
     def clear(self) -> None:
-        """Remove the checkpoints (the stage's output is in place): the folder and the remote prefix."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if self.store is not None:
-            self.store.remove_prefix(self.remote or "")
+        """Remove the checkpoint (the stage's output is in place): what the stage wrote, never more.
+
+        ``<out>.partial`` goes whole; from a folder the user named, and from ``remote`` (a prefix that may
+        hold other objects, such as published models), only the files of :data:`STAGE_FILES`.
+        """
+        if self.owned:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            for name in STAGE_FILES:
+                path = self.folder / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if self.store is not None and self.store.exists(self._remote_state()):
+            self.store.remove(self._remote_state())

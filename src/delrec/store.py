@@ -385,6 +385,11 @@ class S3Store:
             for p in files
         }
 
+    def remove(self, uri: str) -> None:
+        """Remove the object ``uri``."""
+        bucket, key = parse_uri(uri)
+        self._retry(lambda: self.client.remove_object(bucket, key), f"remove {uri}")
+
     def remove_prefix(self, uri: str) -> int:
         """Remove every object under the prefix ``uri/``; returns how many were removed."""
         bucket, _ = parse_uri(uri)

@@ -122,7 +122,8 @@ def _common(p: argparse.ArgumentParser, training: bool, seed: bool = True) -> No
             "--checkpoint",
             metavar="DIR_OR_S3",
             help="where the training state is kept and resumed from: a folder or s3://bucket/prefix "
-            "(default: the pipeline's workspace from DELREC_CHECKPOINT_ROOT/RUN_ID/TASK, else OUT.partial)",
+            "(default: the pipeline's workspace from DELREC_CHECKPOINT_ROOT/RUN_ID/TASK, else OUT.partial); "
+            "once the output is in place, only the stage's own files there are removed",
         )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (YAML value)"
