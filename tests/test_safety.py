@@ -108,6 +108,20 @@ def test_force_replaces_a_foreign_folder_but_never_the_source(tmp_path, capsys):
     assert (other / layout.MANIFEST).is_file() and not (other / "junk").exists()
 
 
+@pytest.mark.parametrize("spelling", ["tilde", "file_url", "symlink"])
+def test_force_never_replaces_the_source_however_it_is_spelled(tmp_path, capsys, monkeypatch, spelling):
+    home = tmp_path / "home"
+    source = write_ml100k(home / "raw" / "ml")
+    before = snapshot(source)
+    monkeypatch.setenv("HOME", str(home))
+    if spelling == "symlink":
+        (tmp_path / "link").symlink_to(home / "raw")
+    named = {"tilde": "~/raw/ml", "file_url": source.as_uri(), "symlink": str(tmp_path / "link" / "ml")}
+    code, err = preprocess_ml100k(capsys, named[spelling], home / "raw", "--force")
+    assert code == 2 and "would replace the input" in err, err
+    assert snapshot(source) == before
+
+
 def test_our_own_output_is_replaced_without_force(tmp_path, capsys):
     source = write_ml100k(tmp_path / "ml")
     out = tmp_path / "data"

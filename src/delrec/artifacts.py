@@ -64,6 +64,20 @@ def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def local_path(location: str | os.PathLike) -> Path | None:
+    """The real path a plain path, ``~/...`` or ``file://`` URL names (``~`` expanded, symbolic links
+    resolved); None for any other URL (``s3://``, ``https://``)."""
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        text = url2pathname(urlparse(text).path)
+    elif "://" in text:
+        return None
+    return Path(os.path.realpath(os.path.expanduser(text)))
+
+
 def is_ours(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a manifest a delrec stage wrote (any schema version)."""
     try:
@@ -84,8 +98,8 @@ def check_out(
 
     ``out`` may be new, an empty folder or the output of a delrec stage (it holds our manifest). Any
     other existing folder is refused unless ``force``; ``force`` never allows replacing a folder named
-    in ``protect`` (the stage's inputs, say the raw source) or a folder holding one, nor the current
-    folder. A file, a symbolic link or a path below a file is always refused.
+    in ``protect`` (the stage's inputs, say the raw source, as paths, ``~/...`` or ``file://`` URLs, compared
+    after resolving symbolic links) or a folder holding one, nor the current folder. A file, a symbolic link or a path below a file is always refused.
     """
     if not os.fspath(out).strip():
         raise DelrecError("empty output path", field="out")
@@ -106,9 +120,10 @@ def check_out(
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise DelrecError(f"{ancestor} is a file, not a folder", path=out, field="out")
+    real = Path(os.path.realpath(path))
     for other in protect:
-        other_path = _absolute(other)
-        if _is_within(other_path, path):
+        other_path = local_path(other)
+        if other_path is not None and _is_within(other_path, real):
             raise DelrecError(
                 f"would replace the input {other}: write the output somewhere else", path=out, field="out"
             )

@@ -65,12 +65,18 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
-    """The command's arguments that name existing local paths other than its output: never replaced."""
+    """The command's arguments that name existing local paths (or ``file://`` URLs) other than its output:
+    never replaced."""
+    from delrec.artifacts import local_path
+
     found = []
     for name, value in vars(args).items():
         values = value if isinstance(value, list) else [value]
         for item in values:
-            if name not in ("out", "dest") and isinstance(item, str) and item and os.path.exists(item):
+            if name in ("out", "dest") or not isinstance(item, str) or not item:
+                continue
+            path = local_path(item)
+            if path is not None and path.exists():
                 found.append(item)
     return found
 

@@ -131,9 +131,8 @@ def build_dataset(raw: RawData, config: PreprocessConfig, out: str | os.PathLike
         kcore=kcore,
         num_candidates=config.num_candidates,
     )
-    # A local source folder is never replaced, whatever --force says.
-    local = [raw.source] if raw.source and "://" not in raw.source else []
-    with atomic_dir(out, protect=local) as tmp:
+    # A local source (path or file:// URL) is never replaced, whatever --force says.
+    with atomic_dir(out, protect=[raw.source] if raw.source else []) as tmp:
         write_dataset_files(
             tmp,
             titles=[titles[r] for r in item_raw.tolist()],
