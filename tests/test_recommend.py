@@ -184,3 +184,21 @@ def test_delrec_reranks_with_the_scoring_it_was_fine_tuned_with(
     recommend(*args, RecommendConfig(**TINY, users=users, top_n=2), tmp_path / "own")
     recommend(*args, RecommendConfig(**TINY, users=users, top_n=2, scoring="mean"), tmp_path / "set")
     assert used == ["sum", "mean"]
+
+
+def test_a_users_known_sequence_ends_with_its_validation_and_test_items(tmp_path):
+    # Histories are cut to max_history: a long sequence's test history is shorter than its training
+    # sequence, yet the user's two latest items (validation and test targets) must not be forgotten.
+    from delrec.data import PreprocessConfig, preprocess
+
+    preprocess(
+        PreprocessConfig(dataset="synthetic", synthetic_users=40, synthetic_items=30, max_history=3),
+        tmp_path / "data",
+    )
+    dataset = load_dataset(tmp_path / "data")
+    sequences = known_sequences(dataset)
+    valid, test = dataset.examples["valid"], dataset.examples["test"]
+    assert any(len(dataset.train_sequences[u]) > 3 for u in test.users)
+    for user, valid_target, test_target in zip(valid.users, valid.targets, test.targets, strict=True):
+        train = np.asarray(dataset.train_sequences[user])
+        assert sequences[user].tolist() == [*train.tolist(), valid_target, test_target]

@@ -46,6 +46,7 @@ from delrec.artifacts import (
 )
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
+from delrec.data.dataset import EVAL_SPLITS
 from delrec.errors import DelrecError
 from delrec.evaluate import (
     delrec_prompt_config,
@@ -108,13 +109,18 @@ class RecommendConfig(StageConfig):
 
 
 def known_sequences(dataset: Dataset) -> list[np.ndarray]:
-    """Each user's whole known sequence: the longest of its training sequence and its examples' history +
-    target (under leave-one-out, the test history plus the test target)."""
+    """Each user's whole known sequence: its training sequence, then its validation and test targets
+    (under leave-one-out, every item it has). A user with no training sequence (the ``user`` split) gets
+    its example's history + target; that history is cut to ``max_history``, so it is all we know."""
     sequences = [np.asarray(seq, dtype=np.int64) for seq in dataset.train_sequences]
-    for examples in dataset.examples.values():
+    for split in EVAL_SPLITS:  # in time order: a test history ends with the validation target
+        examples = dataset.examples[split]
         for user, history, target in zip(examples.users, examples.histories, examples.targets, strict=True):
-            if len(history) + 1 > len(sequences[user]):
-                sequences[user] = np.append(np.asarray(history, dtype=np.int64), target)
+            seq, history = sequences[user], np.asarray(history, dtype=np.int64)
+            if len(history) and np.array_equal(seq[len(seq) - len(history) :], history):
+                sequences[user] = np.append(seq, target)  # the history is the tail of what we know
+            elif len(history) + 1 > len(seq):
+                sequences[user] = np.append(history, target)
     return sequences
 
 
