@@ -149,11 +149,15 @@ def test_adalora_needs_room_for_its_schedule(synthetic_dir, tmp_path):
         finetune(synthetic_dir, tiny_finetune_config(steps=4, tinit=3, tfinal=2), tmp_path / "x")
 
 
-@pytest.mark.parametrize("workspace", ["beside the output", "object store, fresh pod"])
-def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, caplog, workspace):
+@pytest.mark.parametrize(
+    ("workspace", "adapter"),
+    [("beside the output", "lora"), ("object store, fresh pod", "lora"), ("beside the output", "adalora")],
+)
+def test_resumes_after_a_crash(synthetic_dir, tmp_path, monkeypatch, request, caplog, workspace, adapter):
     """Locally the rerun resumes from ``<out>.partial``; in a pipeline the retried pod has a fresh disk
-    and resumes from the run's prefix in the object store."""
-    config = tiny_finetune_config(steps=4, adapter="lora", eval_every=10)
+    and resumes from the run's prefix in the object store. AdaLoRA resumes its rank allocator's scores
+    too (the crash falls between tinit and the final pruning)."""
+    config = tiny_finetune_config(steps=4, adapter=adapter, eval_every=10, tinit=1, tfinal=1)
     straight = tmp_path / "straight"
     finetune(synthetic_dir, config, straight)
     calls = {"n": 0}
@@ -366,3 +370,34 @@ def test_teacher_kd_mixes_the_answer_with_the_teachers_softmax(
         teacher_dir=tiny_runs / "teacher",
     )
     assert "teacher" not in json.loads((plain / "manifest.json").read_text())["inputs"]  # teacher_kd 0
+
+
+def test_restored_rank_scores_sit_on_their_parameters_device():
+    # A checkpoint loads onto the CPU; on a GPU the allocator's scores must follow their parameters
+    # (peft mixes them in update_ipt). "meta" stands in for the GPU here.
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    peft_model = get_peft_model(
+        model,
+        AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj"], total_step=10, tinit=1, tfinal=1),
+    )
+    names = [n for n, _ in peft_model.base_model.model.named_parameters() if "lora_" in n]
+    state = {key: {n: torch.ones(1) for n in names} for key in ("ipt", "exp_avg_ipt", "exp_avg_unc")} | {
+        "rank_pattern": {"x": [True]}
+    }
+    peft_model.to("meta")
+    finetune_module._restore_allocator(peft_model, state)
+    allocator = peft_model.base_model.rankallocator
+    for scores in (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc):
+        assert sorted(scores) == sorted(names) and {v.device.type for v in scores.values()} == {"meta"}

@@ -197,10 +197,16 @@ def _restore_allocator(peft_model, state: dict | None) -> None:
     if state is None:
         return
     allocator = peft_model.base_model.rankallocator
+    # Checkpoints load onto the CPU; the scores must sit where their parameters are (a GPU's).
+    device = {name: p.device for name, p in peft_model.base_model.model.named_parameters()}
+
+    def placed(scores: dict) -> dict:
+        return {name: value.to(device.get(name, value.device)) for name, value in scores.items()}
+
     allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
-        state["ipt"],
-        state["exp_avg_ipt"],
-        state["exp_avg_unc"],
+        placed(state["ipt"]),
+        placed(state["exp_avg_ipt"]),
+        placed(state["exp_avg_unc"]),
     )
     peft_model.peft_config["default"].rank_pattern = state["rank_pattern"]
 
