@@ -467,3 +467,30 @@ def test_a_lora_adapter_loads_exactly(tiny_runs, tmp_path):
             rtol=0,
             atol=1e-5,
         )
+
+
+def test_in_the_catalogue_every_model_excludes_what_the_teacher_excludes(tmp_path):
+    # Histories cut to 3 items: a user's earlier training items lie outside the history. The teacher
+    # excludes them from its ranking; popularity (and the LLMs) must rank among the same items.
+    from test_teachers import _quick
+
+    from delrec.metrics import target_ranks
+    from delrec.teachers import train_teacher
+
+    data = tmp_path / "data"
+    preprocess(
+        PreprocessConfig(dataset="synthetic", synthetic_users=40, synthetic_items=30, max_history=3), data
+    )
+    train_teacher(data, _quick("gru4rec", max_epochs=1), tmp_path / "teacher")
+    dataset = load_dataset(data)
+    rows = np.arange(len(dataset.examples["test"]))
+    teacher = evaluate_module._teacher_scores(dataset, tmp_path / "teacher", "test", rows)
+    excluded = np.isneginf(teacher[:, 1:])
+    histories = dataset.examples["test"].histories
+    assert excluded.sum() > sum(len(h) for h in histories)  # more than the histories: the test can tell
+    counts = popularity_scores(dataset)[1:].astype(float)
+    expected = target_ranks(
+        np.where(excluded, -np.inf, counts[None, :]), dataset.examples["test"].targets - 1
+    )
+    ranks = popularity_ranks(dataset, "test", rows, "catalogue")
+    np.testing.assert_array_equal(ranks, expected)

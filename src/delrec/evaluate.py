@@ -131,7 +131,7 @@ def item_score_ranks(
     """Target ranks from scores of every item id (columns 0..N, 0 = padding) for the chosen examples."""
     examples = dataset.examples[split]
     if universe == "catalogue":
-        return _catalogue_ranks(item_scores[:, 1:], examples, rows)
+        return _catalogue_ranks(item_scores[:, 1:], dataset, split, rows)
     cands = dataset.candidates[split][rows]
     return target_ranks(
         np.take_along_axis(item_scores, cands, axis=1), (cands == examples.targets[rows, None]).argmax(axis=1)
@@ -169,7 +169,7 @@ class _LLMRanker:
     """Scores the chosen examples' candidates (or the catalogue) with one backbone configuration."""
 
     def __init__(self, dataset: Dataset, config: EvaluateConfig, split: str, rows: np.ndarray):
-        self.dataset, self.config, self.rows = dataset, config, rows
+        self.dataset, self.config, self.split, self.rows = dataset, config, split, rows
         self.examples = dataset.examples[split]
         self.candidates = dataset.candidates[split][rows]
 
@@ -228,15 +228,24 @@ class _LLMRanker:
             scores[:, start : start + len(chunk)] = score_all(
                 backbone, soft, prompts, answers, desc=f"{desc} {start}", **kw
             )
-        return _catalogue_ranks(scores, self.examples, self.rows)
+        return _catalogue_ranks(scores, self.dataset, self.split, self.rows)
 
 
-def _catalogue_ranks(item_scores: np.ndarray, examples, rows: np.ndarray) -> np.ndarray:
-    """Ranks of the targets among all items (columns = items 1..N), the user's history excluded."""
+def _catalogue_ranks(item_scores: np.ndarray, dataset: Dataset, split: str, rows: np.ndarray) -> np.ndarray:
+    """Ranks of the targets among all items (columns = items 1..N), every item the user had before the
+    target excluded (its earlier training items and the example's history), for every model alike: the
+    teacher's own scores exclude the same."""
+    from delrec.teachers.train import PastItems
+
+    examples = dataset.examples[split]
+    users, targets = examples.users[rows], examples.targets[rows]
     scores = item_scores.copy()
+    past = PastItems(dataset)
+    seen_rows, seen_items = past.indices(users, past.cutoffs(users, targets))
+    scores[seen_rows, seen_items - 1] = -np.inf
     for out_row, row in enumerate(rows):
         scores[out_row, examples.histories[row] - 1] = -np.inf
-    return target_ranks(scores, examples.targets[rows] - 1)
+    return target_ranks(scores, targets - 1)
 
 
 def teacher_topk(item_scores: np.ndarray, k: int) -> np.ndarray:
