@@ -159,8 +159,13 @@ def test_published_recommendations_land_under_the_run_id_once(tmp_path, store): 
     uri = publish_recommendations(store, folder, f"s3://{BUCKET}/registry", "delrec", "job-7")
     assert uri == f"s3://{BUCKET}/registry/delrec/recommendations/job-7"
     assert sorted(store.list(uri)) == ["manifest.json", "recommendations/part-00000.parquet"]
+    # A retried task (same run id, same folder) finds its upload done; other recommendations are refused.
+    assert publish_recommendations(store, folder, f"s3://{BUCKET}/registry", "delrec", "job-7") == uri
+    (folder / layout.RECOMMENDATIONS / "part-00000.parquet").write_bytes(b"other rows")
+    write_manifest(folder, producer="recommend", config={}, inputs={}, rows={"users": 1})
     with pytest.raises(DelrecError, match="refusing to overwrite"):
         publish_recommendations(store, folder, f"s3://{BUCKET}/registry", "delrec", "job-7")
+    assert store.get_bytes(f"{uri}/recommendations/part-00000.parquet") == b"rows"
     with pytest.raises(DelrecError, match="manifest"):
         publish_recommendations(store, tmp_path, f"s3://{BUCKET}/registry", "delrec", "job-8")
 

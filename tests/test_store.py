@@ -270,6 +270,28 @@ def test_a_published_bundle_is_never_overwritten(store, tmp_path):
             st.publish_bundle(store, _bundle(tmp_path), run=bad_run, metrics=good, **kw)
 
 
+def test_a_publish_retried_after_its_index_finishes_the_pointer(store, tmp_path, monkeypatch):
+    # The pod died after writing bundle.json, before the run record and latest.json: its retry (same
+    # KFP job id, same files and metrics) must finish them rather than fail on "already published".
+    base = f"s3://{BUCKET}"
+    good = {"delrec_HR@1": 0.5, "teacher_HR@1": 0.4}
+    kw = {"base": base, "pipeline": "delrec", "gate": st.QualityGate()}
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("pod evicted")
+
+    monkeypatch.setattr(st, "advance_latest", killed)
+    with pytest.raises(RuntimeError, match="evicted"):
+        st.publish_bundle(store, _bundle(tmp_path), run="job-1", metrics=good, **kw)
+    assert not store.exists(f"{base}/delrec/latest.json")
+    monkeypatch.undo()
+    index = st.publish_bundle(store, _bundle(tmp_path), run="job-1", metrics=good, **kw)
+    assert index["gate"]["passed"] and store.get_json(f"{base}/delrec/latest.json")["run"] == "job-1"
+    assert len(store.list(f"{base}/delrec/_runs")) == 1
+    st.publish_bundle(store, _bundle(tmp_path), run="job-1", metrics=good, **kw)  # once more: no change
+    assert len(store.list(f"{base}/delrec/_runs")) == 1
+
+
 def test_a_challenger_must_beat_the_published_champion_too(store, tmp_path):
     base = f"s3://{BUCKET}"
     kw = {"base": base, "pipeline": "delrec", "gate": st.QualityGate()}

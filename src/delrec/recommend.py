@@ -335,15 +335,19 @@ def recommend(
 
 def publish_recommendations(store, folder: str | os.PathLike, base: str, pipeline: str, run: str) -> str:
     """Upload a finished ``recommend`` folder to ``<base>/<pipeline>/recommendations/<run>/`` and return
-    that URI. Never over an earlier upload of the same run id; the manifest goes last, so a reader that
-    finds it finds every shard."""
+    that URI. Never over an earlier upload of the same run id, unless it is this very folder's (a retried
+    task whose first attempt finished the upload); the manifest goes last, so a reader that finds it finds
+    every shard."""
     from delrec.store import join_uri
 
-    read_manifest(folder, producer=layout.RECOMMEND)
+    manifest = read_manifest(folder, producer=layout.RECOMMEND)
     uri = join_uri(base, f"{pipeline}/{layout.RECOMMENDATIONS}/{run}")
     if store.exists(join_uri(uri, layout.MANIFEST)):
+        if store.get_json(join_uri(uri, layout.MANIFEST)) == manifest:
+            log.info("%s already holds these recommendations (an earlier attempt of this run)", uri)
+            return uri
         raise DelrecError(
-            "already holds recommendations of this run id: refusing to overwrite them", path=uri
+            "already holds other recommendations of this run id: refusing to overwrite them", path=uri
         )
     store.put_dir(Path(folder) / layout.RECOMMENDATIONS, join_uri(uri, layout.RECOMMENDATIONS))
     store.put_file(Path(folder) / layout.MANIFEST, join_uri(uri, layout.MANIFEST))

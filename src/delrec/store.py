@@ -676,7 +676,8 @@ def publish_bundle(
     ``run`` must be unique per run (the pipeline passes the KFP job id): a complete bundle (one with an
     index) is never overwritten, so a failed challenger can never replace the files of the published model.
     A partial upload under ``run`` (a publish pod killed before its index) is the same run retried and is
-    completed. The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so
+    completed; so is a complete one holding exactly these files and metrics (a pod killed after its index:
+    the retry writes the run record and moves the pointer it missed). The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so
     a bundle with an index is complete; the ``latest`` pointer only ever names complete bundles that
     passed, and never moves to a run older (by publish order) than the one it names.
     """
@@ -684,7 +685,7 @@ def publish_bundle(
         raise DelrecError(f"run id {run!r} cannot name a bundle (empty, a path, or reserved)", field="run")
     run_uri = join_uri(base, pipeline, run)
     if store.exists(join_uri(run_uri, BUNDLE_INDEX)):
-        raise DelrecError("a bundle is already published here: refusing to overwrite it", path=run_uri)
+        return _finish_retried_publish(store, join_uri(base, pipeline), run_uri, parts, metrics)
     store.ensure_bucket(parse_uri(base)[0])
     latest_uri = join_uri(base, pipeline, LATEST)
     champion = _read_with_etag(store, latest_uri)[0]
@@ -710,19 +711,46 @@ def publish_bundle(
     }
     store.put_json(index, join_uri(run_uri, BUNDLE_INDEX))
     if passed:
-        pointer = {
-            "run": run,
-            "uri": run_uri,
-            "order": order,
-            "metrics": dict(metrics),
-            "published": published,
-        }
-        store.put_json(pointer, join_uri(base, pipeline, RUNS, f"{order:020d}-{run}.json"))
-        final = advance_latest(store, join_uri(base, pipeline))
+        final = _record_run(store, join_uri(base, pipeline), index)
         log.info("published %s; gate %s; %s names run %s", run_uri, verdict, latest_uri, final.get("run"))
     else:
         log.warning("published %s but the gate %s: %s left as it was", run_uri, verdict, LATEST)
     return index
+
+
+def _finish_retried_publish(
+    store: S3Store,
+    pipeline_uri: str,
+    run_uri: str,
+    parts: Mapping[str, str | os.PathLike],
+    metrics: Mapping[str, float],
+) -> dict[str, Any]:
+    """``run_uri`` holds a bundle index already. The same run retried (same files, same metrics) finishes
+    what its earlier attempt left undone: the run record and the ``latest`` pointer if the gate passed.
+    Anything else is refused: a published bundle is never overwritten."""
+    index = store.get_json(join_uri(run_uri, BUNDLE_INDEX))
+    files = {
+        name: {
+            p.relative_to(folder).as_posix(): file_sha256(p)
+            for p in sorted(Path(folder).rglob("*"))
+            if p.is_file()
+        }
+        for name, folder in parts.items()
+    }
+    if index.get("files") != files or index.get("metrics") != dict(metrics):
+        raise DelrecError("another bundle is already published here: refusing to overwrite it", path=run_uri)
+    log.info("%s was published by an earlier attempt of this run; finishing its pointer", run_uri)
+    if index["gate"]["passed"]:
+        _record_run(store, pipeline_uri, index)
+    return index
+
+
+def _record_run(store: S3Store, pipeline_uri: str, index: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the run record of a bundle that passed its gate (once) and move ``latest`` to the newest."""
+    record = join_uri(pipeline_uri, RUNS, f"{index['order']:020d}-{index['run']}.json")
+    if not store.exists(record):
+        store.put_json({key: index[key] for key in ("run", "uri", "order", "metrics", "published")}, record)
+    return advance_latest(store, pipeline_uri)
 
 
 def _read_with_etag(store: S3Store, uri: str) -> tuple[dict[str, Any] | None, str | None]:
