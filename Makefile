@@ -86,7 +86,7 @@ image-gpu:  ## build the CUDA image, tagged with the version and the hash of its
 image-names:  ## print the CPU and GPU image names the pipeline is compiled with
 	@echo $(CPU_IMAGE) $(GPU_IMAGE)
 
-kind-up:  ## kind cluster + KFP (KFP_VERSION) + our manifests (OVERLAY=kind|gpu); prints the UI address
+kind-up:  ## kind cluster + KFP (KFP_VERSION) + our manifests (OVERLAY=kind|gpu|kind-gpu); prints the UI address
 	KIND="$(KIND)" KIND_CLUSTER=$(KIND_CLUSTER) KIND_CONFIG=$(KIND_CONFIG) OVERLAY=$(OVERLAY) \
 	  KFP_VERSION=$(KFP_VERSION) scripts/kind-up.sh
 

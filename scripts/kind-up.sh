@@ -4,7 +4,7 @@
 #
 # Environment (the Makefile passes its variables of the same names):
 #   KIND_CLUSTER  cluster name (delrec)        KIND_CONFIG  kind config (manifests/kind/cluster.yaml)
-#   OVERLAY       manifests/overlays/OVERLAY (kind)       KFP_VERSION  KFP release to install (2.17.1)
+#   OVERLAY       manifests/overlays/OVERLAY (kind, gpu, kind-gpu)  KFP_VERSION  KFP release to install (2.17.1)
 #   TIMEOUT       how long to wait for KFP to come up (20m)  KIND  the kind binary (kind)
 # With podman instead of docker: export KIND_EXPERIMENTAL_PROVIDER=podman.
 set -euo pipefail

@@ -19,7 +19,7 @@ MANIFESTS = REPO / "manifests"
 # The Kubernetes minor version of the kind node image (manifests/kind/cluster.yaml); every manifest is
 # validated against it.
 K8S_VERSION = "1.33.0"
-OVERLAYS = ("base", "overlays/kind", "overlays/gpu")
+OVERLAYS = ("base", "overlays/kind", "overlays/gpu", "overlays/kind-gpu")
 KIND_CONFIGS = sorted((MANIFESTS / "kind").glob("*.yaml"))
 
 
@@ -269,6 +269,26 @@ def test_gpu_overlay_runs_the_device_plugin_on_gpu_nodes():
         find(docs, "PersistentVolumeClaim", "delrec-model-cache")["spec"]["resources"]["requests"]["storage"]
         == "200Gi"
     )
+
+
+def test_kind_gpu_overlay_has_the_kind_ports_the_device_plugin_and_a_claim_local_path_can_bind():
+    """kind's only storage (local-path) binds ReadWriteOnce claims only, and the GPU kind cluster maps the
+    same host ports as the CPU one: the kind-gpu overlay is the kind overlay plus the device plugin."""
+    docs = rendered("overlays/kind-gpu")
+    find(docs, "DaemonSet", "nvidia-device-plugin-daemonset")
+    assert find(docs, "PersistentVolumeClaim", "delrec-model-cache")["spec"]["accessModes"] == [
+        "ReadWriteOnce"
+    ]
+    node_ports = {
+        p["nodePort"] for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"] if "nodePort" in p
+    }
+    mapped = {
+        m["containerPort"]
+        for node in load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"]
+        for m in node.get("extraPortMappings", [])
+    }
+    assert node_ports == mapped == {30080, 30900}
+    find(docs, "NetworkPolicy", "delrec-s3-from-host")
 
 
 def test_gpu_kind_cluster_has_an_untainted_node_for_kfp_and_the_cpu_stages():

@@ -59,7 +59,7 @@ def location_from_env() -> str | None:
     if not os.environ.get("DELREC_S3_ENDPOINT"):
         log.warning(
             "no object-store endpoint (DELREC_S3_ENDPOINT): checkpoints stay on this pod's disk, so a "
-            "retried pod starts from step 0 (set the pipeline's s3_endpoint)"
+            "retried pod starts from step 0 (set it in the delrec-object-store ConfigMap)"
         )
         return None
     return join_uri(root, run_id, task)
