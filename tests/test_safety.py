@@ -24,6 +24,7 @@ from delrec import artifacts, layout
 from delrec.artifacts import load_checkpoint, partial_dir
 from delrec.cli import main
 from delrec.data import download
+from delrec.errors import DelrecError
 
 SMALL = ["--num-candidates", "5"]
 
@@ -129,6 +130,31 @@ def test_our_own_output_is_replaced_without_force(tmp_path, capsys):
     preprocess_ok(capsys, source, out, "--seed", "3")
     assert json.loads((out / layout.MANIFEST).read_text())["config"]["seed"] == 3
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_our_output_holding_the_users_own_files_is_refused_and_kept(tmp_path, capsys):
+    source = write_ml100k(tmp_path / "ml")
+    out = tmp_path / "data"
+    preprocess_ok(capsys, source, out)
+    (out / "my_analysis.ipynb").write_text("hours of work")
+    before = snapshot(tmp_path)
+    code, err = preprocess_ml100k(capsys, source, out, "--seed", "3")
+    assert code == 2
+    assert f"{out}: field 'out': holds files that are not part of the delrec output" in err
+    assert "my_analysis.ipynb" in err and "--force" in err
+    assert snapshot(tmp_path) == before
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_files_in_subfolders_are_ours_only_if_the_manifest_lists_them(tmp_path):
+    out = tmp_path / "model"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "weights.safetensors").write_bytes(b"w")
+    artifacts.write_manifest(out, producer=layout.FINETUNE, config={})
+    assert artifacts.check_out(out) == out
+    (out / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(DelrecError, match="adapter/notes.txt"):
+        artifacts.check_out(out)
 
 
 def test_a_stage_input_is_never_replaced_even_though_it_is_ours(tmp_path, capsys, synthetic_dir):

@@ -3,10 +3,10 @@
 Each stage writes its output folder under a temporary name next to the destination and renames it
 into place only when everything is written, so a failed or killed stage never leaves a partial
 artifact; temporary folders of killed runs are swept on the next run. An existing folder is replaced
-only if it is a delrec output (it holds our manifest). Every folder holds ``manifest.json`` (schema
-version, producer stage, config hash, the ids of its inputs, row counts, the sha256 and size of each
-file) so a later stage refuses a wrong, stale or corrupted input with a clear message naming the file
-instead of training on it.
+only if it is a delrec output (it holds our manifest and only the files that manifest lists). Every
+folder holds ``manifest.json`` (schema version, producer stage, config hash, the ids of its inputs, row
+counts, the sha256 and size of each file) so a later stage refuses a wrong, stale or corrupted input
+with a clear message naming the file instead of training on it.
 """
 
 from __future__ import annotations
@@ -87,6 +87,18 @@ def is_ours(folder: str | os.PathLike) -> bool:
     return isinstance(manifest, dict) and manifest.get(layout.M_PRODUCER) in layout.PRODUCERS
 
 
+def _foreign_files(folder: Path) -> list[str]:
+    """Files under ``folder``, a delrec output, that its manifest does not list (say the user's notes)."""
+    files = json.loads((folder / MANIFEST).read_text()).get(layout.M_FILES)
+    own = {MANIFEST, *(files if isinstance(files, dict) else ())}
+    return sorted(
+        rel
+        for entry in folder.rglob("*")
+        if (entry.is_symlink() or not entry.is_dir())
+        and (rel := entry.relative_to(folder).as_posix()) not in own
+    )
+
+
 def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
@@ -96,10 +108,11 @@ def check_out(
 ) -> Path:
     """Check that a stage may write (and replace) the folder ``out``; return it as an absolute path.
 
-    ``out`` may be new, an empty folder or the output of a delrec stage (it holds our manifest). Any
-    other existing folder is refused unless ``force``; ``force`` never allows replacing a folder named
-    in ``protect`` (the stage's inputs, say the raw source, as paths, ``~/...`` or ``file://`` URLs, compared
-    after resolving symbolic links) or a folder holding one, nor the current folder. A file, a symbolic link or a path below a file is always refused.
+    ``out`` may be new, an empty folder or the output of a delrec stage (it holds our manifest and only
+    the files that manifest lists). Any other existing folder is refused unless ``force``; ``force``
+    never allows replacing a folder named in ``protect`` (the stage's inputs, say the raw source, as
+    paths, ``~/...`` or ``file://`` URLs, compared after resolving symbolic links) or a folder holding
+    one, nor the current folder. A file, a symbolic link or a path below a file is always refused.
     """
     if not os.fspath(out).strip():
         raise DelrecError("empty output path", field="out")
@@ -127,15 +140,21 @@ def check_out(
             raise DelrecError(
                 f"would replace the input {other}: write the output somewhere else", path=out, field="out"
             )
-    if path.is_dir() and any(path.iterdir()) and not is_ours(path):
+    if path.is_dir() and any(path.iterdir()):
+        if not is_ours(path):
+            problem = f"exists and is not a delrec output (no {MANIFEST})"
+        elif foreign := _foreign_files(path):
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            problem = f"holds files that are not part of the delrec output ({shown})"
+        else:
+            return path
         if not force:
             raise DelrecError(
-                f"exists and is not a delrec output (no {MANIFEST}): refusing to replace it; "
-                "give a new folder (or pass --force to replace it)",
+                f"{problem}: refusing to replace it; give a new folder (or pass --force to replace it)",
                 path=out,
                 field="out",
             )
-        log.warning("--force: %s (not a delrec output) will be replaced", out)
+        log.warning("--force: replacing %s, which %s", out, problem)
     return path
 
 
