@@ -205,6 +205,25 @@ def test_data_upload_cli_and_fetch(store, moto_endpoint, tmp_path, capsys):
     assert code == 0 and st.local_fingerprint(tmp_path / "got") == st.local_fingerprint(raw)
 
 
+def test_data_upload_never_mixes_with_an_earlier_upload(store, moto_endpoint, tmp_path, capsys):
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    (v1 / "interactions.parquet").write_bytes(b"old export")
+    (v2 / "interactions.csv").write_text("user,item,timestamp\n")
+    to = ["--to", f"s3://{BUCKET}/raw", "--endpoint", f"http://{moto_endpoint}"]
+    upload = ["data", "upload", "--dataset", "generic", *to, "--source"]
+    assert delrec_main([*upload, str(v1)]) == 0
+    uri = f"s3://{BUCKET}/raw/generic"
+    capsys.readouterr()
+    assert delrec_main([*upload, str(v2)]) == 2
+    err = capsys.readouterr().err
+    assert f"{uri}: field 'to': already holds 1 object(s)" in err and "--replace" in err
+    assert store.list(uri) == ["interactions.parquet"]
+    assert delrec_main([*upload, str(v2), "--replace"]) == 0
+    assert store.list(uri) == ["interactions.csv"]
+
+
 def test_cli_reports_missing_endpoint(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("DELREC_S3_ENDPOINT", raising=False)
     assert delrec_main(["store", "ls", "s3://b/x"]) == 2

@@ -563,17 +563,33 @@ def download_prefix(uri: str, dest: str | os.PathLike, store: S3Store | None = N
 # --------------------------------------------------------------------------- ingest and publish
 
 
-def upload_dataset(store: S3Store, dataset: str, source: str | os.PathLike, to: str) -> str:
-    """Upload a raw dataset (file or folder) to ``<to>/<dataset>/``; returns that URI (a preprocess source)."""
+def upload_dataset(
+    store: S3Store, dataset: str, source: str | os.PathLike, to: str, *, replace: bool = False
+) -> str:
+    """Upload a raw dataset (file or folder) to ``<to>/<dataset>/``; returns that URI (a preprocess source).
+
+    A destination already holding objects is refused unless ``replace``, which removes them first:
+    preprocess reads every object there, so old files must never mix with a new upload.
+    """
     source = Path(source)
+    if not (source.is_file() or source.is_dir() and any(p.is_file() for p in source.rglob("*"))):
+        raise DelrecError("no such file, nor a folder holding files: nothing to upload", path=source)
     dest = join_uri(to, dataset)
     store.ensure_bucket(parse_uri(to)[0])
+    if old := store.list(dest):
+        if not replace:
+            raise DelrecError(
+                f"already holds {len(old)} object(s) of an earlier upload: refusing to mix them with this "
+                "one (pass --replace to remove them first)",
+                path=dest,
+                field="to",
+            )
+        log.warning("--replace: removing the %d object(s) under %s", len(old), dest)
+        store.remove_prefix(dest)
     if source.is_dir():
         store.put_dir(source, dest)
-    elif source.is_file():
-        store.put_file(source, join_uri(dest, source.name))
     else:
-        raise DelrecError("no such file or folder", path=source)
+        store.put_file(source, join_uri(dest, source.name))
     return dest
 
 

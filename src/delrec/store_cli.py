@@ -21,7 +21,7 @@ def _store(args: argparse.Namespace):
 def _upload(args: argparse.Namespace) -> None:
     from delrec.store import upload_dataset
 
-    uri = upload_dataset(_store(args), args.dataset, args.source, args.to)
+    uri = upload_dataset(_store(args), args.dataset, args.source, args.to, replace=args.replace)
     print(uri)
 
 
@@ -65,12 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="upload a raw dataset to s3://bucket/prefix/DATASET/ (a preprocess --source)",
         description=(
             "Upload a raw dataset file or folder to TO/DATASET/ atomically and verified; prints the URI "
-            "to give preprocess as its source."
+            "to give preprocess as its source. A TO/DATASET/ that already holds objects is refused "
+            "unless --replace."
         ),
     )
     up.add_argument("--dataset", required=True, help="dataset name (ml-100k, beauty, steam ...)")
     up.add_argument("--source", required=True, help="local file or folder")
     up.add_argument("--to", required=True, help="s3://bucket/prefix")
+    up.add_argument(
+        "--replace", action="store_true", help="remove what an earlier upload left in TO/DATASET/ first"
+    )
     _connection_args(up)
     up.set_defaults(handler=_upload)
 
