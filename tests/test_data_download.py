@@ -128,6 +128,19 @@ def test_a_corrupt_cached_file_is_downloaded_again(tmp_path, server):
     assert dest.read_text() == "hello" and requests == ["/a.txt", "/a.txt"]
 
 
+def test_a_damaged_cached_extraction_is_extracted_again(tmp_path, server, caplog):
+    base, root, requests = server
+    zip_folder(write_ml100k(tmp_path / "ml"), root / "ml-100k.zip", "ml-100k")
+    sums = {name: file_sha256(tmp_path / "ml" / name) for name in ("u.data", "u.item")}
+    url = f"{base}/ml-100k.zip"
+    folder = fetch_url(url, cache=tmp_path / "cache", checksums=sums)
+    damaged = folder / "ml-100k" / "u.data"
+    damaged.write_text(damaged.read_text()[:200])
+    assert fetch_url(url, cache=tmp_path / "cache", checksums=sums) == folder
+    assert file_sha256(damaged) == sums["u.data"]
+    assert "is damaged" in caplog.text and requests == ["/ml-100k.zip"]
+
+
 def test_file_url(tmp_path):
     archive = zip_folder(write_ml100k(tmp_path / "ml"), tmp_path / "ml.zip", "ml-100k")
     with local_source(archive.as_uri(), cache=tmp_path / "cache") as folder:

@@ -3,7 +3,8 @@
 URLs are downloaded once into the cache folder (``$DELREC_CACHE``, else ``~/.cache/delrec``) through a
 temporary file renamed into place, so a killed download never looks complete. A zip archive is
 extracted next to it (again via a temporary folder); where the files inside have known sha256 sums
-(ML-100K's ``u.data`` and ``u.item``) they are checked before the extraction is kept.
+(ML-100K's ``u.data`` and ``u.item``) they are checked before the extraction is kept, and again each
+time the cached extraction is used.
 
 ``s3://`` sources are copied with ``delrec.store.download_prefix(uri, dest_dir)`` into a temporary
 folder that lives only while the source is read: object storage is the pipeline's own store, not a
@@ -106,9 +107,18 @@ def verify_files(root: Path, checksums: Mapping[str, str], *, origin: str) -> No
 
 
 def extract_zip(archive: Path, dest: Path, *, checksums: Mapping[str, str] | None = None) -> Path:
-    """Extract ``archive`` into ``dest`` (via a temporary folder), verifying ``checksums`` first."""
+    """Extract ``archive`` into ``dest`` (via a temporary folder), verifying ``checksums`` first.
+
+    An earlier extraction in ``dest`` is used if its files still match ``checksums``; else it is
+    extracted again.
+    """
     if dest.is_dir():
-        return dest
+        try:
+            verify_files(dest, checksums or {}, origin=str(dest))
+            return dest
+        except DelrecError as exc:
+            log.warning("cached %s is damaged (%s): extracting it again", dest, exc)
+            shutil.rmtree(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         unzip(archive, tmp)
