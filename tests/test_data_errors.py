@@ -274,6 +274,22 @@ def test_empty_after_filtering(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("dataset", ["generic", "beauty"])
+def test_an_empty_csv_or_inter_file(tmp_path, capsys, dataset):
+    folder = (write_generic if dataset == "generic" else write_recbole)(tmp_path / "src")
+    empty = next(p for p in folder.iterdir() if p.name in ("interactions.csv", "Amazon_Beauty.inter"))
+    empty.write_text("")
+    fails(
+        tmp_path,
+        capsys,
+        "--dataset",
+        dataset,
+        "--source",
+        str(folder),
+        expect=[f"{empty}: empty file: expected a header line"],
+    )
+
+
 def test_missing_source(tmp_path, capsys):
     fails(
         tmp_path,

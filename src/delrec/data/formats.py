@@ -116,8 +116,10 @@ def _check_against_header(path: Path, delimiter: str, quoting: bool = True) -> C
         )
 
     def explain() -> None:
-        header = split(next(_lines(path))[1].rstrip("\r\n"))
-        _locate_bad_line(path, header, split=split, header=True)
+        first = next(_lines(path), None)
+        if first is None:
+            raise DelrecError("empty file: expected a header line", path=path)
+        _locate_bad_line(path, split(first[1].rstrip("\r\n")), split=split, header=True)
 
     return explain
 
