@@ -17,6 +17,7 @@ from delrec.data import load_dataset
 from delrec.errors import DelrecError
 from delrec.recommend import (
     RecommendConfig,
+    _prepare_partial,
     _Shard,
     known_sequences,
     publish_recommendations,
@@ -95,6 +96,31 @@ def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, tiny_run
     stats = recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, out)
     assert len(calls) == stats["shards"] - 2  # only the missing shards ran
     assert _read(out) == _read(whole)
+
+
+def test_a_checkpoint_folder_holding_other_files_is_refused_not_removed(tmp_path):
+    partial = tmp_path / "recs.partial"
+    partial.mkdir()
+    (partial / "my_notes.txt").write_text("mine")
+    (partial / "part-00000.parquet").write_bytes(b"a shard of another run")
+    with pytest.raises(DelrecError, match=r"holds files recommend did not write \(my_notes.txt\)") as err:
+        _prepare_partial(partial, {"config": "x", "inputs": {}})
+    assert err.value.path == partial
+    assert sorted(p.name for p in partial.iterdir()) == ["my_notes.txt", "part-00000.parquet"]
+
+
+def test_a_run_marker_cut_short_counts_as_another_run(tmp_path):
+    partial = tmp_path / "recs.partial"
+    run = {"config": "x", "inputs": {}}
+    _prepare_partial(partial, run)
+    (partial / "part-00000.parquet").write_bytes(b"shard")
+    (partial / "run.json").write_text('{"config": "x", "inp')  # a run killed while writing it
+    _prepare_partial(partial, run)
+    assert [p.name for p in partial.iterdir()] == ["run.json"]
+    assert json.loads((partial / "run.json").read_text()) == run
+    (partial / "part-00000.parquet").write_bytes(b"shard")
+    _prepare_partial(partial, run)  # the same run resumes: its shards are kept
+    assert (partial / "part-00000.parquet").exists()
 
 
 def test_a_user_list_and_an_unknown_user(synthetic_dir, tiny_runs, tmp_path):

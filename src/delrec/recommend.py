@@ -19,6 +19,7 @@ process writes.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from delrec.artifacts import (
     partial_dir,
     read_manifest,
     require_same_input,
+    write_json_atomic,
     write_manifest,
 )
 from delrec.config import StageConfig
@@ -61,6 +63,8 @@ from delrec.llm.soft_prompt import SoftPrompt
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"  # in the checkpoint folder: which run its shards belong to
+# What this stage writes into its checkpoint folder: the marker, the shards and their temporary names.
+_OWN = (RUN_JSON, f".{RUN_JSON}.*", "part-*.parquet", "part-*.parquet.tmp")
 SCHEMA = pa.schema(
     [
         ("user", pa.string()),
@@ -225,16 +229,34 @@ def _shard_name(index: int) -> str:
 
 
 def _prepare_partial(partial: Path, run: dict) -> None:
-    """Keep the shards of an interrupted run of this exact config and inputs; otherwise start afresh."""
+    """Keep the shards of an interrupted run of this exact config and inputs; otherwise start afresh.
+
+    A folder holding anything this stage does not write (say the user's files) is refused, never removed.
+    """
     marker = partial / RUN_JSON
     if partial.is_dir():
-        previous = json.loads(marker.read_text()) if marker.is_file() else None
+        foreign = sorted(
+            p.name
+            for p in partial.iterdir()
+            if not (p.is_file() and any(fnmatch.fnmatchcase(p.name, own) for own in _OWN))
+        )
+        if foreign:
+            raise DelrecError(
+                f"holds files recommend did not write ({', '.join(foreign[:5])}): "
+                "move them away or remove the folder",
+                path=partial,
+                field="out",
+            )
+        try:
+            previous = json.loads(marker.read_text())
+        except (OSError, ValueError):  # missing, or cut short by a run killed while writing it
+            previous = None
         if previous == run:
             return
         log.warning("%s holds shards of another run (config or inputs differ): starting afresh", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    marker.write_text(json.dumps(run, indent=1))
+    write_json_atomic(marker, run)
 
 
 def recommend(
