@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -109,6 +110,21 @@ def test_garbled_json_line(tmp_path, capsys):
     fails(
         tmp_path, capsys, "--dataset", "beauty", "--format", "amazon-json", "--kcore", "0", "--source", str(folder),
         expect=["reviews_Beauty_5.json.gz:3", "not a JSON object"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stamp", [1e20, -(2**70)])
+def test_a_review_time_beyond_int64(tmp_path, capsys, stamp):
+    folder = write_amazon_json(tmp_path / "amazon")
+    reviews = folder / "reviews_Beauty_5.json.gz"
+    lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
+    record = json.loads(lines[4])
+    record["unixReviewTime"] = stamp
+    lines[4] = json.dumps(record)
+    reviews.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    fails(
+        tmp_path, capsys, "--dataset", "beauty", "--format", "amazon-json", "--kcore", "0", "--source", str(folder),
+        expect=[f"reviews_Beauty_5.json.gz:5: field 'unixReviewTime': expected a Unix time in seconds, got {stamp!r}"],
     )  # fmt: skip
 
 

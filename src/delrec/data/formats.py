@@ -527,9 +527,11 @@ def read_amazon_json(path: Path) -> RawData:
         users.append(str(_field(record, "reviewerID", reviews, lineno)))
         items.append(str(_field(record, "asin", reviews, lineno)))
         stamp = _field(record, "unixReviewTime", reviews, lineno)
-        if not isinstance(stamp, int | float):
+        if not isinstance(stamp, int | float) or abs(stamp) >= 2**63:  # times are stored as int64
             raise DelrecError(
-                f"expected a number, got {stamp!r}", path=f"{reviews}:{lineno}", field="unixReviewTime"
+                f"expected a Unix time in seconds, got {stamp!r}",
+                path=f"{reviews}:{lineno}",
+                field="unixReviewTime",
             )
         times.append(int(stamp))
     warn_negative(np.array(times, dtype=np.int64), reviews, "unixReviewTime")
