@@ -358,7 +358,9 @@ class _Tasks:
         if self.o.node_gpus:
             for key, value in NCCL_ENV.items():
                 task.set_env_variable(key, value)
-        kubernetes.set_timeout(task, self.o.gpu_timeout_s + LAUNCHER_GRACE_S)
+        # It outlives the TrainJob's own deadline, to delete a job it gave up on; with a Kueue queue the
+        # job waits for admission as long as the queue takes, a bound the pod cannot know (0: none).
+        kubernetes.set_timeout(task, 0 if self.o.queue else self.o.gpu_timeout_s + LAUNCHER_GRACE_S)
 
 
 def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, Any] | None = None):

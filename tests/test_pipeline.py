@@ -678,6 +678,8 @@ def test_trainer_trainjob_turns_the_training_tasks_into_cpu_launchers_of_trainjo
     overrides = ["trainer=trainjob", "nodes=2", "gpus=4", "queue=team-a"]
     options = pipeline.pipeline_arguments("ml-100k", None, overrides)[0]
     spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "tj.yaml", options))
+    unqueued = pipeline.pipeline_arguments("ml-100k", None, overrides[:-1])[0]
+    unqueued_k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "unqueued.yaml", unqueued))[1]
     pod_options = pipeline.pipeline_arguments("ml-100k", None, ["gpus=4"])[0]
     pod_spec, pod_k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "pod.yaml", pod_options))
     executors = spec["deploymentSpec"]["executors"]
@@ -689,8 +691,13 @@ def test_trainer_trainjob_turns_the_training_tasks_into_cpu_launchers_of_trainjo
         assert container["resources"]["resourceCpuRequest"] == "250m", name
         assert container["image"] == "{{$.inputs.parameters['pipelinechannel--gpu_image']}}"
         assert not {"tolerations", "nodeSelector", "emptyDirMounts", "pvcMount"} & set(k8s[name]), name
-        # It outlives the TrainJob's own deadline, to delete the job it gave up on.
-        assert int(k8s[name]["activeDeadlineSeconds"]) == options.gpu_timeout_s + pipeline.LAUNCHER_GRACE_S
+        # Queued by Kueue, it may wait for admission as long as the queue takes (its clock starts there).
+        assert "activeDeadlineSeconds" not in k8s[name], name
+        # Without a queue it outlives the TrainJob's own deadline, to delete the job it gave up on.
+        assert (
+            int(unqueued_k8s[name]["activeDeadlineSeconds"])
+            == options.gpu_timeout_s + pipeline.LAUNCHER_GRACE_S
+        )
         env = container_env(spec, name)
         assert env["DELREC_TRAINER"] == "trainjob" and env["NCCL_DEBUG"] == "WARN"
         settings = trainjob.TrainJobSettings.model_validate_json(env["DELREC_TRAINJOB"])

@@ -179,6 +179,7 @@ class FakeCluster:
         self.jobs: dict[str, dict] = {}
         self.statuses: list[dict] = [{}]
         self.gets = 0
+        self.suspended_gets = 0  # the first GETs show the job suspended (queued by Kueue)
         self.created: list[dict] = []
         self.deleted: list[str] = []
         self.selectors: list[str] = []
@@ -223,7 +224,10 @@ class FakeCluster:
                 return 200, {"kind": "Status", "status": "Success"}
             status = self.statuses[min(self.gets, len(self.statuses) - 1)]
             self.gets += 1
-            return 200, {**self.jobs[name], "status": status}
+            job = {**self.jobs[name], "status": status}
+            if self.gets <= self.suspended_gets:
+                job["spec"] = {**job["spec"], "suspend": True}
+            return 200, job
         if path == pods:
             selector = query.get("labelSelector", [""])[0]
             self.selectors.append(selector)
@@ -326,6 +330,23 @@ def test_a_trainjob_that_runs_past_the_timeout_is_deleted(cluster):
     with pytest.raises(DelrecError, match="did not finish within 30 s"):
         runner.run(manifest(), timeout_s=30, poll_s=0.01)
     assert cluster.deleted == ["delrec-distill-0123456789"]
+
+
+def test_time_in_the_kueue_queue_does_not_count_against_the_timeout(cluster):
+    # 50 polls queued (500 s on the clock), then 2 running and complete: within 30 s of admission.
+    cluster.statuses = [{}] * 50 + [RUNNING, RUNNING, COMPLETE]
+    cluster.suspended_gets = 50
+    clock = iter(range(0, 10_000, 10))
+    runner = trainjob.TrainJobs(
+        cluster.api_client, NAMESPACE, out=io.StringIO(), sleep=lambda s: None, clock=lambda: next(clock)
+    )
+    runner.run(manifest(), timeout_s=30, poll_s=0.01)
+    assert cluster.gets == 53 and cluster.deleted == ["delrec-distill-0123456789"]
+    # Admitted and then running past the timeout still fails.
+    cluster.statuses, cluster.gets, cluster.suspended_gets = [RUNNING], 0, 5
+    with pytest.raises(DelrecError, match="did not finish within 30 s"):
+        runner.run(manifest(), timeout_s=30, poll_s=0.01)
+    assert cluster.gets > 5
 
 
 def test_a_retried_launcher_adopts_the_trainjob_of_the_attempt_before(cluster):

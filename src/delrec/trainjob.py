@@ -289,17 +289,27 @@ class TrainJobs:
 
     def wait(self, name: str, *, timeout_s: float, poll_s: float) -> None:
         """Poll the TrainJob's conditions until ``Complete``; ``Failed`` or the timeout is a DelrecError
-        with the job's reason and message."""
-        deadline = self.clock() + timeout_s
+        with the job's reason and message. The timeout counts from admission: a job Kueue holds suspended
+        in its queue may wait there as long as the queue takes (the TrainJob's own deadline, too, starts
+        when it is resumed)."""
+        admitted: float | None = None  # when the job last left the queue; None while it is suspended
+        queued_logged = False
         while True:
-            state = finished(self.get(name))
+            job = self.get(name)
+            state = finished(job)
             if state and state[0] == "Complete":
                 log.info("TrainJob %s/%s completed", self.namespace, name)
                 return
             if state:
                 _, reason, message = state
                 raise DelrecError(f"TrainJob failed: {reason}: {message}", path=f"{self.namespace}/{name}")
-            if self.clock() >= deadline:
+            if (job.get("spec") or {}).get("suspend"):
+                if not queued_logged:
+                    log.info("TrainJob %s/%s is queued (suspended until admitted)", self.namespace, name)
+                admitted, queued_logged = None, True
+            elif admitted is None:
+                admitted, queued_logged = self.clock(), False
+            if admitted is not None and self.clock() - admitted >= timeout_s:
                 raise DelrecError(
                     f"TrainJob did not finish within {timeout_s:.0f} s (pipeline option gpu_timeout_s)",
                     path=f"{self.namespace}/{name}",
