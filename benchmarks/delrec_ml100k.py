@@ -37,10 +37,11 @@ from delrec.teachers import TeacherConfig, train_teacher
 SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared/datasets/ml-100k"
 
 
-def run_stage(name: str, out: Path, fn) -> float:
+def run_stage(name: str, out: Path, fn) -> float | None:
+    """Run a stage unless its output is in place; its seconds, or None for a reused (untimed) one."""
     if (out / "manifest.json").is_file():
         print(f"[{name}] reusing {out}")
-        return 0.0
+        return None
     start = time.time()
     fn()
     seconds = time.time() - start
@@ -142,8 +143,10 @@ def main() -> None:
         "examples": results["meta"]["examples"],
         "models": results["models"],
         "paired": results["paired"],
-        "stage_seconds": {k: round(v) for k, v in times.items()},
+        # None: the stage's output was reused from an earlier run, so this run did not time it.
+        "stage_seconds": {k: None if v is None else round(v) for k, v in times.items()},
         "total_s": round(total),
+        "reused_stages": [k for k, v in times.items() if v is None],
         "stage_metrics": stage_metrics,
         "report": str(eval_dir / "report.md"),
         "curves_png": str(eval_dir / "curves.png"),
