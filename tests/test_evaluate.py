@@ -170,7 +170,20 @@ def test_missing_histories_only_drop_their_curves(tiny_runs, tmp_path, caplog):
     assert "absent" in caplog.text and "broken" in caplog.text
 
 
-def test_catalogue_universe_and_first_token_scoring(synthetic_dir, tiny_runs, tmp_path):
+def test_catalogue_universe_ranks_every_item_with_first_token_scoring(
+    synthetic_dir, synthetic, tiny_runs, tmp_path, monkeypatch
+):
+    """``universe="catalogue"`` scores every catalogue item for each example (in chunks) with the
+    configured reduction, and DELRec's ranks are the target's among all items less the history."""
+    calls = []
+    real = evaluate_module.score_all
+
+    def recording(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        calls.append((kwargs["desc"], kwargs["reduction"], len(args[3][0]), scores))
+        return scores
+
+    monkeypatch.setattr(evaluate_module, "score_all", recording)
     config = EvaluateConfig(
         **{k: TINY[k] for k in ("backbone", "device", "bf16")},
         universe="catalogue",
@@ -182,6 +195,34 @@ def test_catalogue_universe_and_first_token_scoring(synthetic_dir, tiny_runs, tm
     )
     flat = evaluate(synthetic_dir, tiny_runs / "teacher", config, tmp_path / "eval", tiny_runs / "delrec")
     assert "delrec_HR@1" in flat and "teacher_HR@10" in flat and "zero_shot_HR@1" not in flat
+    meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]
+    assert (meta["universe"], meta["scoring"]) == ("catalogue", "first")
+    assert {reduction for _, reduction, _, _ in calls} == {"first"}
+    # DELRec's catalogue passes (not the rerank of the teacher's top K): chunks of 25 covering all items.
+    chunks = [
+        (width, scores)
+        for desc, _, width, scores in calls
+        if desc.startswith("DELRec ") and "rerank" not in desc
+    ]
+    num_items = synthetic.num_items
+    assert [width for width, _ in chunks] == [min(25, num_items - s) for s in range(0, num_items, 25)]
+    item_scores = np.concatenate([scores for _, scores in chunks], axis=1)  # columns = items 1..N
+    # Only the first token counts: titles that start with the same word score the same.
+    first_words = np.array([title.split()[0] for title in synthetic.titles[1:]])
+    for word in set(first_words):
+        same = item_scores[:, first_words == word]
+        assert (same == same[:, :1]).all()
+    assert len(set(first_words)) > 1 and len(np.unique(item_scores[0])) > 1
+    ranks = pq.read_table(tmp_path / "eval" / "ranks.parquet").to_pydict()
+    examples = synthetic.examples["test"]
+    expected = []
+    for row, scores in zip(ranks["row"], item_scores, strict=True):
+        scores = scores.astype(np.float64)
+        scores[examples.histories[row] - 1] = -np.inf  # the user's own history is never recommended
+        expected.append(int((scores >= scores[examples.targets[row] - 1]).sum()) - 1)
+    assert ranks["delrec"] == expected
+    # Ranks past the 20-candidate universe: these really are catalogue ranks.
+    assert max(ranks["delrec"]) >= 20 and max(ranks["teacher"]) >= 20
 
 
 def test_each_model_is_scored_as_it_was_fine_tuned_unless_the_config_says(
