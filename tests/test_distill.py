@@ -132,24 +132,65 @@ def test_refuses_a_teacher_of_another_dataset(synthetic_dir, tmp_path, tmp_path_
         distill(synthetic_dir, teacher, tiny_distill_config(), tmp_path / "out")
 
 
-def test_a_tie_with_the_untrained_prompt_keeps_the_trained_one(synthetic_dir, teacher_dir, tmp_path, caplog):
-    # lr ~ 0 leaves every accuracy as it was at step 0: the tie goes to the trained (later) prompt.
-    config = tiny_distill_config(lr=1e-12, steps=2, eval_every=100)
-    with caplog.at_level("WARNING"):
-        metrics = distill(synthetic_dir, teacher_dir, config, tmp_path / "d")
-    assert metrics["best_step"] == 2  # unchanged accuracy: the tie goes to the trained prompt
-    assert metrics["valid_acc_step0"] == pytest.approx(metrics["best_valid_acc"])
+def _untrained_prompt(synthetic) -> torch.Tensor:
+    """The soft prompt distill starts from (tiny_distill_config: 8 tokens, normal init, seed 42)."""
+    fresh, _ = build_tiny("tiny-llama", synthetic.titles)
+    return SoftPrompt.initialised(8, fresh.get_input_embeddings(), "normal", seed=42).weight.detach()
 
 
-def test_step_zero_winning_warns_and_is_recorded(synthetic_dir, teacher_dir, tmp_path, caplog, monkeypatch):
-    perfect = iter([True, False, False, False])  # one value per instance_ranks call (TA, RPS, TA, RPS)
+def _record_last_trained_prompt(monkeypatch) -> dict:
+    """{"weight": the soft prompt as training left it}, read just before distill puts the best one back."""
+    last = {}
+    keep_best = distill_module._keep_best
+
+    def recording(result, soft):
+        last["weight"] = soft.weight.detach().clone()
+        keep_best(result, soft)
+
+    monkeypatch.setattr(distill_module, "_keep_best", recording)
+    return last
+
+
+def _fake_validation(monkeypatch, perfect):
+    """instance_ranks answers every validation instance right (rank 0) or wrong (rank 5): one value of
+    ``perfect`` per call (TA, then RPS, at each evaluation)."""
     original = distill_module.instance_ranks
 
-    def fake_ranks(*args, **kwargs):  # step 0 perfect, later evaluations worse
+    def fake_ranks(*args, **kwargs):
         ranks = original(*args, **kwargs)
         return ranks * 0 if next(perfect) else ranks * 0 + 5
 
     monkeypatch.setattr(distill_module, "instance_ranks", fake_ranks)
+
+
+def test_a_tie_with_the_untrained_prompt_keeps_the_trained_one(
+    synthetic_dir, synthetic, teacher_dir, tmp_path, caplog, monkeypatch
+):
+    # lr ~ 0 leaves every accuracy as it was at step 0: the tie goes to the trained (later) prompt.
+    config = tiny_distill_config(lr=1e-12, steps=2, eval_every=100)
+    with caplog.at_level("WARNING"):
+        metrics = distill(synthetic_dir, teacher_dir, config, tmp_path / "d")
+    assert "NO LEARNING" not in caplog.text
+    assert metrics["best_step"] == 2  # unchanged accuracy: the tie goes to the trained prompt
+    assert metrics["valid_acc_step0"] == pytest.approx(metrics["best_valid_acc"])
+    # lr 1e-12 leaves the weights bit-identical too; to see which prompt is saved, train for real and
+    # make both evaluations score the same.
+    _fake_validation(monkeypatch, iter([False] * 4))
+    last = _record_last_trained_prompt(monkeypatch)
+    metrics = distill(
+        synthetic_dir, teacher_dir, tiny_distill_config(steps=2, eval_every=100), tmp_path / "e"
+    )
+    assert metrics["best_step"] == 2 and metrics["valid_acc_step0"] == metrics["best_valid_acc"]
+    saved = load_file(tmp_path / "e" / "soft_prompt.safetensors")["weight"]
+    assert not torch.equal(last["weight"], _untrained_prompt(synthetic))  # training moved the prompt
+    assert torch.equal(saved, last["weight"])
+
+
+def test_step_zero_winning_warns_and_keeps_the_untrained_prompt(
+    synthetic_dir, synthetic, teacher_dir, tmp_path, caplog, monkeypatch
+):
+    _fake_validation(monkeypatch, iter([True, False, False, False]))  # step 0 perfect, step 2 worse
+    last = _record_last_trained_prompt(monkeypatch)
     with caplog.at_level("WARNING"):
         metrics = distill(
             synthetic_dir, teacher_dir, tiny_distill_config(steps=2, eval_every=100), tmp_path / "d"
@@ -158,3 +199,7 @@ def test_step_zero_winning_warns_and_is_recorded(synthetic_dir, teacher_dir, tmp
     assert "NO LEARNING" in caplog.text
     saved = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert saved["best_step"] == 0
+    # The saved prompt is the untrained one, not the one training ended with.
+    initial = _untrained_prompt(synthetic)
+    assert not torch.equal(last["weight"], initial)
+    assert torch.equal(load_file(tmp_path / "d" / "soft_prompt.safetensors")["weight"], initial)
