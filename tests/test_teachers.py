@@ -13,8 +13,16 @@ from delrec.cli import main as cli_main
 from delrec.data import PreprocessConfig, load_dataset, preprocess
 from delrec.errors import DelrecError
 from delrec.teachers import TeacherConfig, load_teacher, load_topk, train_teacher
+from delrec.teachers import train as train_module
 from delrec.teachers.models import last_hidden
-from delrec.teachers.train import _loss, build_model, next_item_pairs, sequence_windows
+from delrec.teachers.train import (
+    PastItems,
+    _loss,
+    build_model,
+    evaluate_split,
+    next_item_pairs,
+    sequence_windows,
+)
 
 MODELS = ("sasrec", "gru4rec", "caser")
 TINY = dict(hidden=16, inner=32, rnn_hidden=16, caser_horizontal=4, max_len=12, batch_size=32, device="cpu")
@@ -144,6 +152,36 @@ def test_stage_writes_every_artifact(trained, synthetic):
     model, config = load_teacher(out)
     assert config == _quick("sasrec")
     assert isinstance(model, torch.nn.Module) and not model.training
+    assert _test_metrics(model, synthetic, config)["HR@10"] == pytest.approx(metrics["test_HR@10"])
+
+
+def _test_metrics(model, dataset, config) -> dict[str, float]:
+    """A model's full-ranking test metrics, scored as the stage scores them."""
+    return evaluate_split(model, dataset, "test", config, PastItems(dataset), candidates=False)["full"]
+
+
+def test_the_saved_model_is_the_best_epochs_not_the_last(synthetic_dir, synthetic, tmp_path, monkeypatch):
+    """Validation peaks at epoch 1 of 3: the stage saves (and reports the test figures of) epoch 1's
+    weights, not those training ended with."""
+    weights = []  # the model's weights at each validation, i.e. after each epoch
+    validate = train_module._TeacherTraining.validate
+
+    def peaking_at_epoch_1(self):
+        record = validate(self)
+        weights.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return record | {"valid_NDCG@10": 1.0 / len(weights)}  # 1, 1/2, 1/3: epoch 1 is best
+
+    monkeypatch.setattr(train_module._TeacherTraining, "validate", peaking_at_epoch_1)
+    config = _quick("sasrec", patience=5)
+    metrics = train_teacher(synthetic_dir, config, tmp_path / "teacher")
+    assert metrics["best_epoch"] == 1 and metrics["epochs"] == 3 and len(weights) == 3
+    model, _ = load_teacher(tmp_path / "teacher")
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in weights[0].items())
+    assert not all(torch.equal(saved[k], v) for k, v in weights[-1].items())  # training did move on
+    test = _test_metrics(model, synthetic, config)
+    assert test["HR@10"] == pytest.approx(metrics["test_HR@10"])
+    assert test["NDCG@10"] == pytest.approx(metrics["test_NDCG@10"])
 
 
 def test_topk_excludes_history_and_is_aligned(trained, synthetic_dir, synthetic):
