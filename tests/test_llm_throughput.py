@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from conftest import load_benchmark
@@ -18,17 +19,21 @@ def test_rates_are_each_sides_best_round_and_the_ratio_the_median_of_paired_roun
     assert ratio == 40.0
 
 
-def test_a_tiny_run_writes_the_issues_figures_with_scores_equal_to_plain(synthetic_dir, tmp_path):
+def test_a_tiny_run_writes_the_issues_figures_with_scores_equal_to_plain(
+    synthetic_dir, tmp_path, monkeypatch
+):
+    script = load_benchmark("llm_throughput")
+    # The peak is measured as the script does, on a smaller product (4096-square took ~15 s of the test).
+    monkeypatch.setattr(script, "matmul_peak_tflops", functools.partial(script.matmul_peak_tflops, size=256))
     out = tmp_path / "tp.json"
-    summary = load_benchmark("llm_throughput").main(
-        ["--data", str(synthetic_dir), "--backbone", "tiny-llama", "--score-examples", "4", "--score-batch-size", "2", "--rounds", "1",
-         "--json", str(out)]
+    summary = script.main(
+        ["--data", str(synthetic_dir), "--backbone", "tiny-llama", "--no-bf16", "--score-examples", "4",
+         "--score-batch-size", "2", "--rounds", "1", "--json", str(out)]
     )  # fmt: skip
     asked = ("scoring_examples_per_s", "training_examples_per_s", "scoring_ratio_vs_plain")
     asked += ("training_ratio_vs_plain", "achieved_tflops")
     assert all(summary[key] > 0 for key in asked)
     assert json.loads(out.read_text()) == summary
-    assert summary["max_abs_diff"] < 1e-4  # fp32: ours and the plain loop give the same scores
-    # one round: the ratio is that round's rates' quotient
-    quotient = summary["training_examples_per_s"] / summary["plain_training_examples_per_s"]
-    assert abs(summary["training_ratio_vs_plain"] - quotient) < 1e-3 * quotient
+    # fp32 on any CPU (with bf16 autocast the two sides round differently, ~1e-2): the same scores
+    assert summary["bf16"] is False and summary["matmul_peak_dtype"] == "float32"
+    assert summary["max_abs_diff"] < 1e-4
