@@ -525,17 +525,27 @@ def test_concurrent_publishers_converge_and_latest_never_disappears(store, tmp_p
     import threading
 
     _publish(store, tmp_path, "r0")
-    missing, done = [], threading.Event()
+    reads, missing, unexpected = [], [], []
+    first_read, done = threading.Event(), threading.Event()
 
     def reader():
-        while not done.is_set():
+        """Reads latest.json until the writers are done, and once more after: any failure is kept (an
+        exception escaping a thread would only end it, unnoticed)."""
+        while True:
+            finished = done.is_set()
             try:
-                store.get_json(f"s3://{BUCKET}/p/latest.json")
+                reads.append(store.get_json(f"s3://{BUCKET}/p/latest.json")["run"])
             except S3Error as exc:
                 missing.append(exc.code)
+            except Exception as exc:  # a torn or unreadable latest.json, say
+                unexpected.append(repr(exc))
+            first_read.set()
+            if finished:
+                return
 
     watcher = threading.Thread(target=reader)
     watcher.start()
+    first_read.wait()  # the reader is running before the first writer starts
     writers = [threading.Thread(target=_publish, args=(store, tmp_path, f"r{i}")) for i in range(1, 5)]
     for w in writers:
         w.start()
@@ -543,10 +553,11 @@ def test_concurrent_publishers_converge_and_latest_never_disappears(store, tmp_p
         w.join()
     done.set()
     watcher.join()
-    assert missing == []
+    assert missing == [] and unexpected == []
+    assert len(reads) >= 2  # one before the writers started, one after they finished
     records = store.list(f"s3://{BUCKET}/p/_runs")
     newest = store.get_json(f"s3://{BUCKET}/p/_runs/{max(records)}")
-    assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == newest["run"]
+    assert store.get_json(f"s3://{BUCKET}/p/latest.json")["run"] == newest["run"] == reads[-1]
 
 
 def test_source_fingerprint_of_each_kind_of_source(tmp_path):
