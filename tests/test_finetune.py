@@ -118,10 +118,16 @@ def test_adalora_reallocates_ranks(synthetic_dir, tmp_path, monkeypatch):
         return original(self, step)
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
-    finetune(synthetic_dir, tiny_finetune_config(steps=10, tinit=2, tfinal=3), tmp_path / "ablation")
+    ft = tiny_finetune_config(steps=10, tinit=2, tfinal=3)
+    finetune(synthetic_dir, ft, tmp_path / "ablation")
     assert calls == list(range(10))
     config = json.loads((tmp_path / "ablation" / "adapter" / "adapter_config.json").read_text())
-    assert config["rank_pattern"]  # budget allocated after tfinal: some ranks masked
+    # After tfinal the budget is target_r ranks per adapted module on average: of each module's init_r
+    # ranks, as many as that in total are kept and the rest masked.
+    pattern = config["rank_pattern"]
+    assert pattern and all(len(keep) == ft.init_r for keep in pattern.values())
+    kept = sum(sum(keep) for keep in pattern.values())
+    assert ft.target_r < ft.init_r and kept == ft.target_r * len(pattern)  # some ranks are masked
 
 
 def test_ablation_has_no_soft_prompt_and_same_base(synthetic_dir, tmp_path):
