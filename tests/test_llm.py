@@ -215,7 +215,7 @@ def test_candidate_sampling_excludes_history_and_is_seeded():
     b = sample_candidates(np.random.default_rng(3), [40], history, 100, 20)
     assert np.array_equal(a, b) and 40 in a and len(set(a.tolist())) == 20
     assert not set(a.tolist()) & history
-    with pytest.raises(DelrecError):
+    with pytest.raises(DelrecError, match="10 items cannot fill 20 distinct candidates"):
         sample_candidates(np.random.default_rng(0), [1], set(), 10, 20)
 
 

@@ -147,7 +147,7 @@ def test_kubernetes_validate_cli_strict_passes_every_file():
 def test_strict_validation_rejects_an_unknown_field():
     doc = load_docs(MANIFESTS / "overlays" / "kind" / "kfp-ui-nodeport.yaml")[0]
     doc["spec"]["portz"] = []
-    with pytest.raises(kubernetes_validate.ValidationError):
+    with pytest.raises(kubernetes_validate.ValidationError, match=re.escape("('portz' was unexpected)")):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 

@@ -78,8 +78,10 @@ def test_credentials_only_from_environment(monkeypatch):
 def test_parse_uri():
     assert st.parse_uri("s3://b/a/c/") == ("b", "a/c")
     assert st.parse_uri("s3://b") == ("b", "")
-    with pytest.raises(DelrecError):
+    with pytest.raises(DelrecError, match="expected an s3://bucket/key URI, got '/local/path'"):
         st.parse_uri("/local/path")
+    with pytest.raises(DelrecError, match="no bucket in 's3:///key'"):
+        st.parse_uri("s3:///key")
 
 
 def test_roundtrip_single_and_multipart(store, tmp_path):
