@@ -36,7 +36,7 @@ docs/cluster.md, section 6).
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
 fingerprint (``prepare`` takes it in each run), and locally the delrec library's sources (a cluster's
 image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in
-ROOT/.kfp_cache (``make clean`` removes it); ``--no-cache`` runs every task. Publish and prepare are
+ROOT/.kfp_cache (``make clean-cache`` removes it); ``--no-cache`` runs every task. Publish and prepare are
 never served from a cache.
 """
 

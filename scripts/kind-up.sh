@@ -62,5 +62,5 @@ KFP is ready on kind cluster '$KIND_CLUSTER'.
   Pipeline root: s3://delrec-artifacts/v2 (kfp-launcher ConfigMap in namespace kubeflow)
 If the cluster was not made from manifests/kind/cluster.yaml (no port mappings), forward the UI instead:
   kubectl --context kind-$KIND_CLUSTER -n kubeflow port-forward svc/ml-pipeline-ui 8080:80
-Next: make images kind-load && make submit
+Next: make image-cpu kind-load && make submit PRESET=demo PARAMS="gpus=0"
 MSG

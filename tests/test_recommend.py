@@ -233,3 +233,17 @@ def test_a_users_known_sequence_ends_with_its_validation_and_test_items(tmp_path
     for user, valid_target, test_target in zip(valid.users, valid.targets, test.targets, strict=True):
         train = np.asarray(dataset.train_sequences[user])
         assert sequences[user].tolist() == [*train.tolist(), valid_target, test_target]
+
+
+def test_recommend_takes_its_preset_settings_from_the_evaluate_section(tmp_path, monkeypatch):
+    # Presets have no recommend section: the model is scored as evaluate scored it.
+    import delrec.recommend as recommend_module
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("evaluate: {batch_size: 3, scoring: sum, max_examples: 5}\n")
+    seen = {}
+    monkeypatch.setattr(recommend_module, "recommend", lambda *a: seen.setdefault("config", a[3]) and {})
+    code = main(["recommend", "--data", "d", "--teacher", "t", "--delrec", "f", "--out", str(tmp_path / "o"),
+                 "--preset", str(preset), "--top-n", "4"])  # fmt: skip
+    assert code == 0
+    assert (seen["config"].batch_size, seen["config"].scoring, seen["config"].top_n) == (3, "sum", 4)

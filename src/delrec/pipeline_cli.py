@@ -210,8 +210,15 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="write the compiled pipeline YAML (committed)")
-    p.add_argument("--out", default=str(graph.compiled))
-    p.add_argument("--preset", help="take the pipeline: section (Kubernetes settings) from this preset")
+    p.add_argument(
+        "--out", default=str(graph.compiled), help=f"where to write the YAML (default {graph.compiled})"
+    )
+    p.add_argument(
+        "--preset",
+        help="bake this preset's stage configs (the run parameters' defaults) and its pipeline: section "
+        f"(Kubernetes settings) into the spec (default: {graph.default_preset}'s stage configs and the default "
+        "pipeline options)",
+    )
     p.set_defaults(handler=cmd_compile)
 
     def run_args(p: argparse.ArgumentParser) -> None:
@@ -221,11 +228,16 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
             help=f"configs/NAME.yaml (default {graph.default_preset})",
         )
         p.add_argument("--data", help="dataset source: a local copy (path) or s3:// URI")
-        p.add_argument("params", nargs="*", metavar="param=value", help="overrides (see the module doc)")
+        p.add_argument(
+            "params",
+            nargs="*",
+            metavar="param=value",
+            help="overrides: section.field=value, a run parameter, gpus=N, ... (see pipeline.py --help)",
+        )
 
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
-        p.add_argument("--experiment", default="delrec")
+        p.add_argument("--experiment", default="delrec", help="KFP experiment (default delrec)")
 
     p = sub.add_parser("run", help="run the whole pipeline here with kfp.local")
     run_args(p)
@@ -233,7 +245,8 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache",
         action="store_true",
-        help=f"run every task (by default an unchanged task reuses its outputs; cache: ROOT/{CACHE_DIR})",
+        help="run every task (by default an unchanged task reuses its outputs; cache: the pipeline root's "
+        f"{CACHE_DIR}, e.g. local_outputs/ml-100k/{CACHE_DIR}; make clean-cache empties it)",
     )
     p.set_defaults(handler=cmd_run)
 
@@ -241,7 +254,7 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
     server_args(p)
     p.add_argument("--pipeline-root", help="e.g. s3://mlpipeline/delrec (default: the server's)")
     run_args(p)
-    p.add_argument("--run-name")
+    p.add_argument("--run-name", help="the run's display name (default: KFP's)")
     p.set_defaults(handler=cmd_submit)
 
     schedule = sub.add_parser(

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -97,12 +97,15 @@ class RecommendConfig(StageConfig):
     """users per Parquet file; the unit of resumption"""
     row_group_rows: int = Field(50_000, ge=1)
 
+    FROM_EVALUATE: ClassVar[tuple[str, ...]] = ("backbone", "device", "bf16", "batch_size", "scoring")
+    """the LLM settings recommend takes from evaluate's config: the model is scored as it was evaluated"""
+
     @classmethod
     def from_evaluate(cls, evaluate_config: dict, **fields) -> RecommendConfig:
-        """The LLM settings of an evaluate config (the model is scored as it was evaluated) + ``fields``."""
-        shared = ("backbone", "device", "bf16", "batch_size", "scoring")
+        """The :attr:`FROM_EVALUATE` settings of an evaluate config + ``fields``."""
         return cls.from_dict(
-            {k: v for k, v in evaluate_config.items() if k in shared} | fields, source="recommend config"
+            {k: v for k, v in evaluate_config.items() if k in cls.FROM_EVALUATE} | fields,
+            source="recommend config",
         )
 
     @model_validator(mode="after")

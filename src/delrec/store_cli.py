@@ -1,7 +1,8 @@
 """``delrec data upload`` and ``delrec store ...``: object-storage commands.
 
 The endpoint comes from ``--endpoint`` or ``DELREC_S3_ENDPOINT``; credentials only from the
-environment (``DELREC_S3_ACCESS_KEY`` / ``DELREC_S3_SECRET_KEY``). TLS is on unless ``--insecure``,
+environment (``DELREC_S3_ACCESS_KEY`` / ``DELREC_S3_SECRET_KEY``, else ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``). TLS is on unless ``--insecure``,
 ``DELREC_S3_SECURE=0`` or an ``http://`` endpoint says otherwise (``--insecure`` with ``https://`` is
 refused).
 """
@@ -81,19 +82,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     store = subparsers.add_parser("store", help="object storage: list, get, put, show the latest model")
     store_sub = store.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
     ls = store_sub.add_parser("ls", help="list the keys under s3://bucket/prefix")
-    ls.add_argument("uri")
+    ls.add_argument("uri", help="s3://bucket[/prefix]")
     ls.set_defaults(handler=_ls)
     get = store_sub.add_parser("get", help="download an object or a prefix (verified)")
-    get.add_argument("uri")
+    get.add_argument("uri", help="s3://bucket/key of an object, or a prefix")
     get.add_argument("dest", help="local folder (replaced only if empty or a delrec output)")
     get.add_argument("--force", action="store_true", help="replace DEST even if it is not a delrec output")
     get.set_defaults(handler=_get)
     put = store_sub.add_parser("put", help="upload a file or folder (atomic, verified)")
-    put.add_argument("path")
-    put.add_argument("uri")
+    put.add_argument("path", help="local file or folder")
+    put.add_argument("uri", help="s3://bucket/key: the file's key, or the prefix a folder's files go under")
     put.set_defaults(handler=_put)
     latest = store_sub.add_parser("latest", help="show the latest published bundle of s3://bucket/PIPELINE")
-    latest.add_argument("uri")
+    latest.add_argument("uri", help="s3://bucket[/prefix]/PIPELINE (where publish_to puts its bundles)")
     latest.set_defaults(handler=_latest)
     for p in (ls, get, put, latest):
         _connection_args(p)

@@ -18,9 +18,12 @@ from delrec.config import load_config_file, load_preset, parse_assignments
 _COMMON = ("backbone", "device", "steps", "batch_size", "lr", "seed")
 
 
-def _config(cls, section: str, args: argparse.Namespace):
-    """defaults < --preset's section < --config < named options < --set (see the module doc)."""
+def _config(cls, section: str, args: argparse.Namespace, fields: tuple[str, ...] | None = None):
+    """defaults < --preset's section (only ``fields`` of it, if given) < --config < named options < --set
+    (see the module doc)."""
     preset = load_preset(args.preset).get(section, {}) if args.preset else {}
+    if fields is not None:
+        preset = {k: v for k, v in preset.items() if k in fields}
     from_file = load_config_file(args.config) if args.config else {}
     overrides = {k: getattr(args, k) for k in _COMMON if getattr(args, k, None) is not None}
     if args.no_bf16:
@@ -92,15 +95,25 @@ def _recommend(args: argparse.Namespace) -> None:
     if args.users:
         extra["users"] = [u.strip() for u in args.users.split(",") if u.strip()]
     args.set = [*args.set, *(f"{k}={json.dumps(v)}" for k, v in extra.items())]
-    _print(
-        recommend(args.data, args.teacher, args.delrec, _config(RecommendConfig, "recommend", args), args.out)
-    )
+    # Presets have no recommend section: the model is scored with the settings it was evaluated with.
+    config = _config(RecommendConfig, "evaluate", args, fields=RecommendConfig.FROM_EVALUATE)
+    _print(recommend(args.data, args.teacher, args.delrec, config, args.out))
 
 
-def _common(p: argparse.ArgumentParser, training: bool, seed: bool = True) -> None:
+def _common(
+    p: argparse.ArgumentParser, cls, training: bool, seed: bool = True, preset_section: str | None = None
+) -> None:
+    """The options every LLM stage takes; the help states each default of the stage's config ``cls``."""
+
+    def default(field: str) -> str:
+        return f"(default {cls.model_fields[field].default})"
+
     p.add_argument("--data", required=True, help="Dataset folder (delrec preprocess)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--preset", help="configs/NAME.yaml (or a YAML path) whose section gives the defaults")
+    p.add_argument(
+        "--preset",
+        help=f"configs/NAME.yaml (or a YAML path) whose {preset_section or 'stage'} section gives the defaults",
+    )
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -108,21 +121,31 @@ def _common(p: argparse.ArgumentParser, training: bool, seed: bool = True) -> No
         "overrides --preset, overridden by the options below and --set",
     )
     p.add_argument(
-        "--backbone", help="smollm2-135m | tiny-llama | tiny-t5 | saved folder | transformers id/path"
+        "--backbone",
+        help=f"smollm2-135m | tiny-llama | tiny-t5 | saved folder | transformers id/path {default('backbone')}",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help=f"auto: a GPU if there is one {default('device')}"
+    )
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (fp32 throughout)")
     if seed:
-        p.add_argument("--seed", type=int)
+        p.add_argument("--seed", type=int, help=f"random seed {default('seed')}")
     if training:
-        p.add_argument("--steps", type=int)
-        p.add_argument("--batch-size", type=int, help="the global batch, shared by torchrun's processes")
-        p.add_argument("--lr", type=float)
+        p.add_argument("--steps", type=int, help=f"training steps {default('steps')}")
+        p.add_argument(
+            "--batch-size",
+            type=int,
+            help=f"examples per step, shared by torchrun's processes {default('batch_size')}",
+        )
+        p.add_argument("--lr", type=float, help=f"peak learning rate {default('lr')}")
+    else:
+        p.add_argument("--batch-size", type=int, help=f"examples scored per pass {default('batch_size')}")
         p.add_argument(
             "--checkpoint",
             metavar="DIR_OR_S3",
             help="where the training state is kept and resumed from: a folder or s3://bucket/prefix "
-            "(default: the pipeline's workspace from DELREC_CHECKPOINT_ROOT/RUN_ID/TASK, else OUT.partial); "
+            "(default: the pipeline's workspace $DELREC_CHECKPOINT_ROOT/$DELREC_RUN_ID/$DELREC_TASK, else "
+            "OUT.partial); "
             "once the output is in place, only the stage's own files there are removed",
         )
     p.add_argument(
@@ -137,6 +160,11 @@ _TORCHRUN = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from delrec.distill import DistillConfig
+    from delrec.evaluate import EvaluateConfig
+    from delrec.finetune import FinetuneConfig
+    from delrec.recommend import RecommendConfig
+
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
         "distill",
@@ -152,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=fmt,
     )
-    _common(p, training=True)
+    _common(p, DistillConfig, training=True)
     p.add_argument("--teacher", required=True, help="teacher folder (delrec train-teacher)")
     p.set_defaults(handler=_distill)
 
@@ -173,7 +201,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=fmt,
     )
-    _common(p, training=True)
+    _common(p, FinetuneConfig, training=True)
     p.add_argument("--distill", help="distill folder (omit for the no-soft-prompt ablation)")
     p.add_argument("--teacher", help="teacher folder (read only with teacher_kd > 0: its candidate scores)")
     p.set_defaults(handler=_finetune)
@@ -194,7 +222,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=fmt,
     )
-    _common(p, training=False)
+    _common(p, EvaluateConfig, training=False)
     p.add_argument("--teacher", required=True, help="teacher folder")
     p.add_argument("--delrec", required=True, help="finetune folder of DELRec (with soft prompt)")
     p.add_argument("--ablation", help="finetune folder of the no-soft-prompt ablation")
@@ -219,7 +247,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=fmt,
     )
-    _common(p, training=False, seed=False)
+    _common(p, RecommendConfig, training=False, seed=False, preset_section="evaluate")
     p.add_argument("--teacher", required=True, help="teacher folder (delrec train-teacher)")
     p.add_argument("--delrec", required=True, help="finetune folder of DELRec (with soft prompt)")
     p.add_argument("--users", help="comma-separated raw user ids (default: every user)")

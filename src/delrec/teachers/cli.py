@@ -51,18 +51,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="Dataset folder written by `delrec preprocess`")
     p.add_argument("--out", required=True, help="output teacher folder")
-    p.add_argument("--model", choices=("sasrec", "gru4rec", "caser"))
+    from delrec.teachers.train import TeacherConfig
+
+    def default(field: str) -> str:
+        return f"(default {TeacherConfig.model_fields[field].default})"
+
+    p.add_argument("--model", choices=("sasrec", "gru4rec", "caser"), help=default("model"))
     p.add_argument("--preset", help="take defaults from configs/PRESET.yaml's teacher section")
-    p.add_argument("--max-len", type=int, help="history items the model reads (default 50)")
-    p.add_argument("--max-epochs", type=int)
-    p.add_argument("--patience", type=int, help="evaluations without improvement before stopping")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--loss", choices=("ce", "bce"), help="full cross-entropy or sampled binary CE")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    p.add_argument("--max-len", type=int, help=f"history items the model reads {default('max_len')}")
+    p.add_argument("--max-epochs", type=int, help=default("max_epochs"))
+    p.add_argument(
+        "--patience",
+        type=int,
+        help=f"evaluations without a better validation NDCG@10 before stopping {default('patience')}",
+    )
+    p.add_argument("--batch-size", type=int, help=default("batch_size"))
+    p.add_argument("--lr", type=float, help=f"Adam's learning rate {default('lr')}")
+    p.add_argument("--dropout", type=float, help=default("dropout"))
+    p.add_argument(
+        "--loss", choices=("ce", "bce"), help=f"full cross-entropy or sampled binary CE {default('loss')}"
+    )
+    p.add_argument("--seed", type=int, help=f"random seed {default('seed')}")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help=f"auto: a GPU if there is one {default('device')}"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="stop training after this many seconds (the best epoch is kept; default none)",
+    )
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other TeacherConfig field"
