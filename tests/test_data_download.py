@@ -49,12 +49,16 @@ def server(tmp_path):
         thread.join()
 
 
-def test_download_once_into_the_cache(tmp_path, server):
+def test_download_once_into_the_cache(tmp_path, server, caplog):
     base, root, requests = server
     archive = zip_folder(write_ml100k(tmp_path / "ml"), root / "ml-100k.zip", "ml-100k")
     sums = {name: file_sha256(tmp_path / "ml" / name) for name in ("u.data", "u.item")}
     cache = tmp_path / "cache"
     url = f"{base}/ml-100k.zip"
+    with caplog.at_level("WARNING"):
+        fetch_url(url, cache=tmp_path / "unverified")  # no checksums (ml-1m's case): said, not silent
+    assert "not verified" in caplog.text
+    requests.clear()
     folder = fetch_url(url, cache=cache, checksums=sums)
     assert (folder / "ml-100k" / "u.data").read_bytes() == (tmp_path / "ml" / "u.data").read_bytes()
     assert fetch_url(url, cache=cache, checksums=sums) == folder

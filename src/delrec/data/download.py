@@ -195,6 +195,10 @@ def fetch_url(url: str, *, cache: Path | None = None, checksums: Mapping[str, st
     """Download ``url`` into the cache once; a zip comes back extracted (and its files verified)."""
     cache = cache or cache_dir()
     archive = download(url, cache / "downloads" / _url_cache_name(url))
+    if not checksums:
+        log.warning(
+            "%s: no known checksums, so this download is not verified as a known release", redact_url(url)
+        )
     if not zipfile.is_zipfile(archive):
         if checksums:
             archive.unlink()
