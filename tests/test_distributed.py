@@ -228,6 +228,20 @@ def test_config_file_then_options_then_set(tmp_path):
         _config(FinetuneConfig, "finetune", args)
 
 
+@pytest.mark.parametrize("stage", ["distill", "finetune"])
+def test_a_training_cli_takes_its_checkpoint_location(stage, monkeypatch):
+    # What torchrun and a TrainJob start on every rank: the stage's CLI, resuming from --checkpoint or the
+    # pipeline's workspace.
+    from delrec.cli import build_parser
+    from delrec.llm.cli import _checkpoint
+
+    common = [stage, "--data", "d", "--out", "o", "--teacher", "t"]
+    args = build_parser().parse_args([*common, "--checkpoint", "s3://b/ck"])
+    assert _checkpoint(args) == "s3://b/ck"
+    monkeypatch.delenv("DELREC_CHECKPOINT_ROOT", raising=False)
+    assert _checkpoint(build_parser().parse_args(common)) is None
+
+
 @pytest.fixture(scope="module")
 def one_process_finetune(synthetic_dir, tiny_runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "finetune"
@@ -256,7 +270,9 @@ def test_distill_under_two_processes_matches_one(
         "--out",
         str(two),
     ]
-    config = config_file(tmp_path, "d", DISTILL | {"sharding": sharding})
+    # 7 validation examples in batches of 3: rank 0 scores 4 (2 batches), rank 1 3 (1 batch). Under FSDP each
+    # decoder call is a collective, so the shares are padded to the same number of calls.
+    config = config_file(tmp_path, "d", DISTILL | {"sharding": sharding, "eval_batch_size": 3})
     done = torchrun(["-m", "delrec.cli"], [*args, "--config", config])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2 (gloo)" in done.stderr  # one process group, not two runs side by side

@@ -138,16 +138,15 @@ def _common(
             help=f"examples per step, shared by torchrun's processes {default('batch_size')}",
         )
         p.add_argument("--lr", type=float, help=f"peak learning rate {default('lr')}")
-    else:
-        p.add_argument("--batch-size", type=int, help=f"examples scored per pass {default('batch_size')}")
         p.add_argument(
             "--checkpoint",
             metavar="DIR_OR_S3",
             help="where the training state is kept and resumed from: a folder or s3://bucket/prefix "
             "(default: the pipeline's workspace $DELREC_CHECKPOINT_ROOT/$DELREC_RUN_ID/$DELREC_TASK, else "
-            "OUT.partial); "
-            "once the output is in place, only the stage's own files there are removed",
+            "OUT.partial); once the output is in place, only the stage's own files there are removed",
         )
+    else:
+        p.add_argument("--batch-size", type=int, help=f"examples scored per pass {default('batch_size')}")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (YAML value)"
     )

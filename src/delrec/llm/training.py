@@ -235,9 +235,16 @@ def instance_ranks(
 ) -> np.ndarray:
     """0-based rank of each instance's answer among its candidates (ties count against it).
 
-    Under torchrun each rank scores its share of ``instances`` and every rank gets all the ranks.
+    Under torchrun each rank scores its share of ``instances`` and every rank gets all the ranks. On a
+    sharded (FSDP) backbone every decoder call is a collective, so every rank must make as many calls as
+    the others: a share is padded (with repeats) to the largest share's size, and the padding dropped.
     """
-    instances = [instances[i] for i in distributed.shard_indices(len(instances))]
+    share = distributed.shard_indices(len(instances))
+    mine = len(share)
+    if backbone.sharded and len(instances):
+        largest = -(-len(instances) // distributed.world_size())
+        share = np.resize(share if mine else np.zeros(1, dtype=share.dtype), largest)
+    instances = [instances[i] for i in share]
     scores = score_all(
         backbone,
         soft_prompt,
@@ -249,4 +256,4 @@ def instance_ranks(
         desc=desc,
     )
     ranks = target_ranks(scores, np.array([inst.answer for inst in instances], dtype=np.int64))
-    return distributed.gather_rows(ranks)
+    return distributed.gather_rows(ranks[:mine])
