@@ -145,16 +145,20 @@ def test_a_damaged_cached_extraction_is_extracted_again(tmp_path, server, caplog
     assert "is damaged" in caplog.text and requests == ["/ml-100k.zip"]
 
 
-def test_file_url(tmp_path):
+def test_a_file_url_is_read_where_it_is_even_after_it_changes(tmp_path):
     archive = zip_folder(write_ml100k(tmp_path / "ml"), tmp_path / "ml.zip", "ml-100k")
-    with local_source(archive.as_uri(), cache=tmp_path / "cache") as folder:
-        assert (folder / "ml-100k" / "u.data").is_file()
-    stats = preprocess(
-        PreprocessConfig(dataset="ml-1m", source=archive.as_uri(), num_candidates=5),
-        tmp_path / "out",
-        cache=tmp_path / "cache",
-    )
+    with local_source(archive.as_uri(), cache=tmp_path / "cache") as path:
+        assert path == archive
+    config = PreprocessConfig(dataset="ml-1m", source=archive.as_uri(), num_candidates=5)
+    stats = preprocess(config, tmp_path / "out", cache=tmp_path / "cache")
     assert stats["users"] == 6
+    # The file changes in place (a corrected export): the next run reads the new one, not a cached copy.
+    data = tmp_path / "ml" / "u.data"
+    data.write_text(
+        "".join(line for line in data.read_text().splitlines(keepends=True) if not line.startswith("6\t"))
+    )
+    zip_folder(tmp_path / "ml", archive, "ml-100k")
+    assert preprocess(config, tmp_path / "out", cache=tmp_path / "cache")["users"] == 5
 
 
 def test_s3_source_goes_through_the_store(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from delrec.artifacts import file_sha256
+from delrec.artifacts import file_sha256, local_path
 from delrec.errors import DelrecError
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,9 @@ def local_source(
 ) -> Iterator[Path]:
     """Yield a local path for ``source`` (a path, an http(s)/file URL or an s3:// URI).
 
-    URLs are cached (see :func:`fetch_url`); an s3:// prefix is copied into a temporary folder that
-    is removed when the block ends. A local path is used as it is.
+    http(s) URLs are cached (see :func:`fetch_url`); an s3:// prefix is copied into a temporary folder that
+    is removed when the block ends. A local path or ``file://`` URL is used as it is (a zip is read by
+    :func:`delrec.data.formats.read_path`).
     """
     scheme = urllib.parse.urlparse(source).scheme
     if scheme == "s3":
@@ -236,14 +237,18 @@ def local_source(
             # A single object (say a zip) is the source itself, not a folder holding it.
             yield entries[0] if len(entries) == 1 and entries[0].is_file() else dest
         return
-    if is_url(source):
+    if scheme == "file":
+        # Read where it is, as a path: a cached copy would go stale when the file changes in place.
+        path = local_path(source)
+    elif is_url(source):
         yield fetch_url(source, cache=cache, checksums=checksums)
         return
-    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
+    elif scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
         raise DelrecError(
             f"unsupported source scheme {scheme!r}; expected a path, http(s)://, file:// or s3://"
         )
-    path = Path(source).expanduser()
+    else:
+        path = Path(source).expanduser()
     if not path.exists():
         raise DelrecError("source not found", path=path)
     yield path
