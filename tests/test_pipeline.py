@@ -541,6 +541,20 @@ def test_code_fingerprint_follows_the_library_sources_not_compiled_files(tmp_pat
     assert pipeline_cache.code_fingerprint() == before
     (package / "__init__.py").write_text("x = 2\n")
     assert pipeline_cache.code_fingerprint() != before
+    # An upgraded dependency (say transformers) changes it too: the local stand-in for a new image tag.
+    import importlib.metadata
+
+    after = pipeline_cache.code_fingerprint()
+    real = importlib.metadata.distributions
+
+    def upgraded():
+        for dist in real():
+            if dist.metadata["Name"] == "transformers":
+                dist = type("Dist", (), {"metadata": {"Name": "transformers"}, "version": "99.0"})()
+            yield dist
+
+    monkeypatch.setattr("importlib.metadata.distributions", upgraded)
+    assert pipeline_cache.code_fingerprint() != after
 
 
 @pytest.mark.parametrize("flag, cached", [([], True), (["--no-cache"], False)])

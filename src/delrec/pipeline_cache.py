@@ -88,9 +88,17 @@ class VerifiedCache(LocalCache):
 
 def code_fingerprint() -> str:
     """A hash of the delrec library's sources (``*.py``: compiled files come and go), which the
-    components import."""
+    components import, and of the installed packages' versions and Python's (an upgraded torch or
+    transformers may change a stage's output: on a cluster the image tag covers them, here this does)."""
+    import importlib.metadata
+    import sys
+
     package = Path(delrec.__file__).parent
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    installed = sorted(
+        f"{dist.metadata['Name']}=={dist.version}" for dist in importlib.metadata.distributions()
+    )
+    digest.update("\n".join([sys.version, *installed]).encode())
     return digest.hexdigest()[:16]
