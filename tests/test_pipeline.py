@@ -570,8 +570,14 @@ def test_run_caches_unless_told_not_to(tmp_path, flag, cached):
     ):
         pipeline.main(["run", "--preset", "demo", "--pipeline-root", str(tmp_path), *flag])
     kwargs = init.call_args.kwargs
-    assert kwargs["enable_caching"] is cached
     assert kwargs["cache_root"] == str(tmp_path / pipeline_cache.CACHE_DIR)
+    # --no-cache: every task misses, and what it writes replaces the entry (a stale one is not kept).
+    import kfp.local.cache as kfp_cache
+
+    cache = kfp_cache._cache_singleton
+    assert isinstance(cache, pipeline_cache.VerifiedCache) and kwargs["enable_caching"]
+    cache.put("key", {})
+    assert (cache.get("key") is not None) is cached
 
 
 def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tmp_path, capsys):

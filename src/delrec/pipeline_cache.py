@@ -30,12 +30,13 @@ class VerifiedCache(LocalCache):
     the wrong shape as an error and one whose artifact files changed as a hit. Here an entry carries
     a checksum of itself, each artifact with a ``content_fingerprint`` (written by the stages) is
     hashed again, and any failure is a miss (logged), never an error. ``hits`` keeps what each hit
-    served (key -> outputs), for the run's table.
+    served (key -> outputs), for the run's table. ``refresh``: every read misses (each task runs), and
+    what the task writes replaces its entry (``--no-cache``).
     """
 
-    def __init__(self, cache_root: str, code: str = "") -> None:
+    def __init__(self, cache_root: str, code: str = "", refresh: bool = False) -> None:
         super().__init__(cache_root)
-        self.code = code
+        self.code, self.refresh = code, refresh
         self.hits: dict[str, dict[str, Any]] = {}
 
     def compute_key(
@@ -67,7 +68,7 @@ class VerifiedCache(LocalCache):
 
     def get(self, key: str) -> dict[str, Any] | None:
         path = Path(self._entry_path(key))
-        if not path.exists():
+        if self.refresh or not path.exists():
             return None
         try:
             entry = json.loads(path.read_text())

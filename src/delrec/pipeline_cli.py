@@ -77,20 +77,23 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
         raise_on_error=True,
-        enable_caching=not args.no_cache,
+        enable_caching=True,
         cache_root=str(cache_root),
     )
-    cache = None
-    if not args.no_cache:
-        # kfp.local builds its cache lazily from this singleton; ours checks each entry it serves.
-        cache = VerifiedCache(str(cache_root), code=code_fingerprint())
-        kfp_cache._cache_singleton, kfp_cache._cache_singleton_root = cache, str(cache_root)
+    # kfp.local builds its cache lazily from this singleton; ours checks each entry it serves. With
+    # --no-cache every task runs and its entry is written anew, so a stale entry is replaced, not kept.
+    cache = VerifiedCache(str(cache_root), code=code_fingerprint(), refresh=args.no_cache)
+    kfp_cache._cache_singleton, kfp_cache._cache_singleton_root = cache, str(cache_root)
     # Locally the Kubernetes settings and images mean nothing; kfp warns about each, twice per task.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
     print(
         f"kfp.local run of preset {args.preset} under {root} (Kubernetes settings and images are not used here; "
-        + ("no cache)" if args.no_cache else f"cache: {cache_root})")
+        + (
+            f"--no-cache: every task runs and refreshes {cache_root})"
+            if args.no_cache
+            else f"cache: {cache_root})"
+        )
     )
     clock = TaskClock()
     root_logger = logging.getLogger()
@@ -245,7 +248,8 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cache",
         action="store_true",
-        help="run every task (by default an unchanged task reuses its outputs; cache: the pipeline root's "
+        help="run every task and refresh its cache entry (by default an unchanged task reuses its outputs; "
+        "cache: the pipeline root's "
         f"{CACHE_DIR}, e.g. local_outputs/ml-100k/{CACHE_DIR}; make clean-cache empties it)",
     )
     p.set_defaults(handler=cmd_run)
