@@ -693,9 +693,10 @@ def publish_bundle(
     index) is never overwritten, so a failed challenger can never replace the files of the published model.
     A partial upload under ``run`` (a publish pod killed before its index) is the same run retried and is
     completed; so is a complete one holding exactly these files and metrics (a pod killed after its index:
-    the retry writes the run record and moves the pointer it missed). The index (``bundle.json``: files and checksums, metrics, gate verdict) is written last, so
-    a bundle with an index is complete; the ``latest`` pointer only ever names complete bundles that
-    passed, and never moves to a run older (by publish order) than the one it names.
+    the retry writes the run record and moves the pointer it missed). The index (``bundle.json``: files
+    and checksums, metrics, gate verdict) is written last, so a bundle with an index is complete; the
+    ``latest`` pointer only ever names complete bundles that passed, and never moves to a run older (by
+    publish order) than the one it names.
     """
     if not run or "/" in run or run in (".", "..", RUNS) or run == LATEST:
         raise DelrecError(f"run id {run!r} cannot name a bundle (empty, a path, or reserved)", field="run")
