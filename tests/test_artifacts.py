@@ -169,3 +169,21 @@ def test_require_same_input_detects_a_mismatched_pair(tmp_path):
     require_same_input(model, "dataset", data_a)
     with pytest.raises(DelrecError, match="inputs.dataset"):
         require_same_input(model, "dataset", data_b)
+
+
+def test_artifacts_get_the_permissions_mkdir_and_open_would_give(tmp_path):
+    # mkdtemp/mkstemp make private (0700/0600) folders and files: renamed into place they would lock the
+    # user's team out of an artifact on a shared volume.
+    from delrec.artifacts import atomic_dir, write_json_atomic
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "data.txt").write_text("x")
+    write_json_atomic(tmp_path / "out" / "extra.json", {"a": 1})
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain.txt").write_text("x")
+
+    def mode(path):
+        return path.stat().st_mode & 0o777
+
+    assert mode(tmp_path / "out") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "out" / "extra.json") == mode(tmp_path / "plain.txt")

@@ -59,6 +59,32 @@ _ACTIVE: set[Path] = set()
 STALE_AFTER_S = 3600.0
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: the umask can only be read by setting it, which other threads would see meanwhile.
+_UMASK = _read_umask()
+
+
+def temp_dir(prefix: str, parent: str | os.PathLike) -> Path:
+    """A new temporary folder in ``parent``, with the permissions ``mkdir`` would give it: ``mkdtemp``
+    makes it private (0700), and an artifact renamed from it would be unreadable to the user's team on a
+    shared volume."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_UMASK)
+    return path
+
+
+def temp_file(prefix: str, parent: str | os.PathLike, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``parent``, with the permissions ``open`` would give the file (not 0600)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+    os.chmod(name, 0o666 & ~_UMASK)
+    return fd, name
+
+
 def _absolute(path: str | os.PathLike) -> Path:
     """``path`` made absolute without resolving symbolic links (``..`` folded)."""
     return Path(os.path.abspath(os.fspath(path)))
@@ -244,7 +270,7 @@ def atomic_dir(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tag = f".{path.name}{layout.TMP_TAG}{_safe_host()}-{os.getpid()}-"
-        tmp = Path(tempfile.mkdtemp(prefix=tag, dir=path.parent))
+        tmp = temp_dir(tag, path.parent)
         _ACTIVE.add(tmp)
         yield tmp
         check_out(out, force=force, protect=protect)  # nothing appeared there meanwhile
@@ -276,7 +302,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file(f".{path.name}.", path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(obj, handle, indent=2, sort_keys=True, default=str)

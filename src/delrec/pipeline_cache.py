@@ -6,13 +6,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kfp.local.cache import LocalCache
 
 import delrec
+from delrec.artifacts import temp_file
 from delrec.store import local_fingerprint
 
 # kfp.local's task cache, under the local pipeline root: the entries name artifacts in the run folders
@@ -61,7 +61,7 @@ class VerifiedCache(LocalCache):
         serialized = self._serialize_outputs(outputs)
         entry = json.dumps({"outputs": serialized, "sha256": self._checksum(serialized)})
         # Atomic: a concurrent reader or a killed run never sees half an entry.
-        fd, tmp = tempfile.mkstemp(prefix=".entry-", suffix=".tmp", dir=self.cache_root)
+        fd, tmp = temp_file(".entry-", self.cache_root, suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             handle.write(entry)
         os.replace(tmp, self._entry_path(key))

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
-from delrec.artifacts import atomic_dir, config_hash, file_sha256
+from delrec.artifacts import atomic_dir, config_hash, file_sha256, temp_file
 from delrec.errors import DelrecError
 
 log = logging.getLogger(__name__)
@@ -458,7 +458,7 @@ class S3Store:
             stat = self.client.stat_object(bucket, key)
             expected_sha = _meta(stat, SHA_META)
             etag = (stat.etag or "").strip('"')
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            fd, tmp = temp_file(f".{dest.name}.", dest.parent)
             try:
                 sha, md5 = hashlib.sha256(), hashlib.md5()
                 response = self.client.get_object(bucket, key)

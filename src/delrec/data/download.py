@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from delrec.artifacts import file_sha256, local_path
+from delrec.artifacts import file_sha256, local_path, temp_dir, temp_file
 from delrec.errors import DelrecError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, timeout: float 
         log.warning("cached %s fails its checksum: downloading it again", dest)
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    fd, tmp_name = temp_file(f".{dest.name}.", dest.parent, suffix=".part")
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
@@ -119,7 +119,7 @@ def extract_zip(archive: Path, dest: Path, *, checksums: Mapping[str, str] | Non
         except DelrecError as exc:
             log.warning("cached %s is damaged (%s): extracting it again", dest, exc)
             shutil.rmtree(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = temp_dir(f".{dest.name}.", dest.parent)
     try:
         unzip(archive, tmp)
         if checksums:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from delrec import layout
+from delrec.artifacts import temp_dir
 from delrec.errors import DelrecError
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def smollm2_folder() -> Path:
     model.load_state_dict(gguf_model.state_dict())
     model = model.to(torch.bfloat16)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
