@@ -238,14 +238,10 @@ def _catalogue_ranks(item_scores: np.ndarray, dataset: Dataset, split: str, rows
     from delrec.teachers.train import PastItems
 
     examples = dataset.examples[split]
-    users, targets = examples.users[rows], examples.targets[rows]
     scores = item_scores.copy()
-    past = PastItems(dataset)
-    seen_rows, seen_items = past.indices(users, past.cutoffs(users, targets))
+    seen_rows, seen_items = PastItems(dataset).excluded(examples, rows)
     scores[seen_rows, seen_items - 1] = -np.inf
-    for out_row, row in enumerate(rows):
-        scores[out_row, examples.histories[row] - 1] = -np.inf
-    return target_ranks(scores, targets - 1)
+    return target_ranks(scores, examples.targets[rows] - 1)
 
 
 def teacher_topk(item_scores: np.ndarray, k: int) -> np.ndarray:

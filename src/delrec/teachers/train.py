@@ -41,7 +41,7 @@ from delrec.artifacts import (
 from delrec.checkpoints import Checkpoints
 from delrec.config import StageConfig
 from delrec.data import Dataset, load_dataset
-from delrec.data.dataset import SPLITS, left_padded
+from delrec.data.dataset import SPLITS, Examples, left_padded
 from delrec.errors import DelrecError
 from delrec.loop import LoopResult, TrainLoop
 from delrec.metrics import metrics_from_ranks, target_ranks
@@ -235,6 +235,18 @@ class PastItems:
         within = np.arange(cutoffs.sum()) - np.repeat(np.cumsum(cutoffs) - cutoffs, cutoffs)
         return rows, self.flat[np.repeat(self.offsets[users], cutoffs) + within]
 
+    def excluded(self, examples: Examples, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in ``rows``, item) pairs a ranking of those examples' targets leaves out, for every
+        model alike: the user's training items before the target, and the example's history."""
+        users, targets = examples.users[rows], examples.targets[rows]
+        seen_rows, seen_items = self.indices(users, self.cutoffs(users, targets))
+        histories = [np.asarray(examples.histories[r], dtype=np.int64) for r in rows]
+        history_rows = np.repeat(np.arange(len(rows)), [len(h) for h in histories])
+        return (
+            np.concatenate([seen_rows, history_rows]),
+            np.concatenate([seen_items, *histories]).astype(np.int64),
+        )
+
 
 @torch.no_grad()
 def split_scores(
@@ -250,17 +262,14 @@ def split_scores(
     if not len(examples):
         return
     inputs = torch.from_numpy(examples.padded_histories(config.max_len))
-    history = torch.from_numpy(examples.padded_histories(max(1, max(len(h) for h in examples.histories))))
-    cutoffs = past.cutoffs(examples.users, examples.targets)
     weights = model.item_weights().float()
     for start in range(0, len(examples), config.eval_batch_size):
         rows = slice(start, min(start + config.eval_batch_size, len(examples)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             hidden = last_hidden(model, inputs[rows].to(device))
         scores = hidden.float() @ weights.T
-        scores.scatter_(1, history[rows].to(device), float("-inf"))  # includes column 0 (padding)
         scores[:, 0] = float("-inf")
-        seen_rows, seen_items = past.indices(examples.users[rows], cutoffs[rows])
+        seen_rows, seen_items = past.excluded(examples, np.arange(rows.start, rows.stop))
         scores[torch.from_numpy(seen_rows).to(device), torch.from_numpy(seen_items).to(device)] = float(
             "-inf"
         )
