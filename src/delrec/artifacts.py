@@ -507,7 +507,7 @@ def save_checkpoint(partial: Path, state: dict[str, Any]) -> None:
 
     _check_plain(state)
     partial.mkdir(parents=True, exist_ok=True)
-    tmp = partial / (CHECKPOINT + ".tmp")
+    tmp = partial / layout.CHECKPOINT_TMP
     torch.save(state, tmp)
     os.replace(tmp, partial / CHECKPOINT)
 

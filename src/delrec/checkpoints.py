@@ -65,7 +65,7 @@ def location_from_env() -> str | None:
     return join_uri(root, run_id, task)
 
 
-STAGE_FILES = (layout.CHECKPOINT, layout.CHECKPOINT + ".tmp", layout.BACKBONE_DIR)
+STAGE_FILES = (layout.CHECKPOINT, layout.CHECKPOINT_TMP, layout.BACKBONE_DIR)
 """what a stage writes into its checkpoint folder: the training state (and its temporary name) and, for a
 tiny test backbone, its weights"""
 

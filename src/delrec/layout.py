@@ -67,6 +67,7 @@ RECOMMENDATIONS = "recommendations"  # recommend: a folder of part-NNNNN.parquet
 # ---- resumable stages: ``<out>.partial/state.pt`` next to (not inside) the output
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT = "state.pt"
+CHECKPOINT_TMP = CHECKPOINT + ".tmp"  # written first, then renamed to CHECKPOINT
 
 # ---- temporary names beside an output (``.<name>.tmp-<host>-<pid>-<random>``), cleaned when stale
 TMP_TAG = ".tmp-"

@@ -130,13 +130,10 @@ def _common(
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (fp32 throughout)")
     if seed:
         p.add_argument("--seed", type=int, help=f"random seed {default('seed')}")
+    batch = "examples per step, shared by torchrun's processes" if training else "examples scored per pass"
+    p.add_argument("--batch-size", type=int, help=f"{batch} {default('batch_size')}")
     if training:
         p.add_argument("--steps", type=int, help=f"training steps {default('steps')}")
-        p.add_argument(
-            "--batch-size",
-            type=int,
-            help=f"examples per step, shared by torchrun's processes {default('batch_size')}",
-        )
         p.add_argument("--lr", type=float, help=f"peak learning rate {default('lr')}")
         p.add_argument(
             "--checkpoint",
@@ -145,8 +142,6 @@ def _common(
             "(default: the pipeline's workspace $DELREC_CHECKPOINT_ROOT/$DELREC_RUN_ID/$DELREC_TASK, else "
             "OUT.partial); once the output is in place, only the stage's own files there are removed",
         )
-    else:
-        p.add_argument("--batch-size", type=int, help=f"examples scored per pass {default('batch_size')}")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (YAML value)"
     )
