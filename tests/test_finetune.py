@@ -382,18 +382,10 @@ def test_restored_rank_scores_sit_on_their_parameters_device():
     # A checkpoint loads onto the CPU; on a GPU the allocator's scores must follow their parameters
     # (peft mixes them in update_ipt). "meta" stands in for the GPU here.
     from peft import AdaLoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    from delrec.llm.backbone import load_backbone
+
+    model = load_backbone("tiny-llama", titles=["a title"], device="cpu", autocast=False).base_model()
     peft_model = get_peft_model(
         model,
         AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj"], total_step=10, tinit=1, tfinal=1),

@@ -276,14 +276,17 @@ def test_kind_s3_node_port_reaches_seaweedfs_past_kfp_network_policy():
     assert not [d for d in rendered("overlays/gpu") if d["kind"] == "NetworkPolicy"]  # kind only
 
 
-def test_kind_node_ports_match_the_kind_config():
-    docs = rendered("overlays/kind")
+@pytest.mark.parametrize(
+    ("overlay", "cluster"), [("overlays/kind", "cluster.yaml"), ("overlays/kind-gpu", "cluster-gpu.yaml")]
+)
+def test_kind_node_ports_match_the_kind_config(overlay, cluster):
+    docs = rendered(overlay)
     node_ports = {
         p["nodePort"] for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"] if "nodePort" in p
     }
     mapped = {
         m["containerPort"]
-        for node in load_docs(MANIFESTS / "kind" / "cluster.yaml")[0]["nodes"]
+        for node in load_docs(MANIFESTS / "kind" / cluster)[0]["nodes"]
         for m in node.get("extraPortMappings", [])
     }
     assert node_ports == mapped == {30080, 30900}
@@ -306,23 +309,14 @@ def test_gpu_overlay_runs_the_device_plugin_on_gpu_nodes():
     )
 
 
-def test_kind_gpu_overlay_has_the_kind_ports_the_device_plugin_and_a_claim_local_path_can_bind():
-    """kind's only storage (local-path) binds ReadWriteOnce claims only, and the GPU kind cluster maps the
-    same host ports as the CPU one: the kind-gpu overlay is the kind overlay plus the device plugin."""
+def test_kind_gpu_overlay_has_the_device_plugin_the_s3_policy_and_a_claim_local_path_can_bind():
+    """kind's only storage (local-path) binds ReadWriteOnce claims only: the kind-gpu overlay is the kind
+    overlay (its node ports: test_kind_node_ports_match_the_kind_config) plus the device plugin."""
     docs = rendered("overlays/kind-gpu")
     find(docs, "DaemonSet", "nvidia-device-plugin-daemonset")
     assert find(docs, "PersistentVolumeClaim", "delrec-model-cache")["spec"]["accessModes"] == [
         "ReadWriteOnce"
     ]
-    node_ports = {
-        p["nodePort"] for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"] if "nodePort" in p
-    }
-    mapped = {
-        m["containerPort"]
-        for node in load_docs(MANIFESTS / "kind" / "cluster-gpu.yaml")[0]["nodes"]
-        for m in node.get("extraPortMappings", [])
-    }
-    assert node_ports == mapped == {30080, 30900}
     find(docs, "NetworkPolicy", "delrec-s3-from-host")
 
 
