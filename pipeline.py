@@ -34,8 +34,8 @@ docs/cluster.md, section 6).
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
-fingerprint (``prepare`` takes it in each run), and locally the delrec library's sources (a cluster's
-image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in
+fingerprint and a backbone folder's file listing (``prepare`` takes both in each run), and locally the
+delrec library's sources (a cluster's image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in
 ROOT/.kfp_cache (``make clean-cache`` removes it); ``--no-cache`` runs every task. Publish and prepare are
 never served from a cache.
 """
@@ -437,7 +437,14 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         tasks.cpu(teacher, "teacher", cpu_image)
         tasks.workspace(teacher, "teacher", s3_secret)
 
-        soft = distill(config=config["distill"], dataset=data, teacher=teacher.outputs["teacher"])
+        # Cache key only: new weights under an unchanged backbone path re-run the LLM stages.
+        backbone_key = setup.outputs["backbone_key"]
+        soft = distill(
+            config=config["distill"],
+            dataset=data,
+            teacher=teacher.outputs["teacher"],
+            backbone_key=backbone_key,
+        )
         tasks.training(soft, "distill", "distill", gpu_image, s3_secret)
 
         # The teacher is read only with teacher_kd > 0 (distillation of its candidate scores).
@@ -446,10 +453,16 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             dataset=data,
             soft_prompt=soft.outputs["soft_prompt"],
             teacher=teacher.outputs["teacher"],
+            backbone_key=backbone_key,
         )
         tasks.training(tuned, "finetune", "finetune", gpu_image, s3_secret)
         # The ablation: the same LLM, config and teacher without the soft prompt.
-        ablation = finetune(config=config["finetune"], dataset=data, teacher=teacher.outputs["teacher"])
+        ablation = finetune(
+            config=config["finetune"],
+            dataset=data,
+            teacher=teacher.outputs["teacher"],
+            backbone_key=backbone_key,
+        )
         tasks.training(ablation, "finetune", "finetune-ablation", gpu_image, s3_secret)
 
         if o.model_cache_pvc and o.model_cache_access == "ReadWriteOnce":

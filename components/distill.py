@@ -13,13 +13,15 @@ def distill(
     teacher: Input[Model],
     soft_prompt: Output[Model],
     metrics: Output[Metrics],
+    backbone_key: str = "",
 ):
     """Run ``delrec.distill.distill`` (TA + RPS soft-prompt training) and log its metrics.
 
     In a pipeline run it checkpoints to the run's workspace in the object store (its endpoint from the
     delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``). With more than one
     GPU it runs torchrun ranks in this pod, or submits a TrainJob (``delrec.launch``: the pipeline says
-    which through the environment).
+    which through the environment). ``backbone_key`` (``delrec.llm.backbone.weights_key``) is only there
+    to change the cache key when the weights behind an unchanged backbone path change.
     """
     import json
     import time

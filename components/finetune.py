@@ -18,13 +18,14 @@ def finetune(
     metrics: Output[Metrics],
     soft_prompt: Input[Model] | None = None,
     teacher: Input[Model] | None = None,
+    backbone_key: str = "",
 ):
     """Run ``delrec.finetune.finetune`` and log its metrics.
 
     In a pipeline run it checkpoints to the run's workspace in the object store (its endpoint from the
     delrec-object-store ConfigMap), so a retried pod resumes (``delrec.checkpoints``). With more than one
     GPU it runs torchrun ranks in this pod, or submits a TrainJob (``delrec.launch``: the pipeline says
-    which through the environment).
+    which through the environment). ``backbone_key`` is only there to change the cache key (as distill's).
     """
     import json
     import time

@@ -1,7 +1,8 @@
-"""Prepare: the run parameters applied to the stage configs, and a fingerprint of the source as it is now.
+"""Prepare: the run parameters applied to the stage configs, and keys of the source and the backbone as they are now.
 
-Never served from a cache (the pipeline disables it): it lists the source at run time, so a scheduled
-run whose data did not change is a cache hit from preprocess on, and one with new data retrains.
+Never served from a cache (the pipeline disables it): it lists the source and a backbone folder at run
+time, so a scheduled run whose data and weights did not change is a cache hit from preprocess on, and
+one with new data retrains (new weights in the backbone's folder: the LLM stages run again).
 """
 
 from typing import NamedTuple
@@ -30,6 +31,7 @@ def prepare(
     "Prepared",
     [
         ("source_fingerprint", str),
+        ("backbone_key", str),
         ("preprocess_config", dict),
         ("teacher_config", dict),
         ("distill_config", dict),
@@ -39,10 +41,12 @@ def prepare(
 ):
     """Each stage config with the run parameters set (``delrec.config.apply_run_parameters``: a run
     parameter wins over its stage dict; an empty string or 0 leaves the dict's value), and
-    ``delrec.store.source_fingerprint`` of the resulting source (S3 ETags, or file hashes)."""
+    ``delrec.store.source_fingerprint`` of the resulting source (S3 ETags, or file hashes), and
+    ``delrec.llm.backbone.weights_key`` of the LLM stages' backbone (a local folder's file listing)."""
     from collections import namedtuple
 
     from delrec.config import apply_run_parameters
+    from delrec.llm.backbone import weights_key
     from delrec.store import source_fingerprint
 
     params = {
@@ -67,5 +71,7 @@ def prepare(
     )
     fingerprint = source_fingerprint(configs["preprocess"].get("source"))
     print(f"source fingerprint: {fingerprint or '(none: no source to list)'}")
-    fields = ["source_fingerprint", *(f"{stage}_config" for stage in configs)]
-    return namedtuple("Prepared", fields)(fingerprint, *configs.values())
+    backbones = {configs[stage].get("backbone") or "" for stage in ("distill", "finetune", "evaluate")}
+    backbone_key = "".join(weights_key(name) for name in sorted(backbones))
+    fields = ["source_fingerprint", "backbone_key", *(f"{stage}_config" for stage in configs)]
+    return namedtuple("Prepared", fields)(fingerprint, backbone_key, *configs.values())

