@@ -148,6 +148,25 @@ def test_kcore_and_short_users(tmp_path):
     assert (stats["users"], stats["items"], stats["interactions"]) == (4, 6, 15)
 
 
+def test_a_kcore_counts_distinct_items_not_repeated_interactions(tmp_path):
+    # A 4-core: users b-f have 4 of items 1-5 each; user a's 4 interactions are 3 items (1 repeats).
+    sequences = {
+        "a": "1 1 2 3",
+        "b": "1 2 3 4",
+        "c": "1 2 3 5",
+        "d": "1 2 4 5",
+        "e": "1 3 4 5",
+        "f": "2 3 4 5",
+    }
+    users = [u for u, seq in sequences.items() for _ in seq.split()]
+    items = [i for seq in sequences.values() for i in seq.split()]
+    config = PreprocessConfig(dataset="generic", kcore=4, num_candidates=2)
+    stats = build_dataset(_raw(users, items, list(range(len(items)))), config, tmp_path / "d")
+    ds = load_dataset(tmp_path / "d")
+    assert stats["dropped"]["repeats"] == 1 and stats["dropped"]["kcore"] == 3  # user a's three items
+    assert stats["users"] == 5 and all(len(set(seq)) >= 4 for seq in loo_sequences(ds).values())
+
+
 def test_artifact_files_stats_and_manifest(synthetic_dir):
     names = {p.name for p in synthetic_dir.iterdir()}
     assert names == {

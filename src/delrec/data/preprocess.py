@@ -166,8 +166,9 @@ def _user_sequences(
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Each kept user's items in time order, items re-indexed 1..N (0 pads); raw user and item ids.
 
-    Drops (counted in ``dropped``) interactions with untitled items, those outside the k-core, repeats
-    of an item, and users with fewer than ``min_length`` items. Users and items are in raw-id order.
+    Drops (counted in ``dropped``) interactions with untitled items, repeats of an item, those outside
+    the k-core (of distinct items), and users with fewer than ``min_length`` items. Users and items are
+    in raw-id order.
     """
     # Work on integer codes of the distinct raw ids: the per-id work is then per item, not per interaction.
     item_raw, item_codes = np.unique(raw.items.astype(str), return_inverse=True)
@@ -183,23 +184,26 @@ def _user_sequences(
             dropped["no_title_items"],
         )
     users, items, times = user_codes[has_title], item_codes[has_title], raw.timestamps[has_title]
+    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, stable on ties
+    users, items = users[order], items[order]
+    # A repeated interaction with an item keeps the first: the candidate sampler relies on "items the
+    # user interacted with" being a set, and re-consuming is not what the next-item task predicts.
+    # Before the k-core, so that a user kept by a k-core has k distinct items.
+    first = np.zeros(len(users), dtype=bool)
+    first[np.unique(users.astype(np.int64) * len(item_raw) + items, return_index=True)[1]] = True
+    dropped["repeats"] = int((~first).sum())
+    users, items = users[first], items[first]
     if kcore > 1 and len(users):
         keep = _kcore(users, items, kcore)
         dropped["kcore"] = int((~keep).sum())
-        users, items, times = users[keep], items[keep], times[keep]
+        users, items = users[keep], items[keep]
     if len(users) == 0:
         raise DelrecError(f"no interactions left after filtering (dropped: {dropped})", path=raw.source)
 
-    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, stable on ties
-    users, items = users[order], items[order]
     bounds = np.flatnonzero(np.diff(users)) + 1
-    sequences = np.split(items, bounds)
+    per_user = np.split(items, bounds)
     seq_users = users[np.r_[0, bounds]]
-    # A repeated interaction with an item keeps the first: the candidate sampler relies on "items the
-    # user interacted with" being a set, and re-consuming is not what the next-item task predicts.
-    deduped = [seq[np.sort(np.unique(seq, return_index=True)[1])] for seq in sequences]
-    dropped["repeats"] = int(sum(len(a) - len(b) for a, b in zip(sequences, deduped, strict=True)))
-    long_enough = np.array([len(s) >= min_length for s in deduped], dtype=bool)
+    long_enough = np.array([len(s) >= min_length for s in per_user], dtype=bool)
     dropped["short_users"] = int((~long_enough).sum())
     if not long_enough.any():
         raise DelrecError(
@@ -208,7 +212,7 @@ def _user_sequences(
         )
     kept_users = seq_users[long_enough]
     user_perm = _id_order(user_raw[kept_users])
-    sequences = [deduped[i] for i in np.flatnonzero(long_enough)[user_perm]]
+    sequences = [per_user[i] for i in np.flatnonzero(long_enough)[user_perm]]
     user_raw = user_raw[kept_users[user_perm]]
     used_items = np.unique(np.concatenate(sequences))
     used_items = used_items[_id_order(item_raw[used_items])]
