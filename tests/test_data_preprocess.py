@@ -167,6 +167,31 @@ def test_a_kcore_counts_distinct_items_not_repeated_interactions(tmp_path):
     assert stats["users"] == 5 and all(len(set(seq)) >= 4 for seq in loo_sequences(ds).values())
 
 
+def test_a_held_out_users_rankings_and_recommendations_leave_out_every_earlier_item(tmp_path):
+    from delrec.recommend import known_sequences
+    from delrec.teachers.train import PastItems
+
+    # The user split: a held-out user has no training sequence, and its history is longer than max_history.
+    rng = np.random.default_rng(0)
+    sequences = {str(u): [str(i) for i in rng.choice(np.arange(1, 81), 12, replace=False)] for u in range(30)}
+    users = [u for u, seq in sequences.items() for _ in seq]
+    items = [i for seq in sequences.values() for i in seq]
+    config = PreprocessConfig(dataset="generic", split="user", max_history=3, num_candidates=5)
+    build_dataset(_raw(users, items, [t for _ in sequences for t in range(12)]), config, tmp_path / "d")
+    ds = load_dataset(tmp_path / "d")
+    raw_users = pq.read_table(tmp_path / "d" / "users.parquet").column("raw_id").to_pylist()
+    item_id = {raw: i for i, raw in enumerate(ds.raw_item_ids) if i}
+    known = known_sequences(ds)
+    for split in ("valid", "test"):
+        examples = ds.examples[split]
+        assert len(examples) and max(map(len, ds.examples["train"].histories)) == 3
+        rows, excluded = PastItems(ds).excluded(examples, np.arange(len(examples)))
+        for row, user in enumerate(examples.users):
+            whole = [item_id[raw] for raw in sequences[raw_users[user]]]
+            assert set(excluded[rows == row].tolist()) == set(whole[:-1])
+            assert known[user].tolist() == whole
+
+
 def test_artifact_files_stats_and_manifest(synthetic_dir):
     names = {p.name for p in synthetic_dir.iterdir()}
     assert names == {

@@ -118,7 +118,7 @@ class RecommendConfig(StageConfig):
 def known_sequences(dataset: Dataset) -> list[np.ndarray]:
     """Each user's whole known sequence: its training sequence, then its validation and test targets
     (under leave-one-out, every item it has). A user with no training sequence (the ``user`` split) gets
-    its example's history + target; that history is cut to ``max_history``, so it is all we know."""
+    its example's history + target (that example keeps the whole history)."""
     sequences = [np.asarray(seq, dtype=np.int64) for seq in dataset.train_sequences]
     for split in EVAL_SPLITS:  # in time order: a test history ends with the validation target
         examples = dataset.examples[split]

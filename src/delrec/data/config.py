@@ -28,7 +28,8 @@ class PreprocessConfig(StageConfig):
     seed: int = Field(42, ge=0)
     num_candidates: int = Field(20, ge=2)
     max_history: int = Field(50, ge=1)
-    """examples keep this many most recent history items"""
+    """examples keep this many most recent history items (a held-out user's example under the user split
+    keeps all: the items rankings and recommendations leave out)"""
     kcore: int | None = Field(None, ge=0)
     """k-core filter on users and items; None: the dataset's default (5 for Amazon and Steam, else off)"""
     min_user_interactions: int = Field(3, ge=3)

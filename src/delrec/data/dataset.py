@@ -7,7 +7,8 @@ Layout of a dataset folder (all ids are contiguous ints; item 0 is reserved for 
   ``all`` under ``loo``)
 - ``train_sequences.parquet``: user, items -- the only interactions a model may train on
 - ``train.parquet``, ``valid.parquet``, ``test.parquet``: examples (user, history, target); ``history``
-  is the most recent ``max_history`` items before the target, oldest first
+  is the most recent ``max_history`` items before the target, oldest first (a held-out user's whole
+  history under the ``user`` split: it is all the artifact knows of that user)
 - ``candidates.parquet``: split, row, user, candidates -- the fixed candidate set (target included,
   shuffled) of every validation and test example; ``row`` indexes the split's examples
 - ``stats.json`` and ``manifest.json``

@@ -248,15 +248,17 @@ def _examples(
 
     loo: a user's last item is its test target, the one before its validation target, the rest trains.
     given and user: a valid or test user's last item is its target. Under given its history also trains
-    (observed data, as every user's prefix is under loo); under user, it does not.
+    (observed data, as every user's prefix is under loo); under user, it does not, and the example keeps
+    the whole history (not the last ``max_history``): it is the only record of every item the user had,
+    which rankings leave out and recommendations must not repeat.
     """
     parts: dict[str, dict[str, list]] = {
         s: {"users": [], "histories": [], "targets": []} for s in ("train", "valid", "test")
     }
 
-    def add(split: str, user: int, seq: np.ndarray, pos: int) -> None:
+    def add(split: str, user: int, seq: np.ndarray, pos: int, whole: bool = False) -> None:
         parts[split]["users"].append(user)
-        parts[split]["histories"].append(seq[max(0, pos - max_history) : pos])
+        parts[split]["histories"].append(seq[0 if whole else max(0, pos - max_history) : pos])
         parts[split]["targets"].append(int(seq[pos]))
 
     train_sequences: list[np.ndarray] = []
@@ -275,7 +277,7 @@ def _examples(
             add("valid", user, seq, len(seq) - 2)
             add("test", user, seq, len(seq) - 1)
         elif group != "train":
-            add(group, user, seq, len(seq) - 1)
+            add(group, user, seq, len(seq) - 1, whole=scheme == "user")
     examples = {
         split: Examples(
             users=np.array(p["users"], dtype=np.int64),
