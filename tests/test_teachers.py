@@ -204,6 +204,33 @@ def test_topk_excludes_history_and_is_aligned(trained, synthetic_dir, synthetic)
     assert np.all(np.diff(scores, axis=1) <= 0)
 
 
+def test_topk_history_makes_the_teacher_recommend_for_the_history_a_prompt_shows(
+    synthetic_dir, synthetic, tmp_path
+):
+    from delrec.data.dataset import left_padded
+    from delrec.teachers import CandidateTeacher
+    from delrec.teachers.train import PastItems
+
+    train_teacher(synthetic_dir, _quick("sasrec", max_epochs=1, topk_history=3), tmp_path / "t")
+    model, config = load_teacher(tmp_path / "t")
+    examples = synthetic.examples["valid"]
+    assert max(map(len, examples.histories)) > 3
+    cut = [h[-3:] for h in examples.histories]
+    with torch.no_grad():  # the teacher on the last 3 items, every earlier item of the user excluded
+        scores = (
+            last_hidden(model, torch.from_numpy(left_padded(cut, config.max_len))) @ model.item_weights().T
+        )
+    scores[:, 0] = float("-inf")
+    rows, items = PastItems(synthetic).excluded(examples, np.arange(len(examples)))
+    scores[rows, items] = float("-inf")
+    assert np.array_equal(load_topk(tmp_path / "t", synthetic_dir)["valid"], scores.topk(10).indices.numpy())
+    # Stage 2's teacher scores read the same items.
+    teacher, candidates = CandidateTeacher(tmp_path / "t"), synthetic.candidates["valid"]
+    np.testing.assert_array_equal(
+        teacher.probabilities(examples.histories, candidates), teacher.probabilities(cut, candidates)
+    )
+
+
 def test_load_topk_refuses_another_dataset(trained, tmp_path):
     out, _ = trained
     other = tmp_path / "other"

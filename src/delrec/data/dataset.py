@@ -44,10 +44,6 @@ class Examples:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def padded_histories(self, max_len: int) -> np.ndarray:
-        """Histories as an (n, max_len) int64 matrix, left-padded with 0, keeping the most recent items."""
-        return left_padded(self.histories, max_len)
-
 
 def left_padded(histories, max_len: int) -> np.ndarray:
     """Item sequences as an (n, max_len) int64 matrix, left-padded with 0, keeping the most recent items."""

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +96,10 @@ class TeacherConfig(StageConfig):
     bf16: bool = False
     """bf16 autocast for the forward pass (AMX CPUs and GPUs)"""
     topk: int = Field(10, ge=1)
+    topk_history: int = Field(0, ge=0)
+    """how many of an example's most recent history items the exported top-k and stage 2's teacher scores
+    (teacher_kd) are computed from; 0: as many as the teacher reads (max_len). The LLM's prompts show the
+    last history_items (10): that value makes the teacher recommend for the history the prompt shows"""
     eval_batch_size: int = Field(1024, ge=1)
 
 
@@ -248,20 +252,31 @@ class PastItems:
         )
 
 
+def last_items(histories: Sequence[np.ndarray], last: int) -> list[np.ndarray]:
+    """Each history's ``last`` most recent items (0: all of them)."""
+    return [np.asarray(h)[-last:] if last else np.asarray(h) for h in histories]
+
+
 @torch.no_grad()
 def split_scores(
-    model: nn.Module, dataset: Dataset, split: str, config: TeacherConfig, past: PastItems
+    model: nn.Module,
+    dataset: Dataset,
+    split: str,
+    config: TeacherConfig,
+    past: PastItems,
+    history: int = 0,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Scores of every item for each example of ``split``, in batches: (rows, (batch, num_items + 1)).
 
-    Padding (item 0) and the user's earlier items score -inf.
+    The model reads the last ``history`` items of each example's history (0: max_len). Padding (item 0)
+    and the user's earlier items (the whole history's) score -inf.
     """
     model.eval()
     device = next(model.parameters()).device
     examples = dataset.examples[split]
     if not len(examples):
         return
-    inputs = torch.from_numpy(examples.padded_histories(config.max_len))
+    inputs = torch.from_numpy(left_padded(last_items(examples.histories, history), config.max_len))
     weights = model.item_weights().float()
     for start in range(0, len(examples), config.eval_batch_size):
         rows = slice(start, min(start + config.eval_batch_size, len(examples)))
@@ -287,7 +302,9 @@ class CandidateTeacher:
         self, histories: list[np.ndarray], candidates: np.ndarray, temperature: float = 1.0
     ) -> np.ndarray:
         """Softmax of the teacher's scores of ``candidates`` (n, C) at ``temperature``: (n, C) float32."""
-        inputs = torch.from_numpy(left_padded(histories, self.config.max_len))
+        inputs = torch.from_numpy(
+            left_padded(last_items(histories, self.config.topk_history), self.config.max_len)
+        )
         hidden = last_hidden(self.model, inputs).float()
         weights = self.model.item_weights().float()[torch.from_numpy(np.asarray(candidates))]
         scores = torch.einsum("nd,ncd->nc", hidden, weights)
@@ -327,7 +344,7 @@ def export_topk(model: nn.Module, dataset: Dataset, config: TeacherConfig, past:
     parts = []
     for split in SPLITS:
         items, scores = [], []
-        for _, batch in split_scores(model, dataset, split, config, past):
+        for _, batch in split_scores(model, dataset, split, config, past, config.topk_history):
             values, indices = batch.topk(config.topk, dim=1)
             if not torch.isfinite(values).all():
                 raise DelrecError(
