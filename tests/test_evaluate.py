@@ -103,6 +103,18 @@ def test_reranking_reorders_only_the_teachers_top_k():
     assert reranked_target_ranks(item_scores, topk, llm, targets).tolist() == [0, 2, 4]
 
 
+def test_a_target_tied_into_the_top_k_by_item_id_is_not_moved_by_the_rerank():
+    # Items 3, 4 and 5 tie for the second place; the top 2 holds 3 by its lower id. The teacher ranks a
+    # tied target below the others (rank 3, 0-based), so a rerank that puts it first gains by a tie.
+    item_scores = np.array([[-np.inf, 1, 2, 5, 5, 5, 6]] * 2)
+    topk = teacher_topk(item_scores, 2)
+    assert topk.tolist() == [[6, 3]] * 2
+    llm = np.array([[0.1, 0.9]] * 2)  # the LLM prefers the second of the top 2
+    targets = np.array([3, 6])
+    assert evaluate_module.retrieved(item_scores, topk, targets).tolist() == [False, True]
+    assert reranked_target_ranks(item_scores, topk, llm, targets).tolist() == [3, 1]
+
+
 def test_the_rerank_scores_only_retrieved_targets_and_ranks_as_reranking_every_example(
     synthetic_dir, synthetic, tiny_runs, tmp_path, monkeypatch
 ):
@@ -131,6 +143,22 @@ def test_the_rerank_scores_only_retrieved_targets_and_ranks_as_reranking_every_e
     targets = synthetic.examples["test"].targets[rows]
     expected = reranked_target_ranks(teacher_scores, topk, everyone["scores"], targets)
     assert ranks["catalogue_delrec"] == expected.tolist()
+
+
+def test_the_report_states_chance_for_its_candidates_and_draws_intervals_that_miss_their_value(tmp_path):
+    from delrec.evaluate import write_report
+
+    # A percentile interval of few resamples can lie wholly above its value (seen with 10 resamples).
+    results = {
+        "delrec": {"metrics": dict.fromkeys(REPORTED, 0.2), "ci95": dict.fromkeys(REPORTED, (0.25, 0.45))}
+    }
+    meta = {"dataset": "d", "split": "test", "examples": 5, "universe": "candidates", "candidates": 10}
+    meta |= {"scoring": "mean", "backbone": "b", "teacher": "SASRec"}
+    write_report(tmp_path, results, meta)
+    assert "Chance level of HR@1 with 10 candidates: 0.100." in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    write_report(tmp_path, results, meta | {"universe": "catalogue", "candidates": None})
+    assert "Chance level" not in (tmp_path / "report.md").read_text()
 
 
 def test_popularity_ranks_by_training_interactions(synthetic):
@@ -269,6 +297,42 @@ def test_refuses_an_ablation_on_other_base_weights(synthetic_dir, tiny_runs, tmp
             EvaluateConfig(device="cpu", backbone="tiny-llama"),
             tmp_path / "e",
             tiny_runs / "ablation",
+        )
+    assert not (tmp_path / "e").exists()
+
+
+def test_refuses_a_teacher_other_than_the_one_delrec_was_distilled_from(synthetic_dir, tiny_runs, tmp_path):
+    from delrec.teachers import TeacherConfig, train_teacher
+
+    tiny = dict(hidden=16, inner=32, layers=1, max_epochs=1, device="cpu")
+    train_teacher(synthetic_dir, TeacherConfig(model="gru4rec", **tiny), tmp_path / "gru4rec")
+    train_teacher(synthetic_dir, TeacherConfig(model="sasrec", seed=7, **tiny), tmp_path / "sasrec")
+    config = EvaluateConfig(device="cpu", backbone="tiny-llama")
+    runs = {"delrec_dir": tiny_runs / "delrec", "distill_dir": tiny_runs / "distill"}
+    with pytest.raises(
+        DelrecError, match="distilled from a SASRec teacher, but the teacher given is a GRU4Rec"
+    ):
+        evaluate(synthetic_dir, tmp_path / "gru4rec", config, tmp_path / "e", tiny_runs / "delrec")
+    with pytest.raises(DelrecError, match="was built from teacher") as caught:  # same kind, another model
+        evaluate(synthetic_dir, tmp_path / "sasrec", config, tmp_path / "e", **runs)
+    assert caught.value.field == "inputs.teacher"
+    from delrec.distill import DistillConfig, distill
+
+    tiny_llm = dict(backbone="tiny-llama", device="cpu", bf16=False, history_items=6, eval_examples=4)
+    distill(
+        synthetic_dir,
+        tiny_runs / "teacher",
+        DistillConfig(**tiny_llm, soft_tokens=8, steps=1),
+        tmp_path / "d2",
+    )
+    with pytest.raises(DelrecError, match="was built from distill"):  # curves of another soft prompt
+        evaluate(
+            synthetic_dir,
+            tiny_runs / "teacher",
+            config,
+            tmp_path / "e",
+            runs["delrec_dir"],
+            distill_dir=tmp_path / "d2",
         )
     assert not (tmp_path / "e").exists()
 

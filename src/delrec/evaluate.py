@@ -249,15 +249,23 @@ def teacher_topk(item_scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-item_scores, axis=1, kind="stable")[:, :k]
 
 
+def retrieved(item_scores: np.ndarray, topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Which targets the teacher's top K holds by its own (tie-pessimistic) rank: a target tied with
+    items at the K-th place is in ``topk`` by item id, but ranked by the teacher below K it must not be
+    moved by the rerank either, or ties would count for the rerank and against the teacher."""
+    in_topk = (topk == targets[:, None]).any(axis=1)
+    return in_topk & (target_ranks(item_scores, targets) < topk.shape[1])
+
+
 def reranked_target_ranks(
     item_scores: np.ndarray, topk: np.ndarray, llm_scores: np.ndarray, targets: np.ndarray
 ) -> np.ndarray:
     """0-based target ranks when the LLM reorders the teacher's top K and later items keep the teacher's
-    order: a target inside the top K takes its LLM rank there, any other keeps its teacher rank (>= K)."""
-    inside = topk == targets[:, None]
+    order: a :func:`retrieved` target takes its LLM rank there, any other keeps its teacher rank (>= K)."""
+    position = (topk == targets[:, None]).argmax(axis=1)
     return np.where(
-        inside.any(axis=1),
-        target_ranks(llm_scores, inside.argmax(axis=1)),
+        retrieved(item_scores, topk, targets),
+        target_ranks(llm_scores, position),
         target_ranks(item_scores, targets),
     )
 
@@ -332,6 +340,22 @@ def _prompt_configs(delrec_dir, ablation_dir, dataset_dir) -> tuple[dict, dict |
             field="backbone_fingerprint",
         )
     return delrec_config, ablation_config
+
+
+def _check_teacher(teacher_dir, delrec_dir, delrec_config: dict, distill_dir) -> None:
+    """The teacher given is the one DELRec's soft prompt was distilled from: its rows and every
+    "DELRec minus teacher" figure would otherwise compare with another model under DELRec's label."""
+    from delrec.llm.tasks import teacher_name
+
+    named = delrec_config.get("teacher", "")
+    if named and teacher_name(teacher_dir) != named:
+        raise DelrecError(
+            f"DELRec was distilled from a {named} teacher, but the teacher given is a {teacher_name(teacher_dir)}",
+            path=teacher_dir,
+        )
+    if distill_dir is not None:
+        require_same_input(delrec_dir, "distill", distill_dir, producer=layout.FINETUNE)
+        require_same_input(distill_dir, "teacher", teacher_dir, producer=layout.DISTILL)
 
 
 def _llm_ranks(
@@ -499,7 +523,9 @@ def _plot_metrics(folder: Path, results: dict, meta: dict, plt) -> None:
         values = np.array([results[model]["metrics"][m] for m in REPORTED])
         lo = np.array([results[model]["ci95"][m][0] for m in REPORTED])
         hi = np.array([results[model]["ci95"][m][1] for m in REPORTED])
-        ax.bar(x + i * width, values, width, yerr=[values - lo, hi - values], capsize=2, label=_label(model))
+        # A percentile interval of few resamples can miss the value itself: no negative error bar.
+        errors = np.clip([values - lo, hi - values], 0, None)
+        ax.bar(x + i * width, values, width, yerr=errors, capsize=2, label=_label(model))
     ax.set_xticks(x + width * (len(models) - 1) / 2, REPORTED)
     ax.set_ylim(0, 1)
     ax.set_title(f"{meta['dataset']} ({meta['split']}, {meta['examples']} examples, {meta['universe']})")
@@ -576,13 +602,9 @@ def _report_lines(
         m, ci = res["metrics"], res["ci95"]
         cells = [f"{m[k]:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" for k in REPORTED]
         lines.append(f"| {_label(model)} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Chance level of HR@1 with 20 candidates: {1 / 20:.3f}.",
-        "",
-        "![metrics](metrics.png)",
-        "",
-    ]
+    n = meta["candidates"]  # None in the whole-catalogue universe
+    chance = [f"Chance level of HR@1 with {n} candidates: {1 / n:.3f}.", ""] if n else []
+    lines += ["", *chance, "![metrics](metrics.png)", ""]
     if paired:
         lines += [
             "## DELRec against each model (paired)",
@@ -664,6 +686,7 @@ def evaluate(
     require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
     rows = _chosen_rows(dataset, config, dataset_dir)
     delrec_config, ablation_config = _prompt_configs(delrec_dir, ablation_dir, dataset_dir)
+    _check_teacher(teacher_dir, delrec_dir, delrec_config, distill_dir)
 
     teacher_scores = _teacher_scores(dataset, teacher_dir, config.split, rows)
     ranks = {
@@ -675,7 +698,7 @@ def evaluate(
     topk = teacher_topk(teacher_scores, config.rerank_k) if config.rerank_k else None
     rerank = None
     if topk is not None:  # only a target inside the teacher's top K can move (module doc)
-        inside = np.flatnonzero((topk == targets[:, None]).any(axis=1))
+        inside = np.flatnonzero(retrieved(teacher_scores, topk, targets))
         rerank = (inside, topk[inside])
     llm_ranks, backbone_name, rerank_scores = _llm_ranks(
         dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, rerank, device=device
@@ -701,6 +724,10 @@ def evaluate(
         "split": config.split,
         "examples": int(len(rows)),
         "universe": config.universe,
+        # the number each example's target is ranked among (None: the whole catalogue)
+        "candidates": int(dataset.candidates[config.split].shape[1])
+        if config.universe == "candidates"
+        else None,
         "scoring": model_scoring(config.scoring, delrec_config),
         "backbone": backbone_name,
         "teacher": delrec_config.get("teacher", ""),
