@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import torch
 from conftest import load_benchmark
 
 
@@ -40,3 +42,33 @@ def test_gpu_recipe_refuses_an_override_of_an_unknown_stage(tmp_path, capsys):
         raise AssertionError("an unknown stage in --set was accepted")
     assert "teacher.lr" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_mfu_flop_count_stays_below_torchs_count_of_the_same_scoring(synthetic, monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from delrec.llm.scoring import score_all
+    from delrec.llm.tasks import answers_of, stage2_instance
+    from delrec.llm.templates import PromptBuilder, PromptSettings
+
+    script = load_benchmark("gpu_delrec")
+    for name in ("delrec.llm.backbone", "delrec.distill", "delrec.finetune", "delrec.evaluate"):
+        module = importlib.import_module(name)  # instrument() patches these: restored after the test
+        monkeypatch.setattr(module, "stage_backbone", module.stage_backbone)
+    counter = script.TokenCounter()
+    script.instrument(counter)
+    backbone = script.backbone_module.stage_backbone(
+        "tiny-llama", None, titles=synthetic.titles, device="cpu", autocast=False
+    )
+    builder = PromptBuilder.for_dataset(backbone, synthetic, teacher="", n_soft=0, settings=PromptSettings())
+    test, candidates = synthetic.examples["test"], synthetic.candidates["test"]
+    batch = [
+        stage2_instance(
+            builder, test.histories[i], int(test.targets[i]), candidates=candidates[i], soft=False
+        )
+        for i in range(4)
+    ]
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        score_all(backbone, None, [inst.prompt for inst in batch], answers_of(builder, batch), batch_size=4)
+    # It leaves out attention and most logits, so it may count less, never more (MFU is not flattered).
+    assert 0.8 * flops.get_total_flops() <= counter.flops() <= flops.get_total_flops()
