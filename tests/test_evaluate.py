@@ -212,6 +212,14 @@ def test_catalogue_universe_ranks_every_item_with_first_token_scoring(
         return scores
 
     monkeypatch.setattr(evaluate_module, "score_all", recording)
+    listed = []
+    stage2 = evaluate_module.PromptBuilder.stage2
+
+    def listing(self, history, candidates, **kwargs):
+        listed.append(np.asarray(candidates))
+        return stage2(self, history, candidates, **kwargs)
+
+    monkeypatch.setattr(evaluate_module.PromptBuilder, "stage2", listing)
     config = EvaluateConfig(
         **{k: TINY[k] for k in ("backbone", "device", "bf16")},
         universe="catalogue",
@@ -251,6 +259,10 @@ def test_catalogue_universe_ranks_every_item_with_first_token_scoring(
     assert ranks["delrec"] == expected
     # Ranks past the 20-candidate universe: these really are catalogue ranks.
     assert max(ranks["delrec"]) >= 20 and max(ranks["teacher"]) >= 20
+    # The prompts list the teacher's top 20, not the stored candidates (each holds its target).
+    rows = np.asarray(ranks["row"])
+    teacher_scores = evaluate_module._teacher_scores(synthetic, tiny_runs / "teacher", "test", rows)
+    assert np.array_equal(np.stack(listed[: len(rows)]), teacher_topk(teacher_scores, 20))
 
 
 def test_each_model_is_scored_as_it_was_fine_tuned_unless_the_config_says(

@@ -91,7 +91,8 @@ class EvaluateConfig(StageConfig):
     """mean: length-normalised title log-likelihood; sum; first: first title token (the authors');
     None: as each model was fine-tuned (its prompt.json; the untuned LLM as DELRec)"""
     universe: Literal["candidates", "catalogue"] = "candidates"
-    """rank within the 20 stored candidates, or among every item the user has not interacted with"""
+    """rank within the 20 stored candidates, or among every item the user has not interacted with (the
+    LLM's prompt then lists the teacher's top 20: the stored candidates would tell it the target)"""
     catalogue_chunk: int = Field(100, ge=1)
     """titles scored per forward pass in the catalogue universe"""
     zero_shot: bool = True
@@ -166,12 +167,24 @@ def stage2_builder(
 
 
 class _LLMRanker:
-    """Scores the chosen examples' candidates (or the catalogue) with one backbone configuration."""
+    """Scores the chosen examples' candidates (or the catalogue) with one backbone configuration.
 
-    def __init__(self, dataset: Dataset, config: EvaluateConfig, split: str, rows: np.ndarray):
+    In the catalogue universe the prompt lists ``listed`` (the teacher's top C, one row per example): the
+    stored candidates hold the target, a hint the teacher and popularity ranks never get.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        config: EvaluateConfig,
+        split: str,
+        rows: np.ndarray,
+        listed: np.ndarray | None = None,
+    ):
         self.dataset, self.config, self.split, self.rows = dataset, config, split, rows
         self.examples = dataset.examples[split]
         self.candidates = dataset.candidates[split][rows]
+        self.listed = listed
 
     def _builder(self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict) -> PromptBuilder:
         return stage2_builder(backbone, self.dataset, soft, prompt_config)
@@ -213,7 +226,7 @@ class _LLMRanker:
         builder = self._builder(backbone, soft, prompt_config)
         prompts = [
             builder.stage2(ex.histories[r], cands, soft=soft is not None)
-            for r, cands in zip(self.rows, self.candidates, strict=True)
+            for r, cands in zip(self.rows, self.listed, strict=True)
         ]
         kw = {
             "batch_size": self.config.batch_size,
@@ -365,12 +378,14 @@ def _llm_ranks(
     delrec: tuple[Path, dict],
     ablation: tuple[Path, dict] | None,
     rerank: tuple[np.ndarray, np.ndarray] | None = None,
+    listed: np.ndarray | None = None,
     *,
     device: str,
 ) -> tuple[dict[str, np.ndarray], str, np.ndarray | None]:
     """Ranks of DELRec, the ablation and the untuned LLM (one backbone, adapters swapped in turn), and
     if ``rerank`` = (positions in ``rows``, their K candidates) is given, DELRec's scores of those
-    candidates (the teacher's top K of the catalogue), one row per position.
+    candidates (the teacher's top K of the catalogue), one row per position. ``listed``: what the
+    prompts list in the catalogue universe (one row per example of ``rows``).
 
     Under torchrun each rank scores its share of ``rows``; every rank returns the figures of all rows.
     """
@@ -385,7 +400,7 @@ def _llm_ranks(
         bf16=config.bf16,
     )
     share = distributed.shard_indices(len(rows))
-    ranker = _LLMRanker(dataset, config, config.split, rows[share])
+    ranker = _LLMRanker(dataset, config, config.split, rows[share], None if listed is None else listed[share])
     soft = SoftPrompt.load(delrec_dir, backbone.device)
     ranks = {}
     load_finetuned_adapter(backbone, delrec_dir)
@@ -700,8 +715,11 @@ def evaluate(
     if topk is not None:  # only a target inside the teacher's top K can move (module doc)
         inside = np.flatnonzero(retrieved(teacher_scores, topk, targets))
         rerank = (inside, topk[inside])
+    listed = None
+    if config.universe == "catalogue":  # as many items as the stored candidate sets, none of them a hint
+        listed = teacher_topk(teacher_scores, dataset.candidates[config.split].shape[1])
     llm_ranks, backbone_name, rerank_scores = _llm_ranks(
-        dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, rerank, device=device
+        dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, rerank, listed, device=device
     )
     if not distributed.is_main():  # rank 0 computes the metrics and writes them
         return distributed.broadcast_object(None)
