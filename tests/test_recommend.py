@@ -98,6 +98,28 @@ def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, tiny_run
     assert _read(out) == _read(whole)
 
 
+def test_a_refused_command_keeps_the_shards_of_an_interrupted_run(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
+    config = RecommendConfig(**TINY, retrieve_k=6, top_n=3, shard_users=40)
+    original = _Shard.table
+
+    def dies_on_the_second_shard(self, users, sequences):
+        if (tmp_path / "recs.partial" / "part-00000.parquet").exists():
+            raise KeyboardInterrupt
+        return original(self, users, sequences)
+
+    monkeypatch.setattr(_Shard, "table", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, tmp_path / "recs")
+    # The same command without its backbone setting (another config, so another run) is refused ...
+    other = config.model_copy(update={"backbone": "smollm2-135m"})
+    with pytest.raises(DelrecError, match="tiny-llama"):
+        recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", other, tmp_path / "recs")
+    # ... and the interrupted run's shard is still there to resume from.
+    assert (tmp_path / "recs.partial" / "part-00000.parquet").is_file()
+
+
 def test_a_checkpoint_folder_holding_other_files_is_refused_not_removed(tmp_path):
     partial = tmp_path / "recs.partial"
     partial.mkdir()

@@ -285,6 +285,17 @@ def recommend(
     users = _chosen_users(config, raw_users, sequences)
     shards = [users[i : i + config.shard_users] for i in range(0, len(users), config.shard_users)]
 
+    # Every input is loaded and checked before OUT.partial is touched: a command refused here (a backbone
+    # other than DELRec's, say) never discards the shards of an interrupted run with the right options.
+    teacher_model, teacher_config = load_teacher(teacher_dir)
+    teacher_model.eval()
+    backbone = finetuned_backbone(
+        config.backbone, delrec_dir, prompt_config, titles=dataset.titles, device=device, bf16=config.bf16
+    )
+    load_finetuned_adapter(backbone, delrec_dir)
+    soft = SoftPrompt.load(delrec_dir, backbone.device)
+    teacher_model.to(backbone.device)
+
     partial = partial_dir(out)
     inputs = {"dataset": dataset_dir, "teacher": teacher_dir, "delrec": delrec_dir}
     run = {
@@ -300,19 +311,6 @@ def recommend(
     todo = missing[distributed.rank() :: distributed.world_size()]
 
     if todo:
-        teacher_model, teacher_config = load_teacher(teacher_dir)
-        teacher_model.eval()
-        backbone = finetuned_backbone(
-            config.backbone,
-            delrec_dir,
-            prompt_config,
-            titles=dataset.titles,
-            device=device,
-            bf16=config.bf16,
-        )
-        load_finetuned_adapter(backbone, delrec_dir)
-        soft = SoftPrompt.load(delrec_dir, backbone.device)
-        teacher_model.to(backbone.device)
         shard = _Shard(
             dataset, raw_users, config, (teacher_model, teacher_config.max_len), backbone, soft, prompt_config
         )
