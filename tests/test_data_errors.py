@@ -37,6 +37,12 @@ def fails(tmp_path: Path, capsys, *args: str, expect: list[str]) -> str:
     return message
 
 
+def test_a_source_for_the_generated_synthetic_dataset_is_refused(tmp_path, capsys):
+    # Else the run trains on generated data while its manifest names the user's files.
+    folder = write_ml100k(tmp_path / "ml")
+    fails(tmp_path, capsys, "--dataset", "synthetic", "--source", str(folder), expect=["synthetic dataset"])
+
+
 def test_truncated_ratings_file(tmp_path, capsys):
     folder = write_ml100k(tmp_path / "ml")
     data = folder / "u.data"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from delrec.config import StageConfig
 
@@ -37,3 +37,14 @@ class PreprocessConfig(StageConfig):
     synthetic_users: int = Field(200, ge=1)
     synthetic_items: int = Field(120, ge=2)
     synthetic_themes: int = Field(6, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _synthetic_reads_no_source(self) -> PreprocessConfig:
+        # Else a run on --data/--source with the synthetic dataset trains on generated data while its
+        # manifest names the user's files.
+        if self.source and (self.format or self.dataset) == "synthetic":
+            raise ValueError(
+                f"source {self.source!r} given, but the synthetic dataset is generated and reads none: "
+                "name the dataset (dataset: ml-100k, generic, ...) or drop the source"
+            )
+        return self
