@@ -306,7 +306,8 @@ class _Tasks:
         cache key, so a claim per run (CreatePVC, or KFP's own workspace) would make every training
         task a cache miss; and the ablation runs beside distill and finetune, on other nodes. The run
         id comes from the pod's label, not an input (PIPELINE_JOB_ID_PLACEHOLDER): inputs are in the
-        cache key too. kfp.local sets no labels, so a local run keeps ``<out>.partial``.
+        cache key too. kfp.local sets no labels: ``pipeline.py run`` sets a local root and the run id
+        ``local`` instead, so a killed local run's training task resumes in the next.
         """
         if not self.o.checkpoint_root:
             return

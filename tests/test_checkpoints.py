@@ -50,7 +50,15 @@ def test_without_a_run_id_or_endpoint_checkpoints_stay_beside_the_output(pipelin
     assert ck.location_from_env() is None
 
 
-@pytest.mark.parametrize(("name", "value"), [(ck.ENV_ROOT, "/mnt/checkpoints"), (ck.ENV_TASK, "")])
+def test_pipeline_py_runs_checkpoint_under_a_local_root_without_an_object_store(pipeline_env, tmp_path):
+    # pipeline.py run: every run writes a new run folder, so a killed task resumes from <root>/local/<task>.
+    pipeline_env.setenv(ck.ENV_ROOT, str(tmp_path))
+    pipeline_env.setenv(ck.ENV_RUN_ID, "local")
+    pipeline_env.delenv("DELREC_S3_ENDPOINT")
+    assert ck.location_from_env() == str(tmp_path / "local" / "distill")
+
+
+@pytest.mark.parametrize(("name", "value"), [(ck.ENV_ROOT, "mnt/checkpoints"), (ck.ENV_TASK, "")])
 def test_a_misconfigured_workspace_fails_before_training(pipeline_env, name, value):
     pipeline_env.setenv(name, value)
     with pytest.raises(DelrecError, match=name):

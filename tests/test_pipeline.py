@@ -301,7 +301,14 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
     options, args = pipeline.pipeline_arguments(
         "demo",
         str(data),
-        ["seed=7", "teacher=gru4rec", "finetune.steps=3", "publish_to=s3://models", "pipeline.gpus=2"],
+        [
+            "preprocess.dataset=ml-100k",
+            "seed=7",
+            "teacher=gru4rec",
+            "finetune.steps=3",
+            "publish_to=s3://models",
+            "pipeline.gpus=2",
+        ],
     )
     assert args["source"] == str(data.resolve()) and "source" not in args["preprocess_config"]
     assert "source_fingerprint" not in args  # the pipeline's prepare task takes it when the run starts
@@ -313,7 +320,9 @@ def test_arguments_from_preset_overrides_and_data(tmp_path):
     assert args["publish_to"] == "s3://models" and options.publish_to == "s3://models"
     assert options.gpus == 2 and "gpus" not in args  # compiled in, not a run argument
     # The same source in the preprocess config rather than --data.
-    by_config = pipeline.pipeline_arguments("demo", None, [f"preprocess.source={data}"])[1]
+    by_config = pipeline.pipeline_arguments(
+        "demo", None, ["preprocess.dataset=ml-100k", f"preprocess.source={data}"]
+    )[1]
     assert by_config["source"] == str(data)
 
 
@@ -339,9 +348,10 @@ def test_one_backbone_for_every_llm_stage():
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_preset_validates_before_anything_runs(preset):
-    options, arguments = pipeline.pipeline_arguments(preset, "/data")
+    data = None if preset == "demo" else "/data"  # the demo's data is generated: a source is refused
+    options, arguments = pipeline.pipeline_arguments(preset, data)
     assert options.local_root == f"local_outputs/{preset}"  # no two presets share a task cache
-    assert arguments["source"] == "/data"
+    assert arguments["source"] == (data or "")
 
 
 def test_a_preset_extends_another_field_by_field(tmp_path):
@@ -383,6 +393,11 @@ def client():
         yield cls
 
 
+def test_compile_to_a_folder_is_an_error_message(tmp_path, capsys):
+    assert pipeline.main(["compile", "--out", str(tmp_path)]) == 2
+    assert "--out must name a .yaml file" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_submit_calls_kfp_client(client):
     code = pipeline.main(
         [
@@ -398,6 +413,7 @@ def test_submit_calls_kfp_client(client):
             "--run-name",
             "try-1",
             "distill.steps=5",
+            "preprocess.dataset=ml-100k",
             "source=s3://raw/ml-100k",
             "gpu_image=registry.local/delrec-gpu:dev",
         ]

@@ -121,6 +121,11 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
         "publish",
     ):
         assert (run_dir / task / "executor_output.json").is_file(), task
+    # The training tasks checkpointed under the root, where the next run finds a killed one's state
+    # (each run writes a new run folder); a finished task leaves none behind.
+    workspace = Path(runs["root"]) / ".checkpoints" / "local"
+    assert {p.name for p in workspace.iterdir()} == {"teacher", "distill", "finetune", "finetune-ablation"}
+    assert not list(workspace.rglob("state.pt"))
 
     # The bundle is in the registry under <pipeline>/<job id>/, and `latest` follows the gate's verdict.
     (bundle_key,) = [k for k in store.list(REGISTRY) if k.endswith("/bundle.json")]

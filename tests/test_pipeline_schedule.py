@@ -200,13 +200,18 @@ def test_new_code_adds_a_version_and_moves_the_recurring_run_to_it(server, monke
     assert run.pipeline_version_reference.pipeline_version_id == new
 
 
-def test_a_failed_create_keeps_the_old_schedule_running(server):
+def test_a_failed_create_keeps_the_old_schedule_running(server, capsys):
     assert schedule() == 0
     (old,) = server.runs
     server.fail_create = True
-    with pytest.raises(api.ApiException):
-        schedule()
+    assert schedule() == 2  # the server's refusal is an error message, not a traceback
+    assert f"error: the KFP server at {HOST[1]}" in capsys.readouterr().err
     assert list(server.runs) == [old] and server.runs[old].mode == "ENABLE"
+
+
+def test_an_unreachable_server_is_an_error_message(capsys):
+    assert pipeline.main(["schedule", "list", "--host", "http://127.0.0.1:9"]) == 2
+    assert "error: the KFP server at http://127.0.0.1:9" in capsys.readouterr().err
 
 
 def test_schedule_list_prints_each_recurring_run_with_its_version(server, capsys):

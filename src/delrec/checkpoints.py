@@ -40,14 +40,19 @@ ENV_TASK = "DELREC_TASK"
 def location_from_env() -> str | None:
     """``<root>/<run id>/<task>`` from the environment the pipeline sets; None: keep ``<out>.partial``.
 
-    Without a run id (kfp.local applies the task's plain environment but no pod labels) or without an
-    object-store endpoint, the checkpoints stay beside the output, as in a local run.
+    The root is an ``s3://`` prefix on a cluster, or an absolute local folder (``pipeline.py run`` sets
+    one under its pipeline root, and the run id ``local``, so that a killed local run resumes in the
+    next, whose outputs go to a new run folder). Without a run id (kfp.local applies the task's plain
+    environment but no pod labels) or, for an ``s3://`` root, without an object-store endpoint, the
+    checkpoints stay beside the output.
     """
     root = os.environ.get(ENV_ROOT, "")
     if not root:
         return None
-    if not is_s3_uri(root):
-        raise DelrecError(f"expected s3://bucket[/prefix], got {root!r}", field=ENV_ROOT)
+    if not is_s3_uri(root) and not os.path.isabs(root):
+        raise DelrecError(
+            f"expected s3://bucket[/prefix] or an absolute folder, got {root!r}", field=ENV_ROOT
+        )
     run_id, task = os.environ.get(ENV_RUN_ID, ""), os.environ.get(ENV_TASK, "")
     if not run_id:
         log.info(
@@ -56,6 +61,8 @@ def location_from_env() -> str | None:
         return None
     if not task:
         raise DelrecError(f"{ENV_ROOT} and {ENV_RUN_ID} are set but not {ENV_TASK}", field=ENV_TASK)
+    if not is_s3_uri(root):
+        return os.path.join(root, run_id, task)
     if not os.environ.get("DELREC_S3_ENDPOINT"):
         log.warning(
             "no object-store endpoint (DELREC_S3_ENDPOINT): checkpoints stay on this pod's disk, so a "

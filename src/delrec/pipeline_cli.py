@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from delrec import layout
+from delrec import checkpoints, layout
 from delrec.errors import DelrecError
 from delrec.pipeline_cache import CACHE_DIR, VerifiedCache, code_fingerprint
 from delrec.pipeline_report import (
@@ -40,6 +41,9 @@ from delrec.pipeline_schedule import (
 )
 
 SCHEDULE_ACTIONS = ("create", "list", "delete")
+CHECKPOINTS_DIR = ".checkpoints"
+"""the training tasks' checkpoints of ``pipeline.py run``, under the local pipeline root"""
+LOCAL_RUN_ID = "local"
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,18 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     from kfp.local import cache as kfp_cache
 
     options, arguments = graph.arguments(args.preset, args.data, args.params)
-    # Locally a failure is a bug or bad input, not a preempted node: fail at once, no backoff.
-    options = options.model_copy(update={"retries": 0})
-    root = (graph.root / (args.pipeline_root or options.local_root)).resolve()
+    # --pipeline-root is where the user is; the preset's local_root is under the checkout.
+    root = (
+        Path(args.pipeline_root).resolve()
+        if args.pipeline_root
+        else (graph.root / options.local_root).resolve()
+    )
     root.mkdir(parents=True, exist_ok=True)
+    # Locally a failure is a bug or bad input, not a preempted node: fail at once, no backoff. Each run
+    # writes a new run folder, so the training tasks checkpoint under the root instead, as run "local":
+    # a killed run's training stage resumes in the next (its run key decides; another config restarts).
+    options = options.model_copy(update={"retries": 0, "checkpoint_root": str(root / CHECKPOINTS_DIR)})
+    (root / CHECKPOINTS_DIR).mkdir(exist_ok=True)  # before the run's new folder is looked for below
     cache_root = root / CACHE_DIR
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
@@ -105,11 +117,13 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     started = time.perf_counter()
     errors = LastError(sys.stdout)
     sys.stdout = errors
+    os.environ[checkpoints.ENV_RUN_ID] = LOCAL_RUN_ID  # the tasks' subprocesses inherit it
     try:
         result = graph.build(options)(**arguments)
     except RuntimeError as exc:  # kfp.local: a task failed (its traceback is above)
         raise DelrecError(failure_line(exc, errors.last)) from None
     finally:
+        os.environ.pop(checkpoints.ENV_RUN_ID, None)
         sys.stdout = errors.stream
         root_logger.removeFilter(clock)
         root_logger.setLevel(level)
@@ -135,6 +149,8 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
 
 
 def cmd_compile(args: argparse.Namespace, graph: Graph) -> int:
+    if not args.out.endswith((".yaml", ".yml")):  # what KFP's compiler writes
+        raise DelrecError(f"--out must name a .yaml file, got {args.out!r}")
     # The preset's values become the compiled run parameters' defaults.
     options, defaults = graph.arguments(args.preset) if args.preset else (None, None)
     print(graph.compile(Path(args.out), options, defaults))
@@ -230,7 +246,11 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
             default=graph.default_preset,
             help=f"configs/NAME.yaml (default {graph.default_preset})",
         )
-        p.add_argument("--data", help="dataset source: a local copy (path) or s3:// URI")
+        p.add_argument(
+            "--data",
+            help="dataset source: a local copy (path) or s3:// URI (default: the preset's source, else the "
+            "dataset's download)",
+        )
         p.add_argument(
             "params",
             nargs="*",
@@ -244,7 +264,11 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline here with kfp.local")
     run_args(p)
-    p.add_argument("--pipeline-root", help="local pipeline root (default: the preset's local_root)")
+    p.add_argument(
+        "--pipeline-root",
+        help="local pipeline root, relative to the current folder (default: the preset's local_root, under "
+        "the checkout)",
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",
@@ -277,7 +301,9 @@ def build_parser(graph: Graph) -> argparse.ArgumentParser:
     run_args(p)
     p.add_argument("--cron", required=True, help="6 fields, seconds first")
     p.add_argument(
-        "--job-name", default="delrec-retrain", help="the recurring run's name (replaced if it exists)"
+        "--job-name",
+        default="delrec-retrain",
+        help="the recurring run's name, replaced if it exists (default delrec-retrain)",
     )
     p.set_defaults(handler=cmd_schedule)
     p = actions.add_parser("list", help="the experiment's recurring runs")
@@ -302,3 +328,25 @@ def main(graph: Graph, argv: Sequence[str] | None = None) -> int:
     except DelrecError as exc:
         print(f"pipeline.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = (
+            "; finished tasks are cached and a killed one resumes: run it again"
+            if args.command == "run"
+            else ""
+        )
+        print(f"pipeline.py {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not getattr(args, "host", None) or not isinstance(exc, _server_errors()):
+            raise
+        reason = getattr(exc, "reason", None) or exc
+        print(f"pipeline.py {args.command}: error: the KFP server at {args.host}: {reason}", file=sys.stderr)
+        return 2
+
+
+def _server_errors() -> tuple[type[BaseException], ...]:
+    """What a KFP client raises for an unreachable, wrong or refusing server (not a bug of ours)."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    return (urllib3.exceptions.HTTPError, ApiException, ConnectionError)
