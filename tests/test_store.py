@@ -76,8 +76,8 @@ def test_credentials_only_from_environment(monkeypatch):
 
 
 def test_parse_uri():
-    assert st.parse_uri("s3://b/a/c/") == ("b", "a/c")
-    assert st.parse_uri("s3://b") == ("b", "")
+    assert st.parse_uri("s3://bkt/a/c/") == ("bkt", "a/c")
+    assert st.parse_uri("s3://bkt") == ("bkt", "")
     with pytest.raises(DelrecError, match="expected an s3://bucket/key URI, got '/local/path'"):
         st.parse_uri("/local/path")
     with pytest.raises(DelrecError, match="no bucket in 's3:///key'"):
@@ -114,14 +114,14 @@ def test_failure_mid_multipart_upload_leaves_nothing(store, tmp_path, monkeypatc
         return real_upload_part(*args, **kwargs)
 
     monkeypatch.setattr(store.client, "_upload_part", failing_upload_part)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(DelrecError, match="did not answer in 3 attempts"):
         store.put_file(big, uri)
     assert calls.count(1) == 3 and calls.count(2) == 3  # retried 3 times, each failing at part 2
     assert store.sleeps == [0.5, 1.0]
     assert all_keys(store) == ["models/model.bin"]  # no temporary objects, final key untouched
     assert store.get_bytes(uri) == b"previous version"
     new = f"s3://{BUCKET}/models/new.bin"
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(DelrecError, match="did not answer"):
         store.put_file(big, new)
     assert not store.exists(new)
 
@@ -155,7 +155,7 @@ def test_retries_with_backoff_then_succeeds(store, monkeypatch):
     assert all_keys(store) == ["c.txt"]
 
 
-def test_retry_backoff_is_capped_and_reraises():
+def test_retry_backoff_is_capped_then_names_the_unanswered_operation():
     sleeps: list[float] = []
     attempts = []
 
@@ -163,9 +163,22 @@ def test_retry_backoff_is_capped_and_reraises():
         attempts.append(1)
         raise TimeoutError("down")
 
-    with pytest.raises(TimeoutError):
-        st.retry(always_fails, what="x", attempts=6, base_delay=1, max_delay=5, sleep=sleeps.append)
+    # An endpoint that never answers is the user's to fix: an error naming the operation, not a traceback.
+    with pytest.raises(
+        DelrecError, match="put s3://b/k: the object store did not answer in 6 attempts"
+    ) as err:
+        st.retry(
+            always_fails, what="put s3://b/k", attempts=6, base_delay=1, max_delay=5, sleep=sleeps.append
+        )
+    assert isinstance(err.value.__cause__, TimeoutError)
     assert len(attempts) == 6 and sleeps == [1, 2, 4, 5, 5]
+
+
+def test_a_uri_with_an_invalid_bucket_name_is_refused_before_any_request():
+    for uri in ("s3://b/key", "s3://My_Bucket/key", "s3://-bucket"):
+        with pytest.raises(DelrecError, match="invalid bucket name"):
+            st.parse_uri(uri)
+    assert st.parse_uri("s3://delrec-data.v2/a/b/") == ("delrec-data.v2", "a/b")
 
 
 def test_download_detects_corruption(store, tmp_path):

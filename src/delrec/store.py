@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -137,7 +138,15 @@ def parse_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise DelrecError(f"no bucket in {uri!r}")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise DelrecError(
+            f"invalid bucket name {bucket!r} in {uri!r}: S3 bucket names are 3-63 lower-case letters, "
+            "digits, dots and hyphens, starting and ending with a letter or digit"
+        )
     return bucket, key.strip("/")
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -159,6 +168,13 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ServerError | HTTPError | ChecksumError | OSError)
 
 
+def _is_unreachable(exc: BaseException) -> bool:
+    from minio.error import ServerError
+    from urllib3.exceptions import HTTPError
+
+    return isinstance(exc, ServerError | HTTPError | ConnectionError | TimeoutError)
+
+
 def retry(
     fn: Callable[[], T],
     *,
@@ -173,7 +189,15 @@ def retry(
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not _is_transient(exc):
+            if not _is_transient(exc):
+                raise
+            if attempt == attempts:
+                if _is_unreachable(exc):  # the user's endpoint or network, not a bug: say so
+                    reason = getattr(exc, "reason", None) or exc
+                    raise DelrecError(
+                        f"{what}: the object store did not answer in {attempts} attempts ({reason}); "
+                        "check the endpoint (DELREC_S3_ENDPOINT, --endpoint) and the network"
+                    ) from exc
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1))
             log.warning(
