@@ -636,6 +636,10 @@ def test_a_failed_run_ends_in_one_line_naming_the_task_the_reason_and_the_fix(tm
     assert pipeline_report.failure_line(RuntimeError("Inner task failed: 'finetune-2'."), "").startswith(
         "task finetune (ablation) failed"
     )
+    # A local copy that does not parse: no network hint, its log instead.
+    parse_error = "DelrecError: /data/ml/u.data:2: expected 4 fields"
+    line = pipeline_report.failure_line(RuntimeError("Inner task failed: 'preprocess'."), parse_error)
+    assert line == f"task preprocess failed: {parse_error}; its log is above"
 
 
 TRAINING_TASKS = {"train-teacher": "teacher", "distill": "distill", "finetune": "finetune",

@@ -207,9 +207,11 @@ def failure_line(error: RuntimeError, why: str) -> str:
     message = ANSI.sub("", str(error))
     task = re.search(r"Inner task failed: '([^']+)'", message)
     name = LABELS.get(task[1], task[1]) if task else "a task"
+    # The network hint only where the network failed: a parse error of a local copy needs its log.
+    downloading = re.search(r"download failed|cannot download|URLError|did not answer", why or message)
     hint = (
         "no network? run on a local copy: make run DATA=path/to/ml-100k"
-        if name == "preprocess"
+        if name == "preprocess" and downloading
         else "its log is above"
     )
     return f"task {name} failed: {why or message}; {hint}"
