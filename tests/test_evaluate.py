@@ -367,6 +367,9 @@ def test_cli_runs_the_stage_and_reports_bad_config(synthetic_dir, tiny_runs, tmp
     assert "delrec_HR@1" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main([*args, "--set", "scoring=best"]) == 2
     assert "scoring" in capsys.readouterr().err
+    # The error names every layer the config came from, not only the preset.
+    assert main([*args, "--preset", "demo", "--set", "scoring=best"]) == 2
+    assert "error: preset demo + command line: invalid EvaluateConfig: scoring" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -115,6 +115,12 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def layers_named(preset: str | None, config_file: str | None, command_line: bool) -> str:
+    """Where a CLI's config came from, for its error messages: ``preset demo + command line``."""
+    parts = [f"preset {preset}" if preset else "", config_file or "", "command line" if command_line else ""]
+    return " + ".join(part for part in parts if part) or "defaults"
+
+
 def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
     """``["lr=0.01", "steps=5"]`` -> ``{"lr": 0.01, "steps": 5}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}

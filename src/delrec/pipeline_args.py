@@ -55,7 +55,9 @@ def pipeline_arguments(
             elif section in configs:
                 configs[section][field] = value
             else:
-                raise DelrecError(f"{item!r}: unknown section {section!r}; expected one of {list(STAGES)}")
+                raise DelrecError(
+                    f"{item!r}: unknown section {section!r}; expected one of {[*STAGES, 'pipeline']}"
+                )
         elif key == "source":
             configs["preprocess"]["source"] = raw  # a path or URI, never YAML
         elif key in option_run_params:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from delrec.config import load_preset
+from delrec.config import layers_named, load_preset
 
 # Command-line option -> PreprocessConfig field (None values fall back to the preset, then the default).
 _OPTIONS = (
@@ -30,7 +30,9 @@ def _preprocess(args: argparse.Namespace) -> None:
 
     section = load_preset(args.preset).get("preprocess", {}) if args.preset else {}
     overrides = {key: getattr(args, key) for key in _OPTIONS if getattr(args, key) is not None}
-    config = PreprocessConfig.from_dict({**section, **overrides}, source=args.preset or "command line")
+    config = PreprocessConfig.from_dict(
+        {**section, **overrides}, source=layers_named(args.preset, None, bool(overrides))
+    )
     stats = preprocess(config, args.out, cache=args.cache_dir)
     keys = ("users", "items", "interactions", "dropped", "examples", "seconds_total")
     print(json.dumps({k: stats[k] for k in keys}))

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from delrec.config import load_config_file, load_preset, parse_assignments
+from delrec.config import layers_named, load_config_file, load_preset, parse_assignments
 
 # Common command-line options -> config fields (None falls back to the preset, then the default).
 _COMMON = ("backbone", "device", "steps", "batch_size", "lr", "seed")
@@ -28,9 +28,10 @@ def _config(cls, section: str, args: argparse.Namespace, fields: tuple[str, ...]
     overrides = {k: getattr(args, k) for k in _COMMON if getattr(args, k, None) is not None}
     if args.no_bf16:
         overrides["bf16"] = False
+    assigned = parse_assignments(args.set)
     return cls.from_dict(
-        {**preset, **from_file, **overrides, **parse_assignments(args.set)},
-        source=args.config or args.preset or "command line",
+        {**preset, **from_file, **overrides, **assigned},
+        source=layers_named(args.preset, args.config, bool(overrides or assigned)),
     )
 
 

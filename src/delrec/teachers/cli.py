@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from delrec.config import load_preset, parse_assignments
+from delrec.config import layers_named, load_preset, parse_assignments
 
 
 def _train_teacher(args: argparse.Namespace) -> None:
@@ -30,8 +30,10 @@ def _train_teacher(args: argparse.Namespace) -> None:
         }.items()
         if value is not None
     }
+    assigned = parse_assignments(args.set)
     config = TeacherConfig.from_dict(
-        {**section, **overrides, **parse_assignments(args.set)}, source=args.preset or "command line"
+        {**section, **overrides, **assigned},
+        source=layers_named(args.preset, None, bool(overrides or assigned)),
     )
     metrics = train_teacher(args.data, config, args.out)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
