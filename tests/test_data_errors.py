@@ -43,6 +43,12 @@ def test_a_source_for_the_generated_synthetic_dataset_is_refused(tmp_path, capsy
     fails(tmp_path, capsys, "--dataset", "synthetic", "--source", str(folder), expect=["synthetic dataset"])
 
 
+def test_an_unwritable_out_is_named_as_the_user_typed_it(capsys):
+    # /proc takes no new folders (even as root): the error names --out, not our temporary name beside it.
+    assert main(["preprocess", "--out", "/proc/delrec-out", "--synthetic-users", "5"]) == 2
+    assert "error: /proc/delrec-out: No such file or directory" in capsys.readouterr().err
+
+
 def test_truncated_ratings_file(tmp_path, capsys):
     folder = write_ml100k(tmp_path / "ml")
     data = folder / "u.data"

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from delrec import __version__
 from delrec.errors import DelrecError
@@ -94,6 +95,13 @@ def _check_output(args: argparse.Namespace) -> None:
         allow_replace(target)
 
 
+def _user_path(path: str, out: str | None) -> str:
+    """``path``, or ``out`` where ``path`` is our temporary name beside it (the user never typed that)."""
+    if out and Path(path).parent == Path(out).parent and Path(path).name.startswith(f".{Path(out).name}."):
+        return out
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, permission denied, a path that vanished: no traceback
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{_user_path(exc.filename, getattr(args, 'out', None))}: " if exc.filename else ""
         print(f"delrec {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
