@@ -715,9 +715,10 @@ def evaluate(
     if topk is not None:  # only a target inside the teacher's top K can move (module doc)
         inside = np.flatnonzero(retrieved(teacher_scores, topk, targets))
         rerank = (inside, topk[inside])
+    n_candidates = int(dataset.candidates[config.split].shape[1])
     listed = None
     if config.universe == "catalogue":  # as many items as the stored candidate sets, none of them a hint
-        listed = teacher_topk(teacher_scores, dataset.candidates[config.split].shape[1])
+        listed = teacher_topk(teacher_scores, n_candidates)
     llm_ranks, backbone_name, rerank_scores = _llm_ranks(
         dataset, config, rows, (Path(delrec_dir), delrec_config), ablation, rerank, listed, device=device
     )
@@ -743,9 +744,7 @@ def evaluate(
         "examples": int(len(rows)),
         "universe": config.universe,
         # the number each example's target is ranked among (None: the whole catalogue)
-        "candidates": int(dataset.candidates[config.split].shape[1])
-        if config.universe == "candidates"
-        else None,
+        "candidates": n_candidates if config.universe == "candidates" else None,
         "scoring": model_scoring(config.scoring, delrec_config),
         "backbone": backbone_name,
         "teacher": delrec_config.get("teacher", ""),

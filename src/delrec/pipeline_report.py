@@ -208,7 +208,7 @@ def failure_line(error: RuntimeError, why: str) -> str:
     task = re.search(r"Inner task failed: '([^']+)'", message)
     name = LABELS.get(task[1], task[1]) if task else "a task"
     # The network hint only where the network failed: a parse error of a local copy needs its log.
-    downloading = re.search(r"download failed|cannot download|URLError|did not answer", why or message)
+    downloading = re.search(r"download failed|cannot download|URLError|object store failed", why or message)
     hint = (
         "no network? run on a local copy: make run DATA=path/to/ml-100k"
         if name == "preprocess" and downloading

@@ -195,7 +195,7 @@ def retry(
                 if _is_unreachable(exc):  # the user's endpoint or network, not a bug: say so
                     reason = getattr(exc, "reason", None) or exc
                     raise DelrecError(
-                        f"{what}: the object store did not answer in {attempts} attempts ({reason}); "
+                        f"{what}: the object store failed {attempts} times ({reason}); "
                         "check the endpoint (DELREC_S3_ENDPOINT, --endpoint) and the network"
                     ) from exc
                 raise
