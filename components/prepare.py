@@ -71,7 +71,8 @@ def prepare(
     )
     fingerprint = source_fingerprint(configs["preprocess"].get("source"))
     print(f"source fingerprint: {fingerprint or '(none: no source to list)'}")
-    backbones = {configs[stage].get("backbone") or "" for stage in ("distill", "finetune", "evaluate")}
+    # A stage config without a backbone has the built-in default: nothing to list.
+    backbones = {configs[stage].get("backbone", "") for stage in ("distill", "finetune", "evaluate")}
     backbone_key = "".join(weights_key(name) for name in sorted(backbones))
     fields = ["source_fingerprint", "backbone_key", *(f"{stage}_config" for stage in configs)]
     return namedtuple("Prepared", fields)(fingerprint, backbone_key, *configs.values())

@@ -214,8 +214,9 @@ def test_new_weights_under_an_unchanged_backbone_folder_change_prepares_backbone
     assert len(first) == 16 and key(str(folder)) == first  # unchanged weights: a cache hit
     (folder / "model.safetensors").write_bytes(b"weights v2, longer")
     assert key(str(folder)) not in ("", first)
-    # Built-in names and model ids: the code and the id are the key.
-    assert key("smollm2-135m") == key("tiny-llama") == key("HuggingFaceTB/SmolLM2-135M") == ""
+    # Built-in names and model ids: the code and the id are the key; no name (the configs' default), no
+    # listing of the working folder.
+    assert key("smollm2-135m") == key("tiny-llama") == key("HuggingFaceTB/SmolLM2-135M") == key("") == ""
 
 
 def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint, monkeypatch):  # noqa: F811

@@ -310,7 +310,7 @@ def weights_key(spec: str) -> str:
     and for a model id (the id is the key; to pin a revision, download it to a folder and name that).
     """
     path = Path(spec).expanduser()
-    if spec in (*TINY, SMOLLM2) or not path.is_dir():
+    if not spec or spec in (*TINY, SMOLLM2) or not path.is_dir():  # "": a config's default, not "."
         return ""
     files = sorted(p for p in path.rglob("*") if p.is_file())
     listing = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
