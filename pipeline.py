@@ -35,9 +35,9 @@ docs/cluster.md, section 6).
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
 code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
 fingerprint and a backbone folder's file listing (``prepare`` takes both in each run), and locally the
-delrec library's sources (a cluster's image tag). Changing one stage's config re-runs that stage and everything downstream. The cache lies in
-ROOT/.kfp_cache (``make clean-cache`` removes it); ``--no-cache`` runs every task. Publish and prepare are
-never served from a cache.
+delrec library's sources (a cluster's image tag). Changing one stage's config re-runs that stage and
+everything downstream. The cache lies in ROOT/.kfp_cache (``make clean-cache`` removes it); ``--no-cache``
+runs every task. Publish and prepare are never served from a cache.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.

@@ -68,12 +68,13 @@ def instrument(counter: TokenCounter) -> None:
     def counted(*args, **kwargs):
         backbone = original(*args, **kwargs)
         model = backbone.base_model()
-        embedding = model.get_input_embeddings().weight  # a lookup, not a matmul (tied: the logits'
-        # matmul, which the scorers run only where a scored token is predicted)
+        embeddings = model.get_input_embeddings()
+        # The embedding is a lookup, not a matmul (tied: the logits' matmul, which the scorers run only
+        # where a scored token is predicted).
         counter.params = sum(
-            p.numel() for n, p in model.named_parameters() if "lora_" not in n and p is not embedding
+            p.numel() for n, p in model.named_parameters() if "lora_" not in n and p is not embeddings.weight
         )
-        model.get_input_embeddings().register_forward_pre_hook(counter.hook)
+        embeddings.register_forward_pre_hook(counter.hook)
         return backbone
 
     backbone_module.stage_backbone = counted

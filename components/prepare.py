@@ -1,4 +1,4 @@
-"""Prepare: the run parameters applied to the stage configs, and keys of the source and the backbone as they are now.
+"""Prepare: the run parameters applied to the stage configs, and keys of the source and backbone as they are now.
 
 Never served from a cache (the pipeline disables it): it lists the source and a backbone folder at run
 time, so a scheduled run whose data and weights did not change is a cache hit from preprocess on, and

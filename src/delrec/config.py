@@ -48,6 +48,11 @@ class StageConfig(BaseModel):
     def hash(self) -> str:
         return config_hash(self.model_dump(mode="json"))
 
+    @classmethod
+    def default_help(cls, field: str) -> str:
+        """``(default X)`` for a CLI option's help, read from the field so the two never disagree."""
+        return f"(default {cls.model_fields[field].default})"
+
 
 def preset_path(name_or_path: str | os.PathLike) -> Path:
     """Resolve a preset name (``demo``, ``ml-100k`` ...) or a YAML path."""

@@ -105,9 +105,7 @@ def _common(
     p: argparse.ArgumentParser, cls, training: bool, seed: bool = True, preset_section: str | None = None
 ) -> None:
     """The options every LLM stage takes; the help states each default of the stage's config ``cls``."""
-
-    def default(field: str) -> str:
-        return f"(default {cls.model_fields[field].default})"
+    default = cls.default_help
 
     p.add_argument("--data", required=True, help="Dataset folder (delrec preprocess)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -55,8 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output teacher folder")
     from delrec.teachers.train import TeacherConfig
 
-    def default(field: str) -> str:
-        return f"(default {TeacherConfig.model_fields[field].default})"
+    default = TeacherConfig.default_help
 
     p.add_argument("--model", choices=("sasrec", "gru4rec", "caser"), help=default("model"))
     p.add_argument("--preset", help="take defaults from configs/PRESET.yaml's teacher section")
