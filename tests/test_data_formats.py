@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from delrec.data import PreprocessConfig, load_dataset, preprocess
+from delrec.data.formats import read_generic
 from delrec.data.titles import clean_title
 from delrec.errors import DelrecError
 
@@ -320,6 +322,38 @@ def test_generic_iso_dates_and_domain(tmp_path):
     assert ds.domain == "movies" and ds.num_users == 3
     first = [*ds.train_sequences[0].tolist(), ds.examples["valid"].targets[0], ds.examples["test"].targets[0]]
     assert [ds.raw_item_ids[i] for i in first] == ["i9", "i8", "i7", "i6", "i5"]
+
+
+@pytest.mark.parametrize(
+    ("stamps", "line", "message"),
+    [
+        (["1", "2", "x7"], 4, "expected a number, as the first row's '1' is, got 'x7'"),
+        (
+            ["2020-01-01", "2020-01-02", "5"],
+            4,
+            "expected an ISO date, as the first row's '2020-01-01' is, got '5'",
+        ),
+        (["soon", "1", "2"], 2, "expected a number or an ISO date"),
+    ],
+)
+def test_a_text_timestamp_of_the_wrong_kind_is_named_with_its_line(tmp_path, stamps, line, message):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    rows = "".join(f"u1,i{k},{stamp}\n" for k, stamp in enumerate(stamps))
+    (folder / "interactions.csv").write_text("user,item,timestamp\n" + rows)
+    (folder / "items.csv").write_text("item,title\n" + "".join(f"i{k},Song {k}\n" for k in range(3)))
+    with pytest.raises(DelrecError, match=re.escape(message)) as err:
+        read_generic(folder)
+    assert err.value.path == f"{folder / 'interactions.csv'}:{line}" and err.value.field == "timestamp"
+
+
+def test_timestamps_stored_as_text_numbers_are_read_as_numbers(tmp_path):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    table = pa.table({"user": ["u1"] * 3, "item": ["i1", "i2", "i3"], "timestamp": ["30", "10", "20.5"]})
+    pq.write_table(table, folder / "interactions.parquet")
+    (folder / "items.csv").write_text("item,title\n" + "".join(f"i{k},Song {k}\n" for k in range(1, 4)))
+    assert read_generic(folder).timestamps.tolist() == [2, 0, 1]
 
 
 def test_synthetic_sizes_and_titles(tmp_path):

@@ -684,6 +684,42 @@ def _read_table(
     return table, path
 
 
+def _castable(column: pa.ChunkedArray, kind: pa.DataType) -> bool:
+    try:
+        pc.cast(column, kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
+
+
+def _text_timestamps(column: pa.ChunkedArray, path: Path, *, text_file: bool) -> pa.ChunkedArray:
+    """Timestamps stored as text, read as the first row's kind: numbers or ISO dates. A value of another
+    kind is named with its line (Arrow's own message names the first value it could not cast, often a
+    good one)."""
+    names = {pa.float64(): "a number", pa.timestamp("s"): "an ISO date"}
+    first = column.slice(0, 1)
+    kind = next((k for k in names if _castable(first, k)), None)
+    if kind is None:
+        bad = 0
+    elif _castable(column, kind):
+        return pc.cast(column, kind)
+    else:  # the longest prefix that casts ends just before the first bad value
+        good, bad = 1, len(column)
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if _castable(column.slice(0, middle), kind) else (good, middle)
+        bad = good
+    expected = (
+        names[kind] if kind is not None else "a number or an ISO date (2024-05-31 or 2024-05-31T12:00:00)"
+    )
+    like = f", as the first row's {first[0].as_py()!r} is" if kind is not None else ""
+    raise DelrecError(
+        f"expected {expected}{like}, got {column[bad].as_py()!r}",
+        path=_where(path, bad, text_file, header=True, encoding="utf-8"),
+        field="timestamp",
+    )
+
+
 def read_generic(path: Path) -> RawData:
     """``interactions.parquet|csv`` (user, item, timestamp) + ``items.parquet|csv`` (item, title)."""
     if not path.is_dir():
@@ -693,12 +729,7 @@ def read_generic(path: Path) -> RawData:
     items, _ = _read_table(path, "items", ("item", "title"), {"item": pa.string(), "title": pa.string()})
     stamp = inter.column("timestamp")
     if pa.types.is_string(stamp.type) or pa.types.is_large_string(stamp.type):
-        try:
-            stamp = pc.cast(stamp, pa.timestamp("s"))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise DelrecError(
-                f"expected numbers or ISO dates ({exc})", path=inter_path, field="timestamp"
-            ) from exc
+        stamp = _text_timestamps(stamp, inter_path, text_file=inter_path.suffix == ".csv")
     if pa.types.is_timestamp(stamp.type) or pa.types.is_date(stamp.type):
         stamp = pc.cast(
             pc.cast(stamp, pa.timestamp("s")) if pa.types.is_date(stamp.type) else stamp, pa.int64()
