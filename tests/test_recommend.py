@@ -11,7 +11,7 @@ from conftest import load_benchmark, with_prompt_fields
 from test_store import BUCKET, moto_endpoint, store  # noqa: F401, E402 (fixtures)
 
 from delrec import layout
-from delrec.artifacts import write_manifest
+from delrec.artifacts import read_manifest, write_manifest
 from delrec.cli import main
 from delrec.data import load_dataset
 from delrec.errors import DelrecError
@@ -72,7 +72,9 @@ def test_every_user_gets_top_n_of_the_teachers_top_k_minus_what_they_have(synthe
     assert not (tmp_path / "recs.partial").exists()
 
 
-def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, tiny_runs, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_at_the_first_missing_shard_whether_or_not_the_backbone_is_named(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
     config = RecommendConfig(**TINY, retrieve_k=6, top_n=3, shard_users=40)
     whole = tmp_path / "whole"
     recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, whole)
@@ -93,9 +95,12 @@ def test_a_killed_run_resumes_at_the_first_missing_shard(synthetic_dir, tiny_run
     assert len(list((tmp_path / "recs.partial").glob("part-*.parquet"))) == 2
 
     calls.clear()
-    stats = recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, out)
+    # No backbone named: DELRec's own (tiny-llama, from its prompt.json), so the same run resumes.
+    unnamed = config.model_copy(update={"backbone": None})
+    stats = recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", unnamed, out)
     assert len(calls) == stats["shards"] - 2  # only the missing shards ran
     assert _read(out) == _read(whole)
+    assert read_manifest(out)["config"]["backbone"] == "tiny-llama"
 
 
 def test_a_refused_command_keeps_the_shards_of_an_interrupted_run(
@@ -112,7 +117,7 @@ def test_a_refused_command_keeps_the_shards_of_an_interrupted_run(
     monkeypatch.setattr(_Shard, "table", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", config, tmp_path / "recs")
-    # The same command without its backbone setting (another config, so another run) is refused ...
+    # The same command with another backbone (another config, so another run) is refused ...
     other = config.model_copy(update={"backbone": "smollm2-135m"})
     with pytest.raises(DelrecError, match="tiny-llama"):
         recommend(synthetic_dir, tiny_runs / "teacher", tiny_runs / "delrec", other, tmp_path / "recs")

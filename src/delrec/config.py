@@ -25,7 +25,7 @@ PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 class StageConfig(BaseModel):
     """Base of every stage config: strict keys, a stable hash, loading from a dict with clear errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     @field_validator("seed", check_fields=False)
     @classmethod
@@ -50,8 +50,13 @@ class StageConfig(BaseModel):
 
     @classmethod
     def default_help(cls, field: str) -> str:
-        """``(default X)`` for a CLI option's help, read from the field so the two never disagree."""
-        return f"(default {cls.model_fields[field].default})"
+        """``(default X)`` for a CLI option's help, read from the field so the two never disagree (a
+        default of None is explained by the field's description)."""
+        info = cls.model_fields[field]
+        if info.default is None and info.description:
+            meaning = " ".join(info.description.split(";")[0].split()).removeprefix("None: ")
+            return f"(default: {meaning})"
+        return f"(default {info.default})"
 
 
 def preset_path(name_or_path: str | os.PathLike) -> Path:

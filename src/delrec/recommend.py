@@ -80,8 +80,9 @@ SCHEMA = pa.schema(
 class RecommendConfig(StageConfig):
     """Config of ``delrec recommend``."""
 
-    backbone: str = "smollm2-135m"
-    """must name the backbone DELRec was fine-tuned on (a saved tiny one is found by itself)"""
+    backbone: str | None = None
+    """None: the backbone DELRec was fine-tuned on, as its prompt.json names it; another name must load
+    the same weights (a saved tiny one is found by itself)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
     retrieve_k: int = Field(20, ge=1, le=1000)
@@ -280,6 +281,8 @@ def recommend(
     dataset = load_dataset(dataset_dir)
     require_same_input(teacher_dir, "dataset", dataset_dir, producer=layout.TRAIN_TEACHER)
     prompt_config = delrec_prompt_config(delrec_dir, dataset_dir)
+    if config.backbone is None:  # resolved before the run key, so naming it or not resumes the same run
+        config = config.model_copy(update={"backbone": prompt_config["backbone"]})
     sequences = known_sequences(dataset)
     raw_users = _raw_user_ids(dataset_dir, len(sequences))
     users = _chosen_users(config, raw_users, sequences)
