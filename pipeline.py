@@ -421,7 +421,9 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
         )
         tasks.cpu(setup, "prepare", cpu_image).set_caching_options(False)
         kubernetes.use_secret_as_env(setup, s3_secret, o.s3_secret_keys, optional=True)
-        tasks.model_cache(setup)  # a path source on the cache volume is listed where preprocess reads it
+        # The cache volume: a path source or backbone folder on it is listed where the stages read it; the
+        # token: check_backbone asks the hub about a private model id as the LLM stages will load it.
+        tasks.hf_token(setup)
         config = {stage: setup.outputs[f"{stage}_config"] for stage in STAGES}
 
         prep = preprocess(

@@ -42,11 +42,12 @@ def prepare(
     """Each stage config with the run parameters set (``delrec.config.apply_run_parameters``: a run
     parameter wins over its stage dict; an empty string or 0 leaves the dict's value), and
     ``delrec.store.source_fingerprint`` of the resulting source (S3 ETags, or file hashes), and
-    ``delrec.llm.backbone.weights_key`` of the LLM stages' backbone (a local folder's file listing)."""
+    ``delrec.llm.backbone.weights_key`` of the LLM stages' backbone (a local folder's file listing).
+    A backbone that cannot load (``delrec.llm.backbone.check_backbone``) fails the run here."""
     from collections import namedtuple
 
     from delrec.config import apply_run_parameters
-    from delrec.llm.backbone import weights_key
+    from delrec.llm.backbone import check_backbone, weights_key
     from delrec.store import source_fingerprint
 
     params = {
@@ -73,6 +74,8 @@ def prepare(
     print(f"source fingerprint: {fingerprint or '(none: no source to list)'}")
     # A stage config without a backbone has the built-in default: nothing to list.
     backbones = {configs[stage].get("backbone", "") for stage in ("distill", "finetune", "evaluate")}
+    for name in sorted(backbones):
+        check_backbone(name)  # a typo fails now, not after preprocess and the teacher
     backbone_key = "".join(weights_key(name) for name in sorted(backbones))
     fields = ["source_fingerprint", "backbone_key", *(f"{stage}_config" for stage in configs)]
     return namedtuple("Prepared", fields)(fingerprint, backbone_key, *configs.values())

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from types import ModuleType
 
-import pytest
+# No test may download anything: the Hugging Face libraries (imported later, where they read it) and
+# delrec.llm.backbone.check_backbone stay off the hub, in every process the tests start.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
 import torch
 
 from delrec.artifacts import file_sha256

