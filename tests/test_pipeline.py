@@ -3,6 +3,7 @@ cron check, and the local task cache (test_pipeline_schedule.py: scheduling on a
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -569,7 +570,11 @@ def cached_dataset(tmp_path: Path, cache: pipeline_cache.VerifiedCache, key: str
     (folder / "data.json").write_text('{"users": 3}')
     dataset = dsl.Dataset(name="dataset", uri=str(folder), metadata={"users": 3})
     dataset.metadata["content_fingerprint"] = local_fingerprint(folder)
-    cache.put(key, {"dataset": dataset, "Output": 1.5})
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "run" / "evaluate" / "metrics"))
+    metrics.log_metric("delrec_HR@1", 0.25)
+    Path(metrics.path).parent.mkdir()
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))  # as components/evaluate.py writes it
+    cache.put(key, {"dataset": dataset, "metrics": metrics, "Output": 1.5})
     return folder
 
 
@@ -578,6 +583,7 @@ def test_cache_entry_round_trips_and_is_recorded_as_a_hit(tmp_path):
     cached_dataset(tmp_path, cache)
     outputs = cache.get("k1")
     assert outputs["Output"] == 1.5 and outputs["dataset"].metadata["users"] == 3
+    assert outputs["metrics"].metadata == {"delrec_HR@1": 0.25}
     assert cache.hits == {"k1": outputs}
     assert cache.get("other") is None
 
@@ -594,6 +600,13 @@ def test_cache_entry_round_trips_and_is_recorded_as_a_hit(tmp_path):
         pytest.param(lambda entry, data: (data / "data.json").write_text('{"users": 4}'), id="files-changed"),
         pytest.param(lambda entry, data: (data / "data.json").unlink(), id="file-gone"),
         pytest.param(lambda entry, data: __import__("shutil").rmtree(data), id="artifact-gone"),
+        pytest.param(
+            lambda entry, data: (data.parents[1] / "evaluate" / "metrics").write_text('{"delrec_HR@1": 0.9}'),
+            id="metrics-file-edited",
+        ),
+        pytest.param(
+            lambda entry, data: (data.parents[1] / "evaluate" / "metrics").unlink(), id="metrics-gone"
+        ),
     ],
 )
 def test_a_damaged_cache_entry_is_a_miss_never_an_error(tmp_path, damage, caplog):

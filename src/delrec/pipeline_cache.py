@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kfp import dsl
 from kfp.local.cache import LocalCache
 
 import delrec
@@ -29,7 +30,8 @@ class VerifiedCache(LocalCache):
     kfp's own cache treats an unreadable entry or a missing artifact as a miss, but serves an entry of
     the wrong shape as an error and one whose artifact files changed as a hit. Here an entry carries
     a checksum of itself, each artifact with a ``content_fingerprint`` (written by the stages) is
-    hashed again, and any failure is a miss (logged), never an error. ``hits`` keeps what each hit
+    hashed again, a Metrics file must still hold its metadata, and any failure is a miss (logged),
+    never an error. ``hits`` keeps what each hit
     served (key -> outputs), for the run's table. ``refresh``: every read misses (each task runs), and
     what the task writes replaces its entry (``--no-cache``).
     """
@@ -80,6 +82,12 @@ class VerifiedCache(LocalCache):
                     expected = getattr(artifact, "metadata", {}).get("content_fingerprint")
                     if expected and local_fingerprint(artifact.path) != expected:
                         raise ValueError(f"the files of {artifact.uri} changed since")
+                    # A Metrics output's metadata is its metrics (no room for a fingerprint): its file
+                    # is written from them (components/evaluate.py), so the two must still agree.
+                    if isinstance(artifact, dsl.Metrics) and json.loads(Path(artifact.path).read_text()) != (
+                        artifact.metadata
+                    ):
+                        raise ValueError(f"the metrics file {artifact.uri} changed since")
         except Exception as exc:  # whatever is wrong with an entry, running the task again repairs it
             log.warning("cache entry %s unusable (%s): a miss", path.name, exc)
             return None
