@@ -33,9 +33,11 @@ one GPU runs distill and finetune as torchrun ranks, ``trainjob`` as a Kubeflow 
 docs/cluster.md, section 6).
 
 ``run`` reuses, as a cluster does, the outputs of every task whose key is unchanged: component and its
-code, image, stage config, the input artifacts (with their ``content_fingerprint``), the source's
-fingerprint and a backbone folder's file listing (``prepare`` takes both in each run), and locally the
-delrec library's sources (a cluster's image tag). Changing one stage's config re-runs that stage and
+code, image, stage config, the input artifacts, the source's fingerprint and a backbone folder's file
+listing (``prepare`` takes both in each run), and locally the delrec library's sources (a cluster's image
+tag). Locally an input artifact counts by its ``content_fingerprint``; a cluster's key holds the artifact's
+identity instead (KFP's cacheutils), so there a task that ran again re-runs everything after it even when
+its output is the same. Changing one stage's config re-runs that stage and
 everything downstream. The cache lies in ROOT/.kfp_cache (``make clean-cache`` removes it); ``--no-cache``
 runs every task. Publish and prepare are never served from a cache.
 """
@@ -78,6 +80,8 @@ S3_SETTINGS_ENV = ("DELREC_S3_ENDPOINT", "DELREC_S3_SECURE", "DELREC_S3_REGION")
 NCCL_ENV = {"NCCL_DEBUG": "WARN"}
 # The launcher pod outlives its TrainJob's deadline by this much, so it can delete the job it gave up on.
 LAUNCHER_GRACE_S = 600
+# The retries' window of a task without a timeout (a launcher waiting for Kueue's admission): 30 days.
+RETRY_WINDOW_UNBOUNDED_S = 30 * 86400
 
 log = logging.getLogger("pipeline")
 
@@ -144,9 +148,11 @@ class PipelineOptions(StageConfig):
     gpu_timeout_s: int = Field(6 * 3600, ge=0)
     cpu_timeout_s: int = Field(2 * 3600, ge=0)
     retries: int = Field(2, ge=0)
-    retry_backoff: str = "60s"
-    retry_backoff_factor: float = 2.0
-    retry_backoff_max: str = "1800s"
+    retry_backoff: str = Field("60s", pattern=r"^[0-9]+[smh]$")
+    """wait before the first retry (``60s``, ``5m``, ``1h``)"""
+    retry_backoff_factor: int = Field(2, ge=1)
+    """each later wait is this many times the one before; an integer because Argo reads it as one (a
+    fraction fails the run at its first retry)"""
     resources: dict[str, Resources] = Field(default_factory=_default_resources)
     caching: bool = True
     s3_secret: str = "delrec-s3"
@@ -261,10 +267,7 @@ class _Tasks:
     def cpu(self, task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
         task.set_container_image(image).set_caching_options(self.o.caching)
         _resources(task, self.o.resources.get(stage) or _default_resources()[stage])
-        task.set_retry(
-            self.o.retries, self.o.retry_backoff, self.o.retry_backoff_factor, self.o.retry_backoff_max
-        )
-        kubernetes.set_timeout(task, self.o.cpu_timeout_s)
+        self.deadline(task, self.o.cpu_timeout_s)
         if self.o.s3_config_map:
             # Optional: a run that never touches s3:// needs no ConfigMap; one that does fails naming it.
             kubernetes.use_config_map_as_env(
@@ -281,8 +284,19 @@ class _Tasks:
             for key, value in self.o.gpu_node_selector.items():
                 kubernetes.add_node_selector(task, key, value)
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=self.o.shm_size)
-        kubernetes.set_timeout(task, self.o.gpu_timeout_s)
+        self.deadline(task, self.o.gpu_timeout_s)
         return task
+
+    def deadline(self, task: dsl.PipelineTask, timeout_s: int) -> None:
+        """A pod's timeout (0: none) and the retries' window. Argo counts the window (KFP's
+        backoff_max_duration) from the first attempt's start: past it a failed task is not retried, and
+        a retried pod is killed at it. So it spans every attempt's whole timeout and the waits between."""
+        kubernetes.set_timeout(task, timeout_s)
+        unit = {"s": 1, "m": 60, "h": 3600}[self.o.retry_backoff[-1]]
+        first_wait = int(self.o.retry_backoff[:-1]) * unit
+        waits = sum(first_wait * self.o.retry_backoff_factor**i for i in range(self.o.retries))
+        window = timeout_s * (self.o.retries + 1) + waits if timeout_s else RETRY_WINDOW_UNBOUNDED_S
+        task.set_retry(self.o.retries, self.o.retry_backoff, self.o.retry_backoff_factor, f"{window}s")
 
     def hf_token(self, task: dsl.PipelineTask) -> None:
         kubernetes.use_secret_as_env(task, self.o.hf_secret, {"token": "HF_TOKEN"}, optional=True)
@@ -361,7 +375,7 @@ class _Tasks:
                 task.set_env_variable(key, value)
         # It outlives the TrainJob's own deadline, to delete a job it gave up on; with a Kueue queue the
         # job waits for admission as long as the queue takes, a bound the pod cannot know (0: none).
-        kubernetes.set_timeout(task, 0 if self.o.queue else self.o.gpu_timeout_s + LAUNCHER_GRACE_S)
+        self.deadline(task, 0 if self.o.queue else self.o.gpu_timeout_s + LAUNCHER_GRACE_S)
 
 
 def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, Any] | None = None):

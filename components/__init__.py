@@ -5,8 +5,9 @@ the current virtual environment) has delrec installed, so ``packages_to_install`
 and outputs are typed KFP artifacts; every stage logs its metrics (and its wall time) with
 ``log_metric`` so they show in the KFP UI, and writes them as JSON into its Metrics artifact's file
 (kfp.local's cache serves no task an output of which has no file; the local run's table reads it).
-Each output artifact's metadata holds ``content_fingerprint``, a hash of its files: downstream cache
-keys see what a stage consumed, and the local cache checks a hit's files against it.
+Each output artifact's metadata holds ``content_fingerprint``, a hash of its files: kfp.local's cache
+keys of downstream tasks see what a stage consumed, and the local cache checks a hit's files against it
+(a cluster's cache key holds an input artifact's identity, not its metadata).
 """
 
 from components.distill import distill

@@ -118,6 +118,30 @@ def test_compiled_yaml_caching_retries_and_publish_condition():
     assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
+@pytest.mark.parametrize(
+    "overrides", [[], ["trainer=trainjob", "gpus=4", "queue=team-a"], ["trainer=trainjob"]]
+)
+def test_every_retry_of_a_task_can_run_its_whole_timeout(tmp_path, overrides):
+    # Argo counts backoffMaxDuration from the first attempt's start: past it a failed task is not
+    # retried, and a retried pod is killed at it (workflow/controller/operator.go, processNodeRetries).
+    options = pipeline.pipeline_arguments("ml-100k", None, overrides)[0]
+    spec, k8s = load_compiled(pipeline.compile_pipeline(tmp_path / "p.yaml", options))
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    checked = 0
+    for task in (t for dag in dags for t in dag["tasks"].values() if "retryPolicy" in t):
+        policy = task["retryPolicy"]
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        timeout = int(k8s[executor].get("activeDeadlineSeconds", 0))
+        retries, factor = policy["maxRetryCount"], policy["backoffFactor"]
+        assert factor == int(factor) >= 1, executor  # Argo parses the factor as an integer
+        first_wait = int(policy["backoffDuration"].removesuffix("s"))
+        needed = timeout * (retries + 1) + sum(first_wait * int(factor) ** i for i in range(retries))
+        window = int(policy["backoffMaxDuration"].removesuffix("s"))
+        assert retries >= 1 and window >= (needed if timeout else 30 * 86400), executor
+        checked += 1
+    assert checked == 9  # every task: the root's seven and the publish condition's two
+
+
 def test_the_source_is_fingerprinted_each_run_by_a_first_task_that_is_never_cached():
     spec, _ = load_compiled(pipeline.COMPILED)
     tasks = spec["root"]["dag"]["tasks"]
@@ -426,6 +450,8 @@ def test_a_preset_extends_another_field_by_field(tmp_path):
         ("novalue", "param=value"),
         ("publish_to=/tmp/models", "s3://"),
         ("gate={metric: x}", "quality-gate"),
+        ("pipeline.retry_backoff_factor=1.5", "retry_backoff_factor"),  # Argo would fail at the retry
+        ("pipeline.retry_backoff=1 minute", "retry_backoff"),
     ],
 )
 def test_bad_overrides_fail_before_running(override, message, capsys):
