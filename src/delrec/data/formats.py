@@ -684,12 +684,11 @@ def _read_table(
     return table, path
 
 
-def _castable(column: pa.ChunkedArray, kind: pa.DataType) -> bool:
+def _cast_or_none(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray | None:
     try:
-        pc.cast(column, kind)
+        return pc.cast(column, kind)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return False
-    return True
+        return None
 
 
 def _text_timestamps(column: pa.ChunkedArray, path: Path, *, text_file: bool) -> pa.ChunkedArray:
@@ -698,16 +697,18 @@ def _text_timestamps(column: pa.ChunkedArray, path: Path, *, text_file: bool) ->
     good one)."""
     names = {pa.float64(): "a number", pa.timestamp("s"): "an ISO date"}
     first = column.slice(0, 1)
-    kind = next((k for k in names if _castable(first, k)), None)
+    kind = next((k for k in names if _cast_or_none(first, k) is not None), None)
+    cast = _cast_or_none(column, kind) if kind is not None else None
+    if cast is not None:
+        return cast
     if kind is None:
         first_bad = 0
-    elif _castable(column, kind):
-        return pc.cast(column, kind)
     else:  # bisect: the first `good` rows cast, the first `bad` rows do not
         good, bad = 1, len(column)
         while bad - good > 1:
             middle = (good + bad) // 2
-            good, bad = (middle, bad) if _castable(column.slice(0, middle), kind) else (good, middle)
+            castable = _cast_or_none(column.slice(0, middle), kind) is not None
+            good, bad = (middle, bad) if castable else (good, middle)
         first_bad = good
     expected = (
         names[kind] if kind is not None else "a number or an ISO date (2024-05-31 or 2024-05-31T12:00:00)"

