@@ -59,7 +59,7 @@ from pydantic import Field, field_validator, model_validator
 from components import distill, evaluate, finetune, prepare, preprocess, publish, recommend, train_teacher
 from delrec import checkpoints, images, launch, pipeline_args, trainjob
 from delrec.config import STAGES, StageConfig
-from delrec.store import is_s3_uri
+from delrec.store import ENV_CREDENTIALS_USERS, is_s3_uri
 
 REPO = Path(__file__).resolve().parent
 PIPELINE_NAME = "delrec"
@@ -263,6 +263,8 @@ class _Tasks:
 
     def __init__(self, options: PipelineOptions):
         self.o = options
+        self.secret_users: list[str] = []
+        """tasks that get the object-store secret without ``optional`` (prepare checks it is there)"""
 
     def cpu(self, task: dsl.PipelineTask, stage: str, image) -> dsl.PipelineTask:
         task.set_container_image(image).set_caching_options(self.o.caching)
@@ -312,6 +314,9 @@ class _Tasks:
         task.set_env_variable(checkpoints.ENV_TASK, name)
         kubernetes.use_field_path_as_env(task, checkpoints.ENV_RUN_ID, "metadata.labels['pipeline/runid']")
         kubernetes.use_secret_as_env(task, s3_secret, self.o.s3_secret_keys)
+        # A local run checkpoints to disk (kfp.local ignores the secret): only s3:// needs credentials.
+        if is_s3_uri(self.o.checkpoint_root) or self.o.trainer == "trainjob":
+            self.secret_users.append(name)
 
     def workspace(self, task: dsl.PipelineTask, name: str, s3_secret) -> None:
         """Checkpoints under ``<checkpoint_root>/<run id>/<name>``, where a retried pod finds them.
@@ -432,6 +437,7 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
             finetune_steps=finetune_steps,
             finetune_batch_size=finetune_batch_size,
             evaluate_batch_size=evaluate_batch_size,
+            publish_to=publish_to,
         )
         tasks.cpu(setup, "prepare", cpu_image).set_caching_options(False)
         kubernetes.use_secret_as_env(setup, s3_secret, o.s3_secret_keys, optional=True)
@@ -537,6 +543,9 @@ def build_pipeline(options: PipelineOptions | None = None, defaults: dict[str, A
                 tasks.hf_token(recs)
                 kubernetes.use_secret_as_env(recs, s3_secret, o.s3_secret_keys)
 
+        # Known once every task is built: prepare fails the run at once if their secret is missing.
+        if tasks.secret_users:
+            setup.set_env_variable(ENV_CREDENTIALS_USERS, ",".join(tasks.secret_users))
         return Outputs(
             metrics=ev.outputs["Output"],
             evaluation=ev.outputs["evaluation"],

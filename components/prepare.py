@@ -27,6 +27,7 @@ def prepare(
     finetune_steps: int = 0,
     finetune_batch_size: int = 0,
     evaluate_batch_size: int = 0,
+    publish_to: str = "",
 ) -> NamedTuple(
     "Prepared",
     [
@@ -43,12 +44,15 @@ def prepare(
     parameter wins over its stage dict; an empty string or 0 leaves the dict's value), and
     ``delrec.store.source_fingerprint`` of the resulting source (S3 ETags, or file hashes), and
     ``delrec.llm.backbone.weights_key`` of the LLM stages' backbone (a local folder's file listing).
-    A backbone that cannot load (``delrec.llm.backbone.check_backbone``) fails the run here."""
+    A backbone that cannot load (``delrec.llm.backbone.check_backbone``), or object-store credentials
+    that later tasks need and did not get (``delrec.store.require_credentials``), fail the run here."""
     from collections import namedtuple
 
     from delrec.config import apply_run_parameters
     from delrec.llm.backbone import check_backbone, weights_key
-    from delrec.store import source_fingerprint
+    from delrec.store import require_credentials, source_fingerprint
+
+    require_credentials(publish_to)
 
     params = {
         "source": source,

@@ -288,6 +288,48 @@ def test_prepare_refuses_a_backbone_that_cannot_load_before_any_stage_runs(tmp_p
     assert prepare.python_func(**configs, backbone="org/maybe").backbone_key == ""
 
 
+def test_prepare_fails_the_run_when_later_tasks_would_wait_for_a_missing_s3_secret(tmp_path, monkeypatch):
+    from components import prepare
+    from delrec.store import ENV_CREDENTIALS_USERS
+
+    # Compiled: prepare's pod is told every task that mounts the object-store secret without `optional`.
+    spec, k8s = load_compiled(pipeline.COMPILED)
+    s3_keys = set(pipeline.PipelineOptions().s3_secret_keys.values())
+    required = {
+        executor
+        for executor, settings in k8s.items()
+        for secret in settings.get("secretAsEnv", [])
+        if {e["envVar"] for e in secret["keyToEnv"]} == s3_keys and not secret.get("optional")
+    }
+    tasks = spec["root"]["dag"]["tasks"]
+    training = {
+        tasks[t]["componentRef"]["name"].replace("comp-", "exec-"): n for t, n in TRAINING_TASKS.items()
+    }
+    assert required == {*training, "exec-publish", "exec-recommend"}  # the last two: when publish_to is set
+    users = container_env(spec, "exec-prepare")[ENV_CREDENTIALS_USERS].split(",")
+    assert sorted(users) == sorted(training.values())
+    # Checkpoints on the pods' own disks: no task needs the secret unless the run publishes.
+    bare = pipeline.compile_pipeline(tmp_path / "p.yaml", pipeline.PipelineOptions(checkpoint_root=""))
+    assert ENV_CREDENTIALS_USERS not in container_env(load_compiled(bare)[0], "exec-prepare")
+
+    # Run: no credentials in prepare's environment fails the run before preprocess, naming the field.
+    for var in ("DELREC_S3_ACCESS_KEY", "DELREC_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    configs = {f"{stage}_config": {} for stage in pipeline.STAGES}
+    monkeypatch.setenv(ENV_CREDENTIALS_USERS, ",".join(users))
+    with pytest.raises(DelrecError, match="distill, .*finetune.* need object-store credentials") as err:
+        prepare.python_func(**configs)
+    assert err.value.field == "s3_secret" and "delrec-s3" in str(err.value)
+    monkeypatch.delenv(ENV_CREDENTIALS_USERS)
+    assert prepare.python_func(**configs).source_fingerprint == ""  # nothing needs them
+    with pytest.raises(DelrecError, match="publish, recommend need"):
+        prepare.python_func(**configs, publish_to="s3://registry/delrec")
+    monkeypatch.setenv("DELREC_S3_ACCESS_KEY", "key")
+    monkeypatch.setenv("DELREC_S3_SECRET_KEY", "secret")
+    monkeypatch.setenv(ENV_CREDENTIALS_USERS, ",".join(users))
+    assert prepare.python_func(**configs, publish_to="s3://registry/delrec").source_fingerprint == ""
+
+
 def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint, monkeypatch):  # noqa: F811
     from components import prepare
 

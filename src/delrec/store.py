@@ -127,6 +127,32 @@ def _credentials() -> tuple[str, str]:
     return access, secret
 
 
+ENV_CREDENTIALS_USERS = "DELREC_S3_CREDENTIALS_USERS"
+"""Set on prepare's pod: the later tasks that mount the object-store secret without ``optional``."""
+
+
+def require_credentials(publish_to: str = "") -> None:
+    """Fails before anything runs when later tasks need object-store credentials that did not reach this
+    task: the training tasks checkpointing to s3:// (``ENV_CREDENTIALS_USERS``), and publish and recommend
+    when ``publish_to`` is set. Their pods get the secret without ``optional``; were it missing, each
+    would wait in CreateContainerConfigError, a GPU task holding its GPU, until its timeout."""
+    users = [name for name in os.environ.get(ENV_CREDENTIALS_USERS, "").split(",") if name]
+    if publish_to:
+        users += ["publish", "recommend"]
+    if not users:
+        return
+    try:
+        _credentials()
+    except DelrecError:
+        raise DelrecError(
+            f"{', '.join(users)} need object-store credentials, and none reached this task: create the "
+            "secret the run's s3_secret parameter names (default delrec-s3; docs/cluster.md) with the keys "
+            "accesskey and secretkey, or locally set DELREC_S3_ACCESS_KEY and DELREC_S3_SECRET_KEY. "
+            "Without it those pods would wait for the secret until their timeout.",
+            field="s3_secret",
+        ) from None
+
+
 def is_s3_uri(value: str | os.PathLike | None) -> bool:
     return isinstance(value, str) and value.startswith("s3://")
 
