@@ -18,6 +18,7 @@ Two things in peft 0.21 get in the way with AdaLoRA:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -29,6 +30,17 @@ from delrec.errors import DelrecError
 
 ADAPTER_NAME = "default"
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_wrap():
+    """peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model:
+    a FutureWarning in every stage's log that says nothing about the run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def save_adapter(peft_model, folder: str | os.PathLike) -> None:
@@ -75,7 +87,8 @@ def load_adapter(model: torch.nn.Module, folder: str | os.PathLike):
     pattern = config.rank_pattern if config.peft_type == "ADALORA" else None  # LoRA's means other things
     if pattern is not None:
         config.rank_pattern = None  # injected at init_r without peft's LoRA-pattern check ...
-    peft_model = PeftModel(model, config, ADAPTER_NAME)
+    with quiet_wrap():
+        peft_model = PeftModel(model, config, ADAPTER_NAME)
     if pattern is not None:  # ... then cut to the saved rows, as peft's own loader does
         peft_model.base_model.resize_modules_by_rank_pattern(pattern, ADAPTER_NAME)
     device = next(model.parameters()).device

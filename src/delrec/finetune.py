@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 
 from delrec import distributed, layout
-from delrec.adapter_io import save_adapter
+from delrec.adapter_io import quiet_wrap, save_adapter
 from delrec.artifacts import atomic_dir, read_manifest, require_same_input, write_json_atomic, write_manifest
 from delrec.checkpoints import Checkpoints
 from delrec.data import load_dataset
@@ -290,7 +290,8 @@ def _add_adapter(config: FinetuneConfig, backbone: Backbone) -> None:
     """Wrap the backbone's model in the configured peft adapter, initialised as ``adalora_init`` says."""
     from peft import get_peft_model
 
-    backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
+    with quiet_wrap():
+        backbone.model = get_peft_model(backbone.model, adapter_config(config, backbone))
     if config.adapter == "adalora" and config.adalora_init != "peft":
         init_adalora(backbone.model, config.adalora_init)
     apply_sharding(config, backbone)  # fsdp: the adapters stay whole, outside the shards
