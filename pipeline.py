@@ -326,7 +326,8 @@ class _Tasks:
         task a cache miss; and the ablation runs beside distill and finetune, on other nodes. The run
         id comes from the pod's label, not an input (PIPELINE_JOB_ID_PLACEHOLDER): inputs are in the
         cache key too. kfp.local sets no labels: ``pipeline.py run`` sets a local root and the run id
-        ``local`` instead, so a killed local run's training task resumes in the next.
+        ``local-<code fingerprint>`` instead, so a killed local run's training task resumes in the next
+        run of the same code.
         """
         if not self.o.checkpoint_root:
             return

@@ -330,6 +330,22 @@ def test_prepare_fails_the_run_when_later_tasks_would_wait_for_a_missing_s3_secr
     assert prepare.python_func(**configs, publish_to="s3://registry/delrec").source_fingerprint == ""
 
 
+def test_a_killed_local_task_resumes_only_under_the_code_that_checkpointed_it(tmp_path):
+    from delrec.pipeline_cli import local_run_id
+
+    root = tmp_path / ".checkpoints"
+    (root / "local-aaaa" / "distill").mkdir(parents=True)
+    (root / "local-aaaa" / "distill" / "state.pt").write_bytes(b"trained by code aaaa")
+    (root / "local" / "finetune").mkdir(parents=True)  # the run id before it named the code
+    (root / "local-notes.txt").write_text("not ours")
+    assert local_run_id(root, "aaaa") == "local-aaaa"
+    assert (root / "local-aaaa" / "distill" / "state.pt").read_bytes() == b"trained by code aaaa"  # resumes
+    assert not (root / "local").exists()
+    assert local_run_id(root, "bbbb") == "local-bbbb"  # other code: starts afresh ...
+    assert not (root / "local-aaaa").exists()  # ... and the state only code aaaa could resume is gone
+    assert (root / "local-notes.txt").read_text() == "not ours"
+
+
 def test_new_objects_under_an_s3_source_change_the_fingerprint(store, moto_endpoint, monkeypatch):  # noqa: F811
     from components import prepare
 

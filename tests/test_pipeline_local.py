@@ -14,6 +14,7 @@ from test_data_formats import write_ml100k
 from test_store import BUCKET, moto_endpoint, store  # noqa: F401 (fixtures)
 
 from delrec import store as st
+from delrec.pipeline_cache import code_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -123,7 +124,8 @@ def test_demo_pipeline_runs_locally_and_publishes(runs, store):  # noqa: F811
         assert (run_dir / task / "executor_output.json").is_file(), task
     # The training tasks checkpointed under the root, where the next run finds a killed one's state
     # (each run writes a new run folder); a finished task leaves none behind.
-    workspace = Path(runs["root"]) / ".checkpoints" / "local"
+    (workspace,) = (Path(runs["root"]) / ".checkpoints").iterdir()  # one folder: one code version
+    assert workspace.name == f"local-{code_fingerprint()}"
     assert {p.name for p in workspace.iterdir()} == {"teacher", "distill", "finetune", "finetune-ablation"}
     assert not list(workspace.rglob("state.pt"))
 

@@ -41,8 +41,8 @@ def location_from_env() -> str | None:
     """``<root>/<run id>/<task>`` from the environment the pipeline sets; None: keep ``<out>.partial``.
 
     The root is an ``s3://`` prefix on a cluster, or an absolute local folder (``pipeline.py run`` sets
-    one under its pipeline root, and the run id ``local``, so that a killed local run resumes in the
-    next, whose outputs go to a new run folder). Without a run id (kfp.local applies the task's plain
+    one under its pipeline root, and the run id ``local-<code fingerprint>``, so that a killed local run
+    resumes in the next, whose outputs go to a new run folder, if the code is the same). Without a run id (kfp.local applies the task's plain
     environment but no pod labels) or, for an ``s3://`` root, without an object-store endpoint, the
     checkpoints stay beside the output.
     """

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +45,19 @@ SCHEDULE_ACTIONS = ("create", "list", "delete")
 CHECKPOINTS_DIR = ".checkpoints"
 """the training tasks' checkpoints of ``pipeline.py run``, under the local pipeline root"""
 LOCAL_RUN_ID = "local"
+
+
+def local_run_id(checkpoint_root: Path, code: str) -> str:
+    """The run id under which ``pipeline.py run``'s training tasks checkpoint: ``local-<code>``, the
+    fingerprint of the library code and installed packages. A task killed under other code never resumes
+    from its state: the output would mix two versions' training, and the cache would keep it under the
+    new code's key. Checkpoints of other code versions are removed (only that code could resume them)."""
+    run_id = f"{LOCAL_RUN_ID}-{code}"
+    for other in sorted(checkpoint_root.glob(f"{LOCAL_RUN_ID}*")):
+        if other.name != run_id and other.is_dir():
+            print(f"removing {other}: checkpoints of other library code or packages")
+            shutil.rmtree(other)
+    return run_id
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,9 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     )
     root.mkdir(parents=True, exist_ok=True)
     # Locally a failure is a bug or bad input, not a preempted node: fail at once, no backoff. Each run
-    # writes a new run folder, so the training tasks checkpoint under the root instead, as run "local":
-    # a killed run's training stage resumes in the next (its run key decides; another config restarts).
+    # writes a new run folder, so the training tasks checkpoint under the root instead, as one run per
+    # code version: a killed run's training stage resumes in the next (its run key decides; another
+    # config restarts, and so does other code).
     options = options.model_copy(update={"retries": 0, "checkpoint_root": str(root / CHECKPOINTS_DIR)})
     (root / CHECKPOINTS_DIR).mkdir(exist_ok=True)  # before the run's new folder is looked for below
     cache_root = root / CACHE_DIR
@@ -94,7 +109,8 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     )
     # kfp.local builds its cache lazily from this singleton; ours checks each entry it serves. With
     # --no-cache every task runs and its entry is written anew, so a stale entry is replaced, not kept.
-    cache = VerifiedCache(str(cache_root), code=code_fingerprint(), refresh=args.no_cache)
+    code = code_fingerprint()
+    cache = VerifiedCache(str(cache_root), code=code, refresh=args.no_cache)
     kfp_cache._cache_singleton, kfp_cache._cache_singleton_root = cache, str(cache_root)
     # Locally the Kubernetes settings and images mean nothing; kfp warns about each, twice per task.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
@@ -117,7 +133,7 @@ def cmd_run(args: argparse.Namespace, graph: Graph) -> int:
     started = time.perf_counter()
     errors = LastError(sys.stdout)
     sys.stdout = errors
-    os.environ[checkpoints.ENV_RUN_ID] = LOCAL_RUN_ID  # the tasks' subprocesses inherit it
+    os.environ[checkpoints.ENV_RUN_ID] = local_run_id(root / CHECKPOINTS_DIR, code)  # tasks inherit it
     try:
         result = graph.build(options)(**arguments)
     except RuntimeError as exc:  # kfp.local: a task failed (its traceback is above)
