@@ -9,7 +9,8 @@ learning curves of distill's two tasks and both finetunes (``curves.png``).
     .venv/bin/python benchmarks/delrec_ml100k.py --work /tmp/b --json /tmp/b/figures.json
 
 Stage configs are the ``ml-100k`` preset's, with the step counts below (sized for a 90-minute budget on
-2 idle cores with AVX-512 bf16; a CPU with AVX2 only runs the LLM in fp32 and takes about twice as long),
+2 idle cores with AVX-512 bf16; a slower AVX-512 CPU took 129 minutes, and one with AVX2 only runs the LLM in
+fp32 and takes about twice as long),
 and titles keep their year (the preset drops it to fit ``make run`` in 20 minutes at some
 cost in quality; ``--set distill.title_years=false --set finetune.title_years=false`` drops it here too:
 600 steps without the year gave DELRec HR@1 0.134, 200 steps with it 0.223; see docs/results.md).
