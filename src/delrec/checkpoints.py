@@ -42,9 +42,9 @@ def location_from_env() -> str | None:
 
     The root is an ``s3://`` prefix on a cluster, or an absolute local folder (``pipeline.py run`` sets
     one under its pipeline root, and the run id ``local-<code fingerprint>``, so that a killed local run
-    resumes in the next, whose outputs go to a new run folder, if the code is the same). Without a run id (kfp.local applies the task's plain
-    environment but no pod labels) or, for an ``s3://`` root, without an object-store endpoint, the
-    checkpoints stay beside the output.
+    resumes in the next, whose outputs go to a new run folder, if the code is the same). Without a run
+    id (kfp.local applies the task's plain environment but no pod labels) or, for an ``s3://`` root,
+    without an object-store endpoint, the checkpoints stay beside the output.
     """
     root = os.environ.get(ENV_ROOT, "")
     if not root:
