@@ -23,12 +23,12 @@ from delrec.evaluate import (
     evaluate,
     learning_curves,
     popularity_ranks,
-    popularity_scores,
     reranked_target_ranks,
     teacher_topk,
 )
 from delrec.finetune import FinetuneConfig, finetune
-from delrec.metrics import metrics_from_ranks
+from delrec.metrics import metrics_from_ranks, target_ranks
+from delrec.popularity import fit_prior_weight, item_counts, log_counts, with_prior
 
 TINY = dict(backbone="tiny-llama", device="cpu", bf16=False, history_items=6)
 
@@ -162,7 +162,7 @@ def test_the_report_states_chance_for_its_candidates_and_draws_intervals_that_mi
 
 
 def test_popularity_ranks_by_training_interactions(synthetic):
-    counts = popularity_scores(synthetic)
+    counts = item_counts(synthetic)
     assert counts[0] == 0 and counts.sum() == sum(len(s) for s in synthetic.train_sequences)
     rows = np.arange(len(synthetic.examples["test"]))
     ranks = popularity_ranks(synthetic, "test", rows)
@@ -437,12 +437,12 @@ def test_adapters_load_and_unload_cleanly(synthetic, tiny_runs):
 
 def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path, monkeypatch, recwarn):
     """evaluate's ranks on finetune's validation examples are those of the fine-tuned model in memory,
-    with AdaLoRA rows pruned, and peft does not warn that the rank pattern was ignored."""
+    with AdaLoRA rows pruned, and peft does not warn that the rank pattern was ignored; the popularity
+    prior saved is the one fitted on those examples' scores, and evaluate adds it."""
     import delrec.finetune as finetune_module
     from delrec.llm.scoring import score_all
     from delrec.llm.soft_prompt import SoftPrompt
     from delrec.llm.templates import PromptBuilder, PromptSettings
-    from delrec.metrics import target_ranks
 
     trained = {}
 
@@ -453,7 +453,16 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path
     stage_backbone = finetune_module.stage_backbone
     monkeypatch.setattr(finetune_module, "stage_backbone", keep_backbone)
     config = FinetuneConfig(
-        **TINY, init_r=8, target_r=2, steps=8, tinit=1, tfinal=2, batch_size=2, lr=5e-2, warmup_steps=1
+        **TINY,
+        init_r=8,
+        target_r=2,
+        steps=8,
+        tinit=1,
+        tfinal=2,
+        batch_size=2,
+        lr=5e-2,
+        warmup_steps=1,
+        popularity_prior=True,
     )
     finetune(
         synthetic_dir, config.model_copy(update={"eval_examples": 12}), tmp_path / "ft", tiny_runs / "distill"
@@ -485,10 +494,39 @@ def test_evaluated_adapter_is_the_trained_one(synthetic_dir, tiny_runs, tmp_path
     prompts = [builder.stage2(valid.histories[i], cands[i], soft=True) for i in range(12)]
     answers = [[builder.answer(int(c)) for c in row] for row in cands]
     scores = score_all(backbone, soft, prompts, answers, reduction="mean", skip=builder.answer_skip)
-    in_memory = target_ranks(scores, (cands == valid.targets[:12, None]).argmax(axis=1))
+    targets = (cands == valid.targets[:12, None]).argmax(axis=1)
+    logc = log_counts(data)
+    weight = fit_prior_weight(scores, cands, targets, logc)
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert prompt["popularity_weight"] == metrics["popularity_weight"] == pytest.approx(weight, abs=1e-6)
+    in_memory = target_ranks(with_prior(scores, cands, logc, weight), targets)
     assert evaluated[:12].tolist() == in_memory.tolist()
-    hr1 = json.loads((tmp_path / "ft" / "metrics.json").read_text())["valid_hr1"]
-    assert float((evaluated[:12] == 0).mean()) == hr1
+    assert float((evaluated[:12] == 0).mean()) == metrics["valid_hr1_with_prior"]
+    assert float((target_ranks(scores, targets) == 0).mean()) == metrics["valid_hr1"]
+
+
+def test_a_models_popularity_prior_moves_its_scores_and_not_the_untuned_llms(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
+    weighted = with_prompt_fields(tiny_runs / "delrec", tmp_path / "delrec", popularity_weight=3.0)
+    llm_scores = {}
+    real = evaluate_module.score_all
+
+    def recording(*args, **kwargs):
+        llm_scores[kwargs["desc"]] = real(*args, **kwargs)
+        return llm_scores[kwargs["desc"]]
+
+    monkeypatch.setattr(evaluate_module, "score_all", recording)
+    config = EvaluateConfig(**{k: TINY[k] for k in ("backbone", "device", "bf16")}, rerank_k=0)
+    evaluate(synthetic_dir, tiny_runs / "teacher", config, tmp_path / "eval", weighted)
+    data = load_dataset(synthetic_dir)
+    cands = data.candidates["test"]
+    targets = (cands == data.examples["test"].targets[:, None]).argmax(axis=1)
+    ranks = pq.read_table(tmp_path / "eval" / "ranks.parquet")
+    prior = with_prior(llm_scores["DELRec"], cands, log_counts(data), 3.0)
+    assert ranks.column("delrec").to_numpy().tolist() == target_ranks(prior, targets).tolist()
+    untuned = target_ranks(llm_scores["zero-shot"], targets)
+    assert ranks.column("zero_shot").to_numpy().tolist() == untuned.tolist()
 
 
 def _tiny_base(tiny_runs):
@@ -608,7 +646,7 @@ def test_in_the_catalogue_every_model_excludes_what_the_teacher_excludes(tmp_pat
     excluded = np.isneginf(teacher[:, 1:])
     histories = dataset.examples["test"].histories
     assert excluded.sum() > sum(len(h) for h in histories)  # more than the histories: the test can tell
-    counts = popularity_scores(dataset)[1:].astype(float)
+    counts = item_counts(dataset)[1:].astype(float)
     expected = target_ranks(
         np.where(excluded, -np.inf, counts[None, :]), dataset.examples["test"].targets - 1
     )

@@ -244,6 +244,35 @@ def test_delrec_reranks_with_the_scoring_it_was_fine_tuned_with(
     assert used == ["sum", "mean"]
 
 
+def test_delrec_reranks_by_its_score_plus_its_popularity_prior(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
+    import delrec.recommend as recommend_module
+    from delrec.popularity import log_counts
+
+    delrec_dir = with_prompt_fields(tiny_runs / "delrec", tmp_path / "delrec", popularity_weight=2.0)
+    llm_scores = []
+    real = recommend_module.score_all
+
+    def recording(*args, **kwargs):
+        llm_scores.append(real(*args, **kwargs))
+        return llm_scores[-1]
+
+    monkeypatch.setattr(recommend_module, "score_all", recording)
+    dataset = load_dataset(synthetic_dir)
+    user = pq.read_table(synthetic_dir / layout.USERS)["raw_id"].to_pylist()[0]
+    config = RecommendConfig(**TINY, users=[user], retrieve_k=8, top_n=8)
+    recommend(synthetic_dir, tiny_runs / "teacher", delrec_dir, config, tmp_path / "recs")
+    recs = _read(tmp_path / "recs")
+    model, teacher_config = load_teacher(tiny_runs / "teacher")
+    retrieved = teacher_retrieve(model, teacher_config.max_len, [known_sequences(dataset)[0]], 8)[0]
+    expected = llm_scores[0][0] + 2.0 * log_counts(dataset)[retrieved]
+    by_teacher_rank = np.empty(8, dtype=np.float32)
+    by_teacher_rank[np.array(recs["teacher_rank"]) - 1] = recs["llm_score"]
+    np.testing.assert_allclose(by_teacher_rank, expected, rtol=1e-6)
+    assert recs["llm_score"] == sorted(recs["llm_score"], reverse=True)
+
+
 def test_a_users_known_sequence_ends_with_its_validation_and_test_items(tmp_path):
     # Histories are cut to max_history: a long sequence's test history is shorter than its training
     # sequence, yet the user's two latest items (validation and test targets) must not be forgotten.

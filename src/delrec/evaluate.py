@@ -48,6 +48,7 @@ from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.llm.templates import PromptBuilder, PromptSettings
 from delrec.metrics import bootstrap_intervals, metrics_from_ranks, paired_bootstrap, target_ranks
+from delrec.popularity import item_counts, log_counts, with_prior
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,6 @@ def _teacher_scores(
     return np.concatenate(chunks)[rows]
 
 
-def popularity_scores(dataset: Dataset) -> np.ndarray:
-    """Training interactions of every item (index = item id; index 0, padding, is 0)."""
-    seen = [seq for seq in dataset.train_sequences if len(seq)]
-    items = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
-    return np.bincount(items, minlength=dataset.num_items + 1)
-
-
 def item_score_ranks(
     item_scores: np.ndarray, dataset: Dataset, split: str, rows: np.ndarray, universe: str
 ) -> np.ndarray:
@@ -143,7 +137,7 @@ def popularity_ranks(
     dataset: Dataset, split: str, rows: np.ndarray, universe: str = "candidates"
 ) -> np.ndarray:
     """Ranks of the targets when every example's items are ordered by training interactions."""
-    counts = popularity_scores(dataset).astype(np.float64)
+    counts = item_counts(dataset).astype(np.float64)
     return item_score_ranks(np.broadcast_to(counts, (len(rows), len(counts))), dataset, split, rows, universe)
 
 
@@ -151,6 +145,12 @@ def model_scoring(configured: str | None, prompt_config: dict) -> str:
     """The reduction to score a fine-tuned model with: ``configured``, else the one it was trained with
     (prompt.json ``scoring``; ``mean`` for a model saved before the field existed)."""
     return configured or prompt_config.get("scoring", "mean")
+
+
+def prior_weight(prompt_config: dict) -> float:
+    """The popularity prior's weight a fine-tuned model scores with (prompt.json ``popularity_weight``;
+    0, no prior, for the untuned LLM and a model saved before the field existed)."""
+    return float(prompt_config.get("popularity_weight", 0.0))
 
 
 def stage2_builder(
@@ -185,6 +185,7 @@ class _LLMRanker:
         self.examples = dataset.examples[split]
         self.candidates = dataset.candidates[split][rows]
         self.listed = listed
+        self.logc = log_counts(dataset)
 
     def _builder(self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict) -> PromptBuilder:
         return stage2_builder(backbone, self.dataset, soft, prompt_config)
@@ -204,7 +205,7 @@ class _LLMRanker:
             for r, cands in zip(self.rows, candidates, strict=True)
         ]
         answers = [[builder.answer(int(i)) for i in cands] for cands in candidates]
-        return score_all(
+        scores = score_all(
             backbone,
             soft,
             prompts,
@@ -214,6 +215,7 @@ class _LLMRanker:
             reduction=model_scoring(self.config.scoring, prompt_config),
             skip=builder.answer_skip,
         )
+        return with_prior(scores, candidates, self.logc, prior_weight(prompt_config))
 
     def ranks(
         self, backbone: Backbone, soft: SoftPrompt | None, prompt_config: dict, desc: str
@@ -241,6 +243,9 @@ class _LLMRanker:
             scores[:, start : start + len(chunk)] = score_all(
                 backbone, soft, prompts, answers, desc=f"{desc} {start}", **kw
             )
+        scores = with_prior(
+            scores, np.broadcast_to(items, scores.shape), self.logc, prior_weight(prompt_config)
+        )
         return _catalogue_ranks(scores, self.dataset, self.split, self.rows)
 
 
@@ -420,7 +425,8 @@ def _llm_ranks(
         ranks["ablation"] = ranker.ranks(backbone, None, ablation[1], "ablation")
         _unload_adapter(backbone)
     if config.zero_shot:
-        ranks["zero_shot"] = ranker.ranks(backbone, None, delrec_config, "zero-shot")
+        untuned = {**delrec_config, "popularity_weight": 0.0}  # the prior is fitted in training
+        ranks["zero_shot"] = ranker.ranks(backbone, None, untuned, "zero-shot")
     ranks = {model: distributed.gather_rows(r) for model, r in ranks.items()}
     if rerank_scores is not None:
         rerank_scores = distributed.gather_rows(rerank_scores)
@@ -617,6 +623,15 @@ def _report_lines(
         m, ci = res["metrics"], res["ci95"]
         cells = [f"{m[k]:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" for k in REPORTED]
         lines.append(f"| {_label(model)} | " + " | ".join(cells) + " |")
+    weights = {model: w for model, w in meta.get("popularity_weight", {}).items() if w}
+    if weights:
+        lines += [
+            "",
+            "With a popularity prior fitted on validation examples after fine-tuning, "
+            "weight x log(1 + training interactions) added to the LLM's score: "
+            + ", ".join(f"{_label(model)} weight {w:.3f}" for model, w in weights.items())
+            + "; the untuned LLM has none.",
+        ]
     n = meta["candidates"]  # None in the whole-catalogue universe
     chance = [f"Chance level of HR@1 with {n} candidates: {1 / n:.3f}.", ""] if n else []
     lines += ["", *chance, "![metrics](metrics.png)", ""]
@@ -748,6 +763,12 @@ def evaluate(
         "scoring": model_scoring(config.scoring, delrec_config),
         "backbone": backbone_name,
         "teacher": delrec_config.get("teacher", ""),
+        # each fine-tuned model's popularity prior (0: none; :mod:`delrec.popularity`)
+        "popularity_weight": {
+            model: prior_weight(prompt_config)
+            for model, prompt_config in (("delrec", delrec_config), ("ablation", ablation_config))
+            if prompt_config is not None
+        },
         "seconds": time.time() - started,
     }
     flat = _flat_metrics(results, paired, catalogue)

@@ -39,7 +39,7 @@ from delrec.llm.training import (
     LLMStageConfig,
     apply_sharding,
     copy_tiny_backbone,
-    instance_ranks,
+    instance_scores,
     keep_tiny_backbone,
     rank_share_loss,
     setup_data_parallel,
@@ -48,6 +48,8 @@ from delrec.llm.training import (
     write_on_main,
 )
 from delrec.loop import optimiser_state, restore_optimiser_state
+from delrec.metrics import target_ranks
+from delrec.popularity import fit_prior_weight, log_counts, with_prior
 from delrec.teachers import CandidateTeacher
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ class FinetuneConfig(LLMStageConfig):
     The paper: 0 (the right answer only)"""
     teacher_kd_temperature: float = Field(1.0, gt=0)
     """temperature of the teacher's softmax over the candidates (higher: softer targets)"""
+    popularity_prior: bool = False
+    """after training, fit the weight of a popularity prior on the last evaluation's validation examples:
+    evaluation and serving add weight x log(1 + the candidate's training interactions) to its LLM score
+    (:mod:`delrec.popularity`; needs validation examples). The paper: none"""
     optimizer: Literal["lion", "adamw"] = "lion"
     """the authors' code: Lion (8-bit), lr 1e-4, weight decay 1e-6"""
     steps: int = Field(1400, ge=1)
@@ -246,6 +252,12 @@ def finetune(
     training = _AdapterTraining(config, dataset, backbone, soft, builder, teacher)
     if not len(training.train_rows):
         raise DelrecError("no training examples", path=dataset_dir)
+    if config.popularity_prior and not training.valid:
+        raise DelrecError(
+            "popularity_prior is fitted on validation examples and this dataset has none",
+            path=dataset_dir,
+            field="popularity_prior",
+        )
     backbone.model.train()
     run_key = {
         "dataset": read_manifest(dataset_dir)["id"],
@@ -257,6 +269,8 @@ def finetune(
     result = stage_loop(config, "finetune", 2, run_key, checkpoints, training, evaluate=evaluate).run()
     backbone.model.eval()
     metrics = _metrics(result.history, time.time() - started)
+    if config.popularity_prior:
+        metrics |= training.fit_prior()
     inputs = {"dataset": dataset_dir, "distill": distill_dir, "teacher": teacher_dir}
     metrics = write_on_main(
         lambda scratch: _write_output(
@@ -324,6 +338,7 @@ class _AdapterTraining:
         self.peft_model = backbone.model
         self.train_rows = tail_rows(dataset.examples["train"], config.train_tail)
         self.valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
+        self.valid_scores = np.zeros((0, config.num_candidates), dtype=np.float32)
         self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         log.info(
             "%s: %.2fM trainable parameters",
@@ -388,7 +403,7 @@ class _AdapterTraining:
         return torch.from_numpy((1 - weight) * answers + weight * teacher)
 
     def evaluate(self) -> dict:
-        ranks = instance_ranks(
+        self.valid_scores = instance_scores(
             self.backbone,
             self.soft,
             self.builder,
@@ -397,7 +412,20 @@ class _AdapterTraining:
             batch_size=self.config.eval_batch_size,
             desc="valid",
         )
-        return {"valid_hr1": float((ranks == 0).mean())}
+        return {"valid_hr1": float((target_ranks(self.valid_scores, self._valid_answers()) == 0).mean())}
+
+    def _valid_answers(self) -> np.ndarray:
+        return np.array([inst.answer for inst in self.valid], dtype=np.int64)
+
+    def fit_prior(self) -> dict:
+        """The popularity prior's weight fitted on the validation scores of the final model (the loop
+        always evaluates its last step), with validation HR@1 under it."""
+        candidates = np.stack([inst.candidates for inst in self.valid])
+        logc = log_counts(self.dataset)
+        weight = fit_prior_weight(self.valid_scores, candidates, self._valid_answers(), logc)
+        ranks = target_ranks(with_prior(self.valid_scores, candidates, logc, weight), self._valid_answers())
+        log.info("popularity prior: weight %.3f on %d validation examples", weight, len(self.valid))
+        return {"popularity_weight": weight, "valid_hr1_with_prior": float((ranks == 0).mean())}
 
     def state(self) -> dict:
         return optimiser_state(self.params, self.optimizer, self.scheduler) | {
@@ -478,6 +506,7 @@ def _write_output(
                 "soft_tokens": soft.n_tokens if soft is not None else 0,
                 **config.prompt_settings().as_json(),
                 "scoring": config.scoring,
+                "popularity_weight": metrics.get("popularity_weight", 0.0),
                 "backbone": backbone.name,
                 "backbone_fingerprint": backbone.fingerprint(),
             },

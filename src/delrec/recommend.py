@@ -2,8 +2,9 @@
 
 For each user the teacher scores every item after the user's whole known sequence (training items, then
 the validation and test targets); items the user already has are excluded and the teacher's top
-``retrieve_k`` go into DELRec's prompt as candidates. The fine-tuned LLM with its soft prompt scores them,
-and the best ``top_n`` by that score are written as Parquet: user (the dataset's raw id), rank, item id
+``retrieve_k`` go into DELRec's prompt as candidates. The fine-tuned LLM with its soft prompt scores them
+(plus its popularity prior, if it was fitted one: :mod:`delrec.popularity`), and the best ``top_n`` by that
+score are written as Parquet: user (the dataset's raw id), rank, item id
 (raw), title, LLM score, teacher rank.
 
 Users are processed in shards of ``shard_users``. Each finished shard is one Parquet file in the
@@ -55,10 +56,12 @@ from delrec.evaluate import (
     finetuned_backbone,
     load_finetuned_adapter,
     model_scoring,
+    prior_weight,
     stage2_builder,
 )
 from delrec.llm.scoring import score_all
 from delrec.llm.soft_prompt import SoftPrompt
+from delrec.popularity import log_counts, with_prior
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +196,7 @@ class _Shard:
         self.backbone, self.soft = backbone, soft
         self.builder = stage2_builder(backbone, dataset, soft, prompt_config)
         self.scoring = model_scoring(config.scoring, prompt_config)
+        self.logc, self.prior_weight = log_counts(dataset), prior_weight(prompt_config)
 
     def table(self, users: np.ndarray, sequences: list[np.ndarray]) -> pa.Table:
         seqs = [sequences[u] for u in users]
@@ -211,6 +215,7 @@ class _Shard:
             skip=self.builder.answer_skip,
             desc="rerank",
         )
+        scores = with_prior(scores, retrieved, self.logc, self.prior_weight)
         # Best LLM score first; a tie keeps the teacher's order (stable sort).
         order = np.argsort(-scores, axis=1, kind="stable")[:, : self.config.top_n]
         n = self.config.top_n

@@ -233,9 +233,27 @@ def instance_ranks(
     batch_size: int,
     desc: str,
 ) -> np.ndarray:
-    """0-based rank of each instance's answer among its candidates (ties count against it).
+    """0-based rank of each instance's answer among its candidates (ties count against it); under
+    torchrun see :func:`instance_scores`."""
+    scores = instance_scores(
+        backbone, soft_prompt, builder, instances, reduction=reduction, batch_size=batch_size, desc=desc
+    )
+    return target_ranks(scores, np.array([inst.answer for inst in instances], dtype=np.int64))
 
-    Under torchrun each rank scores its share of ``instances`` and every rank gets all the ranks. On a
+
+def instance_scores(
+    backbone: Backbone,
+    soft_prompt: SoftPrompt | None,
+    builder: PromptBuilder,
+    instances: Sequence[Instance],
+    *,
+    reduction: Reduction,
+    batch_size: int,
+    desc: str,
+) -> np.ndarray:
+    """The LLM's scores (instances, candidates) of each instance's candidates.
+
+    Under torchrun each rank scores its share of ``instances`` and every rank gets all the scores. On a
     sharded (FSDP) backbone every decoder call is a collective, so every rank must make as many calls as
     the others: a share is padded (with repeats) to the largest share's size, and the padding dropped.
     """
@@ -255,5 +273,4 @@ def instance_ranks(
         skip=builder.answer_skip,
         desc=desc,
     )
-    ranks = target_ranks(scores, np.array([inst.answer for inst in instances], dtype=np.int64))
-    return distributed.gather_rows(ranks[:mine])
+    return distributed.gather_rows(scores[:mine])
