@@ -527,6 +527,7 @@ def test_a_models_popularity_prior_moves_its_scores_and_not_the_untuned_llms(
     assert ranks.column("delrec").to_numpy().tolist() == target_ranks(prior, targets).tolist()
     untuned = target_ranks(llm_scores["zero-shot"], targets)
     assert ranks.column("zero_shot").to_numpy().tolist() == untuned.tolist()
+    assert "DELRec weight 3.000; the untuned LLM has none" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def _tiny_base(tiny_runs):
