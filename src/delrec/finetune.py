@@ -338,6 +338,7 @@ class _AdapterTraining:
         self.peft_model = backbone.model
         self.train_rows = tail_rows(dataset.examples["train"], config.train_tail)
         self.valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
+        self.valid_answers = np.array([inst.answer for inst in self.valid], dtype=np.int64)
         self.valid_scores = np.zeros((0, config.num_candidates), dtype=np.float32)
         self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         log.info(
@@ -412,18 +413,15 @@ class _AdapterTraining:
             batch_size=self.config.eval_batch_size,
             desc="valid",
         )
-        return {"valid_hr1": float((target_ranks(self.valid_scores, self._valid_answers()) == 0).mean())}
-
-    def _valid_answers(self) -> np.ndarray:
-        return np.array([inst.answer for inst in self.valid], dtype=np.int64)
+        return {"valid_hr1": float((target_ranks(self.valid_scores, self.valid_answers) == 0).mean())}
 
     def fit_prior(self) -> dict:
         """The popularity prior's weight fitted on the validation scores of the final model (the loop
         always evaluates its last step), with validation HR@1 under it."""
         candidates = np.stack([inst.candidates for inst in self.valid])
         logc = log_counts(self.dataset)
-        weight = fit_prior_weight(self.valid_scores, candidates, self._valid_answers(), logc)
-        ranks = target_ranks(with_prior(self.valid_scores, candidates, logc, weight), self._valid_answers())
+        weight = fit_prior_weight(self.valid_scores, candidates, self.valid_answers, logc)
+        ranks = target_ranks(with_prior(self.valid_scores, candidates, logc, weight), self.valid_answers)
         log.info("popularity prior: weight %.3f on %d validation examples", weight, len(self.valid))
         return {"popularity_weight": weight, "valid_hr1_with_prior": float((ranks == 0).mean())}
 
