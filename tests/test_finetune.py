@@ -331,6 +331,71 @@ def test_teacher_probabilities_are_its_full_ranking_scores_on_the_candidates(syn
     assert got.shape == candidates.shape and np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_the_training_prior_is_added_to_the_candidates_scores_in_the_loss(
+    synthetic_dir, synthetic, tiny_runs, tmp_path, monkeypatch
+):
+    """With popularity_prior_train w, each training example's loss is the cross-entropy of the candidates'
+    scores plus w x their log counts; validation HR@1 during training ranks with that prior too, and
+    the weight fitted after training still fits the LLM's own scores."""
+    import torch.nn.functional as F
+
+    from delrec.llm.scoring import score_candidates
+    from delrec.llm.tasks import answers_of
+    from delrec.metrics import target_ranks
+    from delrec.popularity import fit_prior_weight, log_counts, with_prior
+
+    seen = []
+    real_loss = finetune_module.rank_share_loss
+
+    def loss(backbone, soft, builder, batch, objective, reduction, targets=None, offsets=None):
+        scores = score_candidates(
+            backbone,
+            soft,
+            [i.prompt for i in batch],
+            answers_of(builder, batch),
+            reduction=reduction,
+            skip=builder.answer_skip,
+        )
+        answers = torch.tensor([i.answer for i in batch])
+        value = real_loss(backbone, soft, builder, batch, objective, reduction, targets, offsets)
+        seen.append((batch, offsets, value.item(), F.cross_entropy(scores + offsets, answers).item()))
+        return value
+
+    validated = []
+    real_scores = finetune_module.instance_scores
+
+    def scores(backbone, soft, builder, instances, **kwargs):
+        out = real_scores(backbone, soft, builder, instances, **kwargs)
+        validated.append((instances, out))
+        return out
+
+    monkeypatch.setattr(finetune_module, "rank_share_loss", loss)
+    monkeypatch.setattr(finetune_module, "instance_scores", scores)
+    config = tiny_finetune_config(
+        steps=2, eval_every=2, lora_dropout=0.0, popularity_prior=True, popularity_prior_train=2.0
+    )
+    finetune(synthetic_dir, config, tmp_path / "ft", distill_dir=tiny_runs / "distill")
+    logc = log_counts(synthetic)
+    instances, final_scores = validated[-1]
+    candidates = np.stack([i.candidates for i in instances])
+    answers = np.array([i.answer for i in instances])
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    as_trained = target_ranks(with_prior(final_scores, candidates, logc, 2.0), answers)
+    assert metrics["valid_hr1"] == float((as_trained == 0).mean())
+    assert metrics["popularity_weight"] == pytest.approx(
+        fit_prior_weight(final_scores, candidates, answers, logc), abs=1e-6
+    )
+    assert len(seen) == 2
+    for batch, offsets, value, expected in seen:
+        candidates = np.stack([i.candidates for i in batch])
+        np.testing.assert_allclose(offsets.numpy(), 2.0 * logc[candidates], rtol=1e-6)
+        assert value == pytest.approx(expected, rel=1e-4)
+        assert offsets.std() > 0  # the prior separates these candidates
+
+    with pytest.raises(ValueError, match="needs popularity_prior"):
+        tiny_finetune_config(popularity_prior_train=1.0)
+
+
 def test_teacher_kd_mixes_the_answer_with_the_teachers_softmax(
     synthetic_dir, synthetic, tiny_runs, tmp_path, monkeypatch
 ):
@@ -347,9 +412,9 @@ def test_teacher_kd_mixes_the_answer_with_the_teachers_softmax(
         asked.append((histories, candidates, temperature, out))
         return out
 
-    def loss(backbone, soft, builder, batch, objective, reduction, targets=None):
+    def loss(backbone, soft, builder, batch, objective, reduction, targets=None, offsets=None):
         seen.append((batch, targets))
-        return real_loss(backbone, soft, builder, batch, objective, reduction, targets)
+        return real_loss(backbone, soft, builder, batch, objective, reduction, targets, offsets)
 
     monkeypatch.setattr(CandidateTeacher, "probabilities", probabilities)
     monkeypatch.setattr(finetune_module, "rank_share_loss", loss)

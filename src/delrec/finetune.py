@@ -98,6 +98,10 @@ class FinetuneConfig(LLMStageConfig):
     """after training, fit the weight of a popularity prior on the last evaluation's validation examples:
     evaluation and serving add weight x log(1 + the candidate's training interactions) to its LLM score
     (:mod:`delrec.popularity`; needs validation examples). The paper: none"""
+    popularity_prior_train: float = Field(0.0, ge=0)
+    """weight of the same prior added to the candidates' scores in the training loss (logit adjustment):
+    the adapter then learns what popularity does not explain. Validation during training scores with
+    it; the weight used after training is still fitted (needs ``popularity_prior``). The paper: none (0)"""
     optimizer: Literal["lion", "adamw"] = "lion"
     """the authors' code: Lion (8-bit), lr 1e-4, weight decay 1e-6"""
     steps: int = Field(1400, ge=1)
@@ -112,6 +116,11 @@ class FinetuneConfig(LLMStageConfig):
         if self.teacher_kd > 0 and self.objective != "candidates":
             raise ValueError(
                 "teacher_kd > 0 distils scores over the candidates: it needs objective candidates"
+            )
+        if self.popularity_prior_train > 0 and not (self.popularity_prior and self.objective == "candidates"):
+            raise ValueError(
+                "popularity_prior_train > 0 trains scores that need the prior: it needs popularity_prior: "
+                "true (the weight used after training) and objective candidates"
             )
         return self
 
@@ -340,6 +349,8 @@ class _AdapterTraining:
         self.valid = _valid_instances(dataset, builder, config.eval_examples, soft is not None)
         self.valid_answers = np.array([inst.answer for inst in self.valid], dtype=np.int64)
         self.valid_scores = np.zeros((0, config.num_candidates), dtype=np.float32)
+        self.valid_candidates = np.stack([inst.candidates for inst in self.valid]) if self.valid else None
+        self.logc = log_counts(dataset)
         self.params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         log.info(
             "%s: %.2fM trainable parameters",
@@ -376,6 +387,7 @@ class _AdapterTraining:
             config.objective,
             config.scoring,
             self._targets([train.histories[r] for r in rows], batch),
+            self._prior_offsets(batch),
         )
         loss = task
         if self.adalora:  # a term of the weights, not of the examples: once over all ranks
@@ -403,6 +415,13 @@ class _AdapterTraining:
         weight = self.config.teacher_kd
         return torch.from_numpy((1 - weight) * answers + weight * teacher)
 
+    def _prior_offsets(self, batch: list) -> torch.Tensor | None:
+        """``popularity_prior_train`` x the candidates' log counts, added to their scores in the loss."""
+        if self.config.popularity_prior_train == 0:
+            return None
+        candidates = np.stack([inst.candidates for inst in batch])
+        return torch.from_numpy(self.config.popularity_prior_train * self.logc[candidates]).float()
+
     def evaluate(self) -> dict:
         self.valid_scores = instance_scores(
             self.backbone,
@@ -413,13 +432,16 @@ class _AdapterTraining:
             batch_size=self.config.eval_batch_size,
             desc="valid",
         )
-        return {"valid_hr1": float((target_ranks(self.valid_scores, self.valid_answers) == 0).mean())}
+        # The scores as trained: with the training prior, if any (the saved scores stay the LLM's own).
+        trained = with_prior(
+            self.valid_scores, self.valid_candidates, self.logc, self.config.popularity_prior_train
+        )
+        return {"valid_hr1": float((target_ranks(trained, self.valid_answers) == 0).mean())}
 
     def fit_prior(self) -> dict:
         """The popularity prior's weight fitted on the validation scores of the final model (the loop
         always evaluates its last step), with validation HR@1 under it."""
-        candidates = np.stack([inst.candidates for inst in self.valid])
-        logc = log_counts(self.dataset)
+        candidates, logc = self.valid_candidates, self.logc
         weight = fit_prior_weight(self.valid_scores, candidates, self.valid_answers, logc)
         ranks = target_ranks(with_prior(self.valid_scores, candidates, logc, weight), self.valid_answers)
         log.info("popularity prior: weight %.3f on %d validation examples", weight, len(self.valid))

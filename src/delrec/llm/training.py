@@ -181,9 +181,11 @@ def task_loss(
     objective: Objective,
     reduction: Reduction,
     targets: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``candidates``: cross-entropy over the candidates' scores, against each instance's answer or, given
-    ``targets`` ((B, C) probabilities over the candidates), against those; ``likelihood``: the answer's NLL."""
+    """``candidates``: cross-entropy over the candidates' scores, plus ``offsets`` ((B, C), e.g. a
+    popularity prior) if given, against each instance's answer or, given ``targets`` ((B, C)
+    probabilities over the candidates), against those; ``likelihood``: the answer's NLL."""
     prompts = [inst.prompt for inst in instances]
     if objective == "likelihood":
         answers = [[builder.answer(int(inst.candidates[inst.answer]))] for inst in instances]
@@ -199,6 +201,8 @@ def task_loss(
         reduction=reduction,
         skip=builder.answer_skip,
     )
+    if offsets is not None:
+        scores = scores + offsets.to(scores.device, scores.dtype)
     if targets is None:
         targets = torch.tensor([inst.answer for inst in instances], device=scores.device)
     return F.cross_entropy(scores, targets.to(scores.device))
@@ -212,14 +216,25 @@ def rank_share_loss(
     objective: Objective,
     reduction: Reduction,
     targets: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's share of the global ``batch``'s mean :func:`task_loss`: the sum of its examples'
     losses over the global batch size; summed over the ranks it is the global mean (one process: the
-    whole batch's mean). Every rank must pass the same ``batch`` (and ``targets``, one row each)."""
+    whole batch's mean). Every rank must pass the same ``batch`` (and ``targets`` and ``offsets``, one
+    row each)."""
     indices = distributed.shard_indices(len(batch))
     share = [batch[i] for i in indices]
-    share_targets = targets[torch.as_tensor(indices, dtype=torch.long)] if targets is not None else None
-    loss = task_loss(backbone, soft_prompt, builder, share, objective, reduction, share_targets)
+    rows = torch.as_tensor(indices, dtype=torch.long)
+    loss = task_loss(
+        backbone,
+        soft_prompt,
+        builder,
+        share,
+        objective,
+        reduction,
+        targets[rows] if targets is not None else None,
+        offsets[rows] if offsets is not None else None,
+    )
     return loss * (len(share) / len(batch))
 
 
