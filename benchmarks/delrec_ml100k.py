@@ -8,12 +8,13 @@ learning curves of distill's two tasks and both finetunes (``curves.png``).
 
     .venv/bin/python benchmarks/delrec_ml100k.py --work /tmp/b --json /tmp/b/figures.json
 
-Stage configs are the ``ml-100k`` preset's (with its popularity prior), with the step counts below, two
-evaluation points per training stage past step 0, no whole-catalogue rerank (``--set
-evaluate.rerank_k=20`` adds it), and titles that keep their year (the preset drops it to fit ``make run``
-in 20 minutes at some cost in quality). On a 2-core AMD EPYC with AVX-512 bf16 these defaults took 83
-minutes and gave DELRec HR@1 0.285 (popularity 0.235); 200 stage-2 steps (``--finetune-steps 200``) gave
-0.299 in about 129 minutes. A CPU with AVX2 only runs the LLM in fp32 and takes about twice as long. See
+Stage configs are the ``ml-100k`` preset's (with its popularity prior, fitted after training and added in
+the training loss), with the step counts below (AdaLoRA's pruning keeps the preset's absolute steps, tinit
+26 and tfinal 7: at 100 steps it runs from step 26 to 93), two evaluation points per training stage past
+step 0, no whole-catalogue rerank (``--set evaluate.rerank_k=20`` adds it), and titles that keep their year
+(the preset drops it to fit ``make run`` in 20 minutes at some cost in quality). On a 2-core AMD EPYC with
+AVX-512 bf16 these defaults took about 85 minutes and gave DELRec HR@1 0.316, its ablation 0.265 and
+popularity 0.235. A CPU with AVX2 only runs the LLM in fp32 and takes about twice as long. See
 docs/results.md.
 
 Outputs of finished stages in ``--work`` are reused, so a second run only redoes what is missing (delete
