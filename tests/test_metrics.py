@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from delrec.metrics import bootstrap_intervals, metrics_from_ranks, paired_bootstrap, target_ranks
+from delrec.metrics import (
+    bootstrap_intervals,
+    metrics_from_ranks,
+    paired_bootstrap,
+    seed_paired_bootstrap,
+    target_ranks,
+)
 
 
 def test_ranks_break_ties_against_the_target():
@@ -99,3 +105,27 @@ def test_paired_bootstrap_matches_a_slow_reference():
 def test_paired_bootstrap_refuses_different_examples():
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def test_over_one_seed_the_seed_bootstrap_is_the_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 20, size=300), rng.integers(0, 20, size=300)
+    def flat(cells):
+        return {(metric, key): value for metric, cell in cells.items() for key, value in cell.items()}
+
+    expected = flat(paired_bootstrap(a, b, seed=5))
+    assert flat(seed_paired_bootstrap(a[None], b[None], seed=5)) == pytest.approx(expected)
+    # the same run repeated as seeds: no seed spread to add, so the same interval again
+    assert flat(seed_paired_bootstrap(np.stack([a, a]), np.stack([b, b]), seed=5)) == pytest.approx(expected)
+
+
+def test_the_seed_bootstrap_widens_the_interval_by_the_seeds_disagreement():
+    # Seed 1: A beats B on every user; seed 2: A and B tie. Users agree perfectly within a seed, so the
+    # user-only interval of the mean would be the point +0.5; resampling the two seeds gives 0, 0.5 or 1.
+    a = np.array([[0] * 50, [3] * 50])
+    b = np.array([[3] * 50, [3] * 50])
+    hr1 = seed_paired_bootstrap(a, b, samples=2000)["HR@1"]
+    assert hr1["diff"] == pytest.approx(0.5)
+    assert (hr1["lo"], hr1["hi"]) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="same seeds and examples"):
+        seed_paired_bootstrap(a, b[:1])

@@ -80,6 +80,12 @@ def bootstrap_intervals(
     return _percentiles(means, names, level)
 
 
+def _differences(ranks_a: np.ndarray, ranks_b: np.ndarray, ks: Iterable[int]) -> tuple[list[str], np.ndarray]:
+    """The metrics' names and each example's A-minus-B contribution to them (examples x metrics)."""
+    a, b = _per_example(ranks_a, ks), _per_example(ranks_b, ks)
+    return list(a), np.stack([a[m] - b[m] for m in a], axis=1)
+
+
 def paired_bootstrap(
     ranks_a: np.ndarray,
     ranks_b: np.ndarray,
@@ -97,11 +103,47 @@ def paired_bootstrap(
     ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
     if ranks_a.shape != ranks_b.shape:
         raise ValueError(f"paired ranks need the same examples, got {ranks_a.shape} and {ranks_b.shape}")
-    a, b = _per_example(ranks_a, ks), _per_example(ranks_b, ks)
-    names = list(a)
-    diffs = np.stack([a[m] - b[m] for m in names], axis=1)
+    names, diffs = _differences(ranks_a, ranks_b, ks)
     intervals = _percentiles(_resampled_means(diffs, samples, seed), names, level)
     return {
         name: {"diff": float(diffs[:, j].mean()), "lo": intervals[name][0], "hi": intervals[name][1]}
+        for j, name in enumerate(names)
+    }
+
+
+def seed_paired_bootstrap(
+    ranks_a: np.ndarray,
+    ranks_b: np.ndarray,
+    ks: Iterable[int] = (1, 5, 10),
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """Metric of A minus metric of B averaged over training seeds, with a two-level bootstrap interval.
+
+    ``ranks_a[s, i]`` is the rank of model A trained with seed s on example i (likewise B; the same
+    examples in every row). Each resample draws examples (the same ones for every seed and both models)
+    and, independently, seeds with replacement, so the interval covers the spread of the examples and
+    the seed-to-seed spread of training. With one seed it is :func:`paired_bootstrap`'s interval. With
+    few seeds the seed part is narrowed (the bootstrap's variance of a mean of S draws is (S-1)/S of the
+    true one), so read it beside the per-seed figures. Returns ``{metric: {"diff", "lo", "hi"}}``.
+    """
+    ranks_a, ranks_b = np.atleast_2d(ranks_a), np.atleast_2d(ranks_b)
+    if ranks_a.shape != ranks_b.shape:
+        raise ValueError(
+            f"paired ranks need the same seeds and examples, got {ranks_a.shape} and {ranks_b.shape}"
+        )
+    n_seeds, n_examples = ranks_a.shape
+    per_seed = [_differences(ranks_a[s], ranks_b[s], ks) for s in range(n_seeds)]
+    names = per_seed[0][0]
+    # examples x (seeds x metrics): one resample of examples gives every seed's mean difference
+    diffs = np.stack([d for _, d in per_seed], axis=1).reshape(n_examples, n_seeds * len(names))
+    by_seed = _resampled_means(diffs, samples, seed).reshape(samples, n_seeds, len(names))
+    draws = np.random.default_rng([seed, 1]).integers(0, n_seeds, size=(samples, n_seeds))
+    weights = np.stack([np.bincount(row, minlength=n_seeds) for row in draws]) / n_seeds
+    intervals = _percentiles(np.einsum("bs,bsm->bm", weights, by_seed), names, level)
+    means = diffs.mean(axis=0).reshape(n_seeds, len(names)).mean(axis=0)
+    return {
+        name: {"diff": float(means[j]), "lo": intervals[name][0], "hi": intervals[name][1]}
         for j, name in enumerate(names)
     }
