@@ -63,6 +63,9 @@ def test_each_seeds_differences_and_their_mean_over_seeds(upstream, tmp_path):
     mean = summary["over_seeds"]["ablation"]["HR@1"]
     assert mean["diff"] == pytest.approx(0.25)
     assert mean["lo"] <= 0.0 and mean["hi"] >= 0.5  # the seeds disagree: the interval spans both
+    between = summary["between_seeds"]["ablation"]["HR@1"]  # two seeds: 1 degree of freedom, t = 12.706
+    assert between["diff"] == pytest.approx(0.25) and between["sd"] == pytest.approx(0.5**0.5 / 2)
+    assert between["hi"] - 0.25 == pytest.approx(12.706 * 0.25)
     assert summary["over_seeds"]["teacher"]["HR@1"]["diff"] == pytest.approx(0.75 - 0.75)
     assert json.loads(out.read_text()) == summary
 
@@ -76,3 +79,15 @@ def test_runs_that_differ_in_more_than_the_seed_are_refused(upstream, tmp_path):
     same_seed = _run(tmp_path / "w3", upstream, 1, _ranks([0] * 4, [1] * 4))
     with pytest.raises(DelrecError, match=r"w3: field 'seed'.*same seed as"):
         script.main([str(one), str(same_seed)])
+
+
+def test_the_t_interval_over_seeds_uses_students_quantile_at_any_number_of_seeds():
+    t_interval = load_benchmark("seeds").t_interval
+    three = t_interval([1.0, 2.0, 3.0])  # sd 1, t(2 df) = 4.303
+    assert (three["diff"], three["sd"]) == (2.0, 1.0)
+    assert three["hi"] - 2.0 == pytest.approx(4.303 / 3**0.5)
+    # past the table (30 df) the expansion carries on from it: t(31 df) = 2.0395, t(60 df) = 2.0003
+    for n, t in ((32, 2.0395), (61, 2.0003)):
+        values = [0.0, 1.0] * (n // 2) + [0.5] * (n % 2)
+        got = t_interval(values)
+        assert (got["hi"] - got["diff"]) / (got["sd"] / n**0.5) == pytest.approx(t, abs=2e-4)
