@@ -14,8 +14,9 @@ the training loss), with the step counts below (AdaLoRA's pruning keeps the pres
 step 0, no whole-catalogue rerank (``--set evaluate.rerank_k=20`` adds it), and titles that keep their year
 (the preset drops it to fit ``make run`` in 20 minutes at some cost in quality). On a 2-core AMD EPYC with
 AVX-512 bf16 these defaults took about 85 minutes and gave DELRec HR@1 0.316, its ablation 0.265 and
-popularity 0.235 (with ``--set finetune.seed=7``: 0.312 and 0.305). A CPU with AVX2 only runs the LLM in
-fp32 and takes about twice as long. See docs/results.md.
+popularity 0.235; over four stage-2 seeds (``--set finetune.seed=N``, compared by ``benchmarks/seeds.py``)
+DELRec 0.309-0.326 and the ablation 0.265-0.312. A CPU with AVX2 only runs the LLM in fp32 and takes about
+twice as long. See docs/results.md.
 
 Outputs of finished stages in ``--work`` are reused, so a second run only redoes what is missing (delete
 the folder for a fresh run).
