@@ -110,6 +110,7 @@ def test_paired_bootstrap_refuses_different_examples():
 def test_over_one_seed_the_seed_bootstrap_is_the_paired_bootstrap():
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, 20, size=300), rng.integers(0, 20, size=300)
+
     def flat(cells):
         return {(metric, key): value for metric, cell in cells.items() for key, value in cell.items()}
 
