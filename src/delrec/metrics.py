@@ -48,7 +48,7 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int] = (1, 5, 10)) -> dic
     return {name: float(values.mean()) for name, values in _per_example(ranks, ks).items()}
 
 
-def _resampled_means(values: np.ndarray, samples: int, seed: int) -> np.ndarray:
+def _resampled_means(values: np.ndarray, samples: int, seed: int | list[int]) -> np.ndarray:
     """Means of the columns of ``values`` (examples x metrics) over ``samples`` bootstrap resamples.
 
     Each resample is a row of multiplicity counts, so all resamples are one matrix product.
@@ -80,12 +80,6 @@ def bootstrap_intervals(
     return _percentiles(means, names, level)
 
 
-def _differences(ranks_a: np.ndarray, ranks_b: np.ndarray, ks: Iterable[int]) -> tuple[list[str], np.ndarray]:
-    """The metrics' names and each example's A-minus-B contribution to them (examples x metrics)."""
-    a, b = _per_example(ranks_a, ks), _per_example(ranks_b, ks)
-    return list(a), np.stack([a[m] - b[m] for m in a], axis=1)
-
-
 def paired_bootstrap(
     ranks_a: np.ndarray,
     ranks_b: np.ndarray,
@@ -103,12 +97,7 @@ def paired_bootstrap(
     ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
     if ranks_a.shape != ranks_b.shape:
         raise ValueError(f"paired ranks need the same examples, got {ranks_a.shape} and {ranks_b.shape}")
-    names, diffs = _differences(ranks_a, ranks_b, ks)
-    intervals = _percentiles(_resampled_means(diffs, samples, seed), names, level)
-    return {
-        name: {"diff": float(diffs[:, j].mean()), "lo": intervals[name][0], "hi": intervals[name][1]}
-        for j, name in enumerate(names)
-    }
+    return seed_paired_bootstrap(ranks_a[None], ranks_b[None], ks, samples, seed, level)
 
 
 def seed_paired_bootstrap(
@@ -134,13 +123,14 @@ def seed_paired_bootstrap(
             f"paired ranks need the same seeds and examples, got {ranks_a.shape} and {ranks_b.shape}"
         )
     n_seeds, n_examples = ranks_a.shape
-    per_seed = [_differences(ranks_a[s], ranks_b[s], ks) for s in range(n_seeds)]
-    names = per_seed[0][0]
+    a, b = _per_example(ranks_a.ravel(), ks), _per_example(ranks_b.ravel(), ks)
+    names = list(a)
     # examples x (seeds x metrics): one resample of examples gives every seed's mean difference
-    diffs = np.stack([d for _, d in per_seed], axis=1).reshape(n_examples, n_seeds * len(names))
+    diffs = np.stack([(a[m] - b[m]).reshape(n_seeds, n_examples) for m in names], axis=2)
+    diffs = diffs.transpose(1, 0, 2).reshape(n_examples, n_seeds * len(names))
     by_seed = _resampled_means(diffs, samples, seed).reshape(samples, n_seeds, len(names))
-    draws = np.random.default_rng([seed, 1]).integers(0, n_seeds, size=(samples, n_seeds))
-    weights = np.stack([np.bincount(row, minlength=n_seeds) for row in draws]) / n_seeds
+    # each resample's seed multiplicities / n_seeds: the resampled means of the identity's rows
+    weights = _resampled_means(np.eye(n_seeds), samples, [seed, 1])
     intervals = _percentiles(np.einsum("bs,bsm->bm", weights, by_seed), names, level)
     means = diffs.mean(axis=0).reshape(n_seeds, len(names)).mean(axis=0)
     return {
