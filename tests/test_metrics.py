@@ -107,17 +107,17 @@ def test_paired_bootstrap_refuses_different_examples():
         paired_bootstrap(np.zeros(3), np.zeros(4))
 
 
-def test_over_one_seed_the_seed_bootstrap_is_the_paired_bootstrap():
+def test_a_run_repeated_as_seeds_adds_no_seed_spread():
+    # One seed is paired_bootstrap itself (checked against the textbook loop above); the same run repeated
+    # as two seeds has no spread between seeds to add, so it must give the textbook interval too.
     rng = np.random.default_rng(3)
-    a, b = rng.integers(0, 20, size=300), rng.integers(0, 20, size=300)
-
-    def flat(cells):
-        return {(metric, key): value for metric, cell in cells.items() for key, value in cell.items()}
-
-    expected = flat(paired_bootstrap(a, b, seed=5))
-    assert flat(seed_paired_bootstrap(a[None], b[None], seed=5)) == pytest.approx(expected)
-    # the same run repeated as seeds: no seed spread to add, so the same interval again
-    assert flat(seed_paired_bootstrap(np.stack([a, a]), np.stack([b, b]), seed=5)) == pytest.approx(expected)
+    a, b = rng.integers(0, 20, size=150), rng.integers(0, 20, size=150)
+    repeated = seed_paired_bootstrap(np.stack([a, a]), np.stack([b, b]), samples=300, seed=7)
+    point_a, point_b = metrics_from_ranks(a), metrics_from_ranks(b)
+    for name, (lo, hi) in _slow_paired(a, b, 300, 7).items():
+        assert repeated[name]["lo"] == pytest.approx(lo, abs=1e-12)
+        assert repeated[name]["hi"] == pytest.approx(hi, abs=1e-12)
+        assert repeated[name]["diff"] == pytest.approx(point_a[name] - point_b[name], abs=1e-12)
 
 
 def test_the_seed_bootstrap_widens_the_interval_by_the_seeds_disagreement():
