@@ -19,7 +19,10 @@ DELRec 0.309-0.326 and the ablation 0.265-0.312. A CPU with AVX2 only runs the L
 twice as long. See docs/results.md.
 
 Outputs of finished stages in ``--work`` are reused, so a second run only redoes what is missing (delete
-the folder for a fresh run).
+the folder for a fresh run). A stage's output is reused only if it was made with the config and from the
+inputs this run asks for: one made otherwise (say, another ``--set finetune.seed``) stops the run with an
+error naming the field, and nothing is replaced. To vary stage 2 only, copy ``data``, ``teacher`` and
+``distill`` into a new ``--work``.
 """
 
 from __future__ import annotations
@@ -27,24 +30,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from delrec import layout
+from delrec.artifacts import check_reusable
 from delrec.config import load_preset, parse_assignments
 from delrec.data import PreprocessConfig, preprocess
 from delrec.distill import DistillConfig, distill
+from delrec.errors import DelrecError
 from delrec.evaluate import LABELS, REPORTED, EvaluateConfig, evaluate
-from delrec.finetune import FinetuneConfig, finetune
+from delrec.finetune import FinetuneConfig, finetune, recorded_inputs
 from delrec.teachers import TeacherConfig, train_teacher
 
 SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared/datasets/ml-100k"
 
 
-def run_stage(name: str, out: Path, fn) -> float | None:
-    """Run a stage unless its output is in place; its seconds, or None for a reused (untimed) one."""
+def run_stage(name: str, out: Path, fn, *, producer: str, config: dict, inputs: dict) -> float | None:
+    """Run a stage unless its output is in place; its seconds, or None for a reused (untimed) one.
+
+    An output is reused only if it was made with this config from these inputs; one made otherwise
+    stops the run with an error that names the differing field, and is left as it is.
+    """
     if (out / "manifest.json").is_file():
+        check_reusable(out, producer=producer, config=config, inputs=inputs)
         print(f"[{name}] reusing {out}")
         return None
     start = time.time()
@@ -100,31 +112,64 @@ def main() -> None:
 
     started = time.time()
     times = {}
-    data, teacher = work / "data", work / "teacher"
+    data, teacher, soft = work / "data", work / "teacher", work / "distill"
+    delrec_dir, ablation_dir, eval_dir = work / "delrec", work / "ablation", work / "eval"
+    source = Path(args.source)  # absolute, so that reuse compares the folder, not how it was spelt
+    source = str(source.resolve()) if source.exists() else args.source
+    p_cfg = PreprocessConfig.from_dict({**preset["preprocess"], "source": source})
     times["preprocess"] = run_stage(
         "preprocess",
         data,
-        lambda: preprocess(PreprocessConfig.from_dict({**preset["preprocess"], "source": args.source}), data),
+        lambda: preprocess(p_cfg, data),
+        producer=layout.PREPROCESS,
+        config=p_cfg.model_dump(mode="json"),
+        inputs={},
     )
-    times["teacher"] = run_stage("teacher", teacher, lambda: train_teacher(data, t_cfg, teacher))
+    times["teacher"] = run_stage(
+        "teacher",
+        teacher,
+        lambda: train_teacher(data, t_cfg, teacher),
+        producer=layout.TRAIN_TEACHER,
+        config=t_cfg.model_dump(mode="json"),
+        inputs={"dataset": data},
+    )
     times["distill"] = run_stage(
-        "distill", work / "distill", lambda: distill(data, teacher, d_cfg, work / "distill")
+        "distill",
+        soft,
+        lambda: distill(data, teacher, d_cfg, soft),
+        producer=layout.DISTILL,
+        config=d_cfg.model_dump(mode="json"),
+        inputs={"dataset": data, "teacher": teacher},
     )
     times["finetune"] = run_stage(
         "finetune",
-        work / "delrec",
-        lambda: finetune(data, f_cfg, work / "delrec", distill_dir=work / "distill", teacher_dir=teacher),
+        delrec_dir,
+        lambda: finetune(data, f_cfg, delrec_dir, distill_dir=soft, teacher_dir=teacher),
+        producer=layout.FINETUNE,
+        config=f_cfg.model_dump(mode="json"),
+        inputs=recorded_inputs(f_cfg, data, soft, teacher),
     )
     times["ablation"] = run_stage(
-        "ablation", work / "ablation", lambda: finetune(data, f_cfg, work / "ablation", teacher_dir=teacher)
+        "ablation",
+        ablation_dir,
+        lambda: finetune(data, f_cfg, ablation_dir, teacher_dir=teacher),
+        producer=layout.FINETUNE,
+        config=f_cfg.model_dump(mode="json"),
+        inputs=recorded_inputs(f_cfg, data, teacher_dir=teacher),
     )
-    eval_dir = work / "eval"
     times["evaluate"] = run_stage(
         "evaluate",
         eval_dir,
-        lambda: evaluate(
-            data, teacher, e_cfg, eval_dir, work / "delrec", work / "ablation", distill_dir=work / "distill"
-        ),
+        lambda: evaluate(data, teacher, e_cfg, eval_dir, delrec_dir, ablation_dir, distill_dir=soft),
+        producer=layout.EVALUATE,
+        config=e_cfg.model_dump(mode="json"),
+        inputs={
+            "dataset": data,
+            "teacher": teacher,
+            "delrec": delrec_dir,
+            "ablation": ablation_dir,
+            "distill": soft,
+        },
     )
     total = time.time() - started
     results = json.loads((eval_dir / "metrics.json").read_text())
@@ -163,4 +208,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DelrecError as exc:
+        sys.exit(f"error: {exc}")

@@ -23,16 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from delrec import layout
+from delrec.artifacts import check_reusable
 from delrec.config import parse_assignments
 from delrec.data import PreprocessConfig, preprocess
 from delrec.distill import DistillConfig, distill
+from delrec.errors import DelrecError
 from delrec.evaluate import EvaluateConfig, evaluate
-from delrec.finetune import FinetuneConfig, finetune
+from delrec.finetune import FinetuneConfig, finetune, recorded_inputs
 from delrec.llm import backbone as backbone_module
 from delrec.teachers import TeacherConfig, train_teacher
 
@@ -134,8 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     cadence = {"eval_every": max(1, args.distill_steps // 4), "checkpoint_every": 100}
     stages: dict[str, dict] = {}
 
-    def run(name: str, out: Path, fn) -> None:
+    def run(name: str, out: Path, fn, *, producer: str, config: dict | None, inputs: dict) -> None:
+        """Run and time a stage, or reuse its output from an earlier run (``check_reusable``; data and
+        teacher, ``config`` None, may come from another run whatever their settings)."""
         if (out / "manifest.json").is_file():  # reused from an earlier run: nothing to time
+            check_reusable(out, producer=producer, config=config, inputs=inputs)
             print(f"[{name}] reusing {out}")
             stages[name] = {"reused": True}
             return
@@ -167,9 +174,19 @@ def main(argv: list[str] | None = None) -> dict:
             else PreprocessConfig(dataset="synthetic", synthetic_users=120, synthetic_items=60),
             data,
         ),
+        producer=layout.PREPROCESS,
+        config=None,
+        inputs={},
     )
     teacher_config = TeacherConfig(model="sasrec", max_epochs=args.teacher_epochs, device=args.device)
-    run("teacher", teacher, lambda: train_teacher(data, teacher_config, teacher))
+    run(
+        "teacher",
+        teacher,
+        lambda: train_teacher(data, teacher_config, teacher),
+        producer=layout.TRAIN_TEACHER,
+        config=None,
+        inputs={"dataset": data},
+    )
     distill_config = DistillConfig.from_dict(
         {
             **llm,
@@ -182,7 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
             **overrides["distill"],
         }
     )
-    run("distill", work / "distill", lambda: distill(data, teacher, distill_config, work / "distill"))
+    run(
+        "distill",
+        work / "distill",
+        lambda: distill(data, teacher, distill_config, work / "distill"),
+        producer=layout.DISTILL,
+        config=distill_config.model_dump(mode="json"),
+        inputs={"dataset": data, "teacher": teacher},
+    )
     finetune_config = FinetuneConfig.from_dict(
         {
             **llm,
@@ -200,11 +224,17 @@ def main(argv: list[str] | None = None) -> dict:
         "finetune",
         work / "delrec",
         lambda: finetune(data, finetune_config, work / "delrec", work / "distill", teacher_dir=teacher),
+        producer=layout.FINETUNE,
+        config=finetune_config.model_dump(mode="json"),
+        inputs=recorded_inputs(finetune_config, data, work / "distill", teacher),
     )
     run(
         "ablation",
         work / "ablation",
         lambda: finetune(data, finetune_config, work / "ablation", teacher_dir=teacher),
+        producer=layout.FINETUNE,
+        config=finetune_config.model_dump(mode="json"),
+        inputs=recorded_inputs(finetune_config, data, teacher_dir=teacher),
     )
     eval_config = EvaluateConfig.from_dict(
         {
@@ -227,6 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
             work / "ablation",
             work / "distill",
         ),
+        producer=layout.EVALUATE,
+        config=eval_config.model_dump(mode="json"),
+        inputs={
+            "dataset": data,
+            "teacher": teacher,
+            "delrec": work / "delrec",
+            "ablation": work / "ablation",
+            "distill": work / "distill",
+        },
     )
     figures = {
         "stages": stages,
@@ -243,4 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DelrecError as exc:
+        sys.exit(f"error: {exc}")

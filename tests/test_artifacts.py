@@ -11,6 +11,7 @@ import torch
 from delrec import artifacts
 from delrec.artifacts import (
     atomic_dir,
+    check_reusable,
     load_checkpoint,
     read_manifest,
     require_same_input,
@@ -169,6 +170,37 @@ def test_require_same_input_detects_a_mismatched_pair(tmp_path):
     require_same_input(model, "dataset", data_a)
     with pytest.raises(DelrecError, match="inputs.dataset"):
         require_same_input(model, "dataset", data_b)
+
+
+def test_an_output_is_reusable_only_with_the_same_config_and_inputs(tmp_path):
+    data_a, data_b, teacher, soft, model = (tmp_path / n for n in ("a", "b", "t", "s", "m"))
+    for d in (data_a, data_b, teacher, soft, model):
+        d.mkdir()
+    write_manifest(data_a, producer="preprocess", config={"seed": 1})
+    write_manifest(data_b, producer="preprocess", config={"seed": 2})
+    write_manifest(teacher, producer="train_teacher", config={}, inputs={"dataset": data_a})
+    write_manifest(soft, producer="distill", config={}, inputs={"dataset": data_a})
+    config = {"seed": 42, "lr": 3e-4, "target_modules": None}
+    write_manifest(model, producer="finetune", config=config, inputs={"dataset": data_a, "teacher": teacher})
+    before = (model / "manifest.json").read_bytes()
+    inputs = {"dataset": data_a, "teacher": teacher}
+
+    check_reusable(model, producer="finetune", config=dict(config), inputs=inputs)
+    refusals = [
+        ({**config, "seed": 1}, inputs, "config.seed.*seed=42, this run asks for seed=1"),
+        ({**config, "lr": 1e-3}, inputs, "config.lr"),
+        ({**config, "steps": 100}, inputs, "config.steps.*steps=\\(not set\\)"),
+        ({"seed": 42, "lr": 3e-4}, inputs, "config.target_modules"),
+        (config, {**inputs, "dataset": data_b}, "inputs.dataset"),
+        (config, {**inputs, "distill": soft}, "inputs.distill"),
+        (config, {"dataset": data_a}, "inputs.teacher.*does not give"),
+    ]
+    for asked, given, message in refusals:
+        with pytest.raises(DelrecError, match=message):
+            check_reusable(model, producer="finetune", config=asked, inputs=given)
+    with pytest.raises(DelrecError, match="expected the output of 'distill'"):
+        check_reusable(model, producer="distill", config=config, inputs=inputs)
+    assert (model / "manifest.json").read_bytes() == before  # refusing touches nothing
 
 
 def test_artifacts_get_the_permissions_mkdir_and_open_would_give(tmp_path):

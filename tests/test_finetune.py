@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from test_store import moto_endpoint, store  # noqa: F401 (fixtures)
 
 import delrec.finetune as finetune_module
+from delrec import layout
+from delrec.artifacts import check_reusable
 from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
-from delrec.finetune import FinetuneConfig, finetune, orthogonal_regulariser
+from delrec.finetune import FinetuneConfig, finetune, orthogonal_regulariser, recorded_inputs
 from delrec.llm.backbone import build_tiny, load_backbone
 from delrec.teachers import TeacherConfig, train_teacher
 
@@ -435,14 +437,19 @@ def test_teacher_kd_mixes_the_answer_with_the_teachers_softmax(
         np.testing.assert_allclose(targets.numpy(), 0.75 * answers + 0.25 * teacher, atol=1e-6)
     assert "teacher" in json.loads((out / "manifest.json").read_text())["inputs"]
     plain = tmp_path / "plain"
+    plain_config = tiny_finetune_config(steps=1)
     finetune(
         synthetic_dir,
-        tiny_finetune_config(steps=1),
+        plain_config,
         plain,
         distill_dir=tiny_runs / "distill",
         teacher_dir=tiny_runs / "teacher",
     )
     assert "teacher" not in json.loads((plain / "manifest.json").read_text())["inputs"]  # teacher_kd 0
+    # recorded_inputs says what each run records, so a caller can tell whether an output may be reused
+    for folder, used in ((out, config), (plain, plain_config)):
+        inputs = recorded_inputs(used, synthetic_dir, tiny_runs / "distill", tiny_runs / "teacher")
+        check_reusable(folder, producer=layout.FINETUNE, config=used.model_dump(mode="json"), inputs=inputs)
 
 
 def test_restored_rank_scores_sit_on_their_parameters_device():

@@ -5,20 +5,22 @@ from __future__ import annotations
 import importlib
 import json
 
+import pytest
 import torch
 from conftest import load_benchmark
+
+from delrec.errors import DelrecError
 
 
 def test_gpu_recipe_runs_on_cpu_with_a_tiny_model(tmp_path):
     script = load_benchmark("gpu_delrec")
-    figures = script.main(
-        [
-            "--dataset", "synthetic", "--backbone", "tiny-llama", "--device", "cpu", "--work", str(tmp_path / "w"),
-            "--soft-tokens", "4", "--distill-steps", "2", "--finetune-steps", "6", "--batch-size", "2",
-            "--init-r", "4", "--eval-examples", "10", "--teacher-epochs", "1", "--json", str(tmp_path / "f.json"),
-            "--set", "finetune.lr=0.003", "--set", "finetune.adalora_init=orthogonal",
-        ]
-    )  # fmt: skip
+    args = [
+        "--dataset", "synthetic", "--backbone", "tiny-llama", "--device", "cpu", "--work", str(tmp_path / "w"),
+        "--soft-tokens", "4", "--distill-steps", "2", "--finetune-steps", "6", "--batch-size", "2",
+        "--init-r", "4", "--eval-examples", "10", "--teacher-epochs", "1", "--json", str(tmp_path / "f.json"),
+        "--set", "finetune.adalora_init=orthogonal",
+    ]  # fmt: skip
+    figures = script.main([*args, "--set", "finetune.lr=0.003"])
     assert set(figures["stages"]) == {"preprocess", "teacher", "distill", "finetune", "ablation", "evaluate"}
     # the LLM stages ran forwards through the backbone, so their FLOP counts are positive
     assert all(figures["stages"][s]["tflop"] > 0 for s in ("distill", "finetune", "ablation", "evaluate"))
@@ -30,6 +32,15 @@ def test_gpu_recipe_runs_on_cpu_with_a_tiny_model(tmp_path):
     # the report draws all four learning curves, distill's two tasks included
     curves = json.loads((tmp_path / "w" / "evaluate" / "curves.json").read_text())
     assert set(curves) == {"distill_rps", "distill_ta", "finetune_delrec", "finetune_ablation"}
+
+    # the same run again reuses every stage; one that asks for another stage-2 lr is refused, not served
+    # the older model
+    again = script.main([*args, "--set", "finetune.lr=0.003"])
+    assert all(stage == {"reused": True} for stage in again["stages"].values())
+    assert again["metrics"] == figures["metrics"]
+    with pytest.raises(DelrecError, match="config.lr"):
+        script.main([*args, "--set", "finetune.lr=0.001"])
+    assert json.loads((tmp_path / "w" / "delrec" / "manifest.json").read_text())["config"]["lr"] == 0.003
 
 
 def test_gpu_recipe_refuses_an_override_of_an_unknown_stage(tmp_path, capsys):

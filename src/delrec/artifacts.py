@@ -463,6 +463,48 @@ def require_same_input(
     return manifest
 
 
+def check_reusable(
+    folder: str | os.PathLike,
+    *,
+    producer: str,
+    config: Mapping[str, Any] | None,
+    inputs: Mapping[str, str | os.PathLike] | None = None,
+) -> dict[str, Any]:
+    """Check that the artifact in ``folder`` is what ``producer`` would make now from ``config`` (as the
+    stage records it) and ``inputs`` (role -> artifact folder), so that a caller may reuse it instead
+    of running the stage again. Returns its manifest. ``config`` None compares only the kind and the
+    inputs (an artifact brought from another run, whatever its settings).
+
+    Raises a clear error naming the first config field or input that differs: a run that asks for
+    other settings must never be served an older output under its name.
+    """
+    manifest = read_manifest(folder, producer=producer)
+    where = Path(folder) / MANIFEST
+    redo = "use another output folder, or delete this one to run the stage again"
+    stored = manifest[layout.M_CONFIG]
+    wanted = stored if config is None else json.loads(json.dumps(dict(config)))  # as the manifest holds it
+    absent = object()
+    for key in sorted(set(stored) | set(wanted)):
+        was, now = stored.get(key, absent), wanted.get(key, absent)
+        if was != now:
+            shown = ["(not set)" if v is absent else repr(v) for v in (was, now)]
+            raise DelrecError(
+                f"was made with {key}={shown[0]}, this run asks for {key}={shown[1]}: {redo}",
+                path=where,
+                field=f"{layout.M_CONFIG}.{key}",
+            )
+    roles = dict(inputs or {})
+    for role in sorted(set(manifest[layout.M_INPUTS]) - set(roles)):
+        raise DelrecError(
+            f"was made from a {role} input this run does not give: {redo}",
+            path=where,
+            field=f"{layout.M_INPUTS}.{role}",
+        )
+    for role, path in roles.items():
+        require_same_input(folder, role, path)
+    return manifest
+
+
 # Resumable stages keep their training state in ``<out>.partial/state.pt``, next to (not inside) the
 # atomically written output; it survives a killed run and is removed once the output is in place.
 CHECKPOINT = layout.CHECKPOINT

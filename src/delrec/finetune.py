@@ -280,7 +280,7 @@ def finetune(
     metrics = _metrics(result.history, time.time() - started)
     if config.popularity_prior:
         metrics |= training.fit_prior()
-    inputs = {"dataset": dataset_dir, "distill": distill_dir, "teacher": teacher_dir}
+    inputs = recorded_inputs(config, dataset_dir, distill_dir, teacher_dir)
     metrics = write_on_main(
         lambda scratch: _write_output(
             out, config, dataset, backbone, soft, prompt_config, metrics, result.history, inputs, scratch
@@ -290,6 +290,23 @@ def finetune(
     )
     log.info("finetune done in %.0f s: valid HR@1 %.4f", metrics["seconds"], metrics["valid_hr1"])
     return metrics
+
+
+def recorded_inputs(
+    config: FinetuneConfig,
+    dataset_dir: str | os.PathLike,
+    distill_dir: str | os.PathLike | None = None,
+    teacher_dir: str | os.PathLike | None = None,
+) -> dict[str, str | os.PathLike]:
+    """The input folders by role that :func:`finetune` records in its manifest for these arguments: the
+    soft prompt where one is given, the teacher only where ``teacher_kd`` reads it. A caller deciding
+    whether an earlier output may be reused compares these (:func:`delrec.artifacts.check_reusable`)."""
+    inputs = {
+        "dataset": dataset_dir,
+        "distill": distill_dir,
+        "teacher": teacher_dir if config.teacher_kd else None,
+    }
+    return {role: folder for role, folder in inputs.items() if folder is not None}
 
 
 def _checked_teacher(
@@ -511,7 +528,7 @@ def _write_output(
     scratch: Path,
 ) -> None:
     """The adapter, the soft prompt (DELRec), the prompt config, metrics, history and the manifest;
-    ``inputs``: the input folders by role (None: not used); ``scratch`` (the checkpoint folder) holds
+    ``inputs``: the input folders by role (:func:`recorded_inputs`); ``scratch`` (the checkpoint folder) holds
     the tiny test backbone's base weights."""
     with atomic_dir(out) as tmp:
         save_adapter(backbone.model, tmp / layout.ADAPTER)
@@ -537,7 +554,7 @@ def _write_output(
             tmp,
             producer=layout.FINETUNE,
             config=config.model_dump(mode="json"),
-            inputs={role: folder for role, folder in inputs.items() if folder is not None},
+            inputs=inputs,
             rows={"steps": config.steps},
             extra={
                 "backbone": backbone.name,
