@@ -350,7 +350,8 @@ def test_a_text_timestamp_of_the_wrong_kind_is_named_with_its_line(tmp_path, sta
 def test_timestamps_stored_as_text_numbers_are_read_as_numbers(tmp_path):
     folder = tmp_path / "g"
     folder.mkdir()
-    table = pa.table({"user": ["u1"] * 3, "item": ["i1", "i2", "i3"], "timestamp": ["30", "10", "20.5"]})
+    # As text "100" < "20.5" < "9"; as numbers 9 < 20.5 < 100: the order tells which way they were read.
+    table = pa.table({"user": ["u1"] * 3, "item": ["i1", "i2", "i3"], "timestamp": ["100", "9", "20.5"]})
     pq.write_table(table, folder / "interactions.parquet")
     (folder / "items.csv").write_text("item,title\n" + "".join(f"i{k},Song {k}\n" for k in range(1, 4)))
     assert read_generic(folder).timestamps.tolist() == [2, 0, 1]

@@ -132,12 +132,18 @@ def test_adalora_reallocates_ranks(synthetic_dir, tmp_path, monkeypatch):
     assert ft.target_r < ft.init_r and kept == ft.target_r * len(pattern)  # some ranks are masked
 
 
-def test_ablation_has_no_soft_prompt_and_same_base(synthetic_dir, tmp_path):
+def test_ablation_has_no_soft_prompt_and_same_base(synthetic_dir, synthetic, tmp_path):
     out = tmp_path / "ablation"
     finetune(synthetic_dir, tiny_finetune_config(steps=2, objective="likelihood"), out)
     assert not (out / "soft_prompt.safetensors").exists()
     prompt = json.loads((out / "prompt.json").read_text())
     assert prompt["soft_tokens"] == 0 and prompt["teacher"] == ""
+    # The same base weights DELRec's fine-tuning starts from: the backbone as built, bit for bit.
+    saved = load_backbone(str(out / "backbone"), device="cpu", autocast=False)
+    fresh, _ = build_tiny("tiny-llama", synthetic.titles)
+    for key, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, saved.base_model().state_dict()[key]), key
+    assert prompt["backbone_fingerprint"] == saved.fingerprint()
 
 
 def test_orthogonal_regulariser_is_zero_for_orthonormal_factors():

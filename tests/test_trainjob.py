@@ -130,11 +130,11 @@ def test_the_trainjob_carries_the_gpus_the_command_and_the_scheduling():
     # No GPU: one CPU rank per node, no GPU request, no GPU node wanted.
     cpu = manifest(gpus_per_node=0)
     pod = cpu["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
-    assert (
-        cpu["spec"]["trainer"]["numProcPerNode"] == 1
-        and "limits" not in cpu["spec"]["trainer"]["resourcesPerNode"]
-    )
-    assert "tolerations" not in pod["template"]["spec"]["template"]["spec"]
+    resources = cpu["spec"]["trainer"]["resourcesPerNode"]
+    assert cpu["spec"]["trainer"]["numProcPerNode"] == 1 and "limits" not in resources
+    assert "nvidia.com/gpu" not in resources["requests"]
+    cpu_pod = pod["template"]["spec"]["template"]["spec"]
+    assert "tolerations" not in cpu_pod and "nodeSelector" not in cpu_pod
 
 
 def test_the_name_is_one_per_run_and_task_and_a_short_dns_label():
