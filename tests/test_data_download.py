@@ -164,10 +164,11 @@ def test_a_file_url_is_read_where_it_is_even_after_it_changes(tmp_path):
 def test_s3_source_goes_through_the_store(tmp_path, monkeypatch):
     """s3:// sources are copied with delrec.store.download_prefix into a folder removed afterwards."""
     fixture = write_ml100k(tmp_path / "ml")
-    calls = []
+    calls, folders = [], []
 
     def download_prefix(uri, dest):
         calls.append(uri)
+        folders.append(Path(dest))
         shutil.copytree(fixture, Path(dest) / "ml-100k")
 
     monkeypatch.setitem(sys.modules, "delrec.store", types.SimpleNamespace(download_prefix=download_prefix))
@@ -177,6 +178,7 @@ def test_s3_source_goes_through_the_store(tmp_path, monkeypatch):
     )
     assert calls == ["s3://bucket/raw/ml-100k"] and stats["source"] == "s3://bucket/raw/ml-100k"
     assert load_dataset(tmp_path / "out").num_users == 6
+    assert len(folders) == 1 and not folders[0].exists()
 
 
 def test_zip_members_cannot_escape(tmp_path):
