@@ -349,8 +349,10 @@ def test_images_are_pinned(overlay):
     for doc in rendered(overlay):
         text = yaml.safe_dump(doc)
         for image in re.findall(r"image: (\S+)", text):
-            name, _, tag = image.rpartition(":")
-            assert name and tag and tag != "latest", f"{doc['metadata']['name']}: unpinned image {image}"
+            # The tag is after the last ':' of the last path part: 'registry:5000/x' has a port, no tag.
+            name, _, tag = image.split("@")[0].rsplit("/", 1)[-1].partition(":")
+            pinned = "@sha256:" in image or (name and tag and tag != "latest")
+            assert pinned, f"{doc['metadata']['name']}: unpinned image {image}"
 
 
 @pytest.mark.parametrize("path", KIND_CONFIGS, ids=lambda p: p.name)
