@@ -175,16 +175,6 @@ def test_publish_component(tmp_path, store, moto_endpoint, monkeypatch):  # noqa
     assert configs["teacher"] == {"model": "sasrec"} and configs["preprocess"] == {"dataset": "synthetic"}
 
 
-def _stage_available(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-@pytest.mark.skipif(
-    not all(_stage_available(m) for m in ("delrec.distill", "delrec.finetune", "delrec.evaluate")),
-    reason="LLM stages not in this checkout yet",
-)
 def test_llm_stage_components(tmp_path, synthetic_dir):
     """distill -> finetune (and the ablation) -> evaluate with the demo preset's tiny models."""
     from delrec.config import load_preset
