@@ -14,6 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from delrec.images import immutable_reference
+
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 # The Kubernetes minor version of the kind node image (manifests/kind/cluster.yaml); every manifest is
@@ -349,10 +351,8 @@ def test_images_are_pinned(overlay):
     for doc in rendered(overlay):
         text = yaml.safe_dump(doc)
         for image in re.findall(r"image: (\S+)", text):
-            # The tag is after the last ':' of the last path part: 'registry:5000/x' has a port, no tag.
-            name, _, tag = image.split("@")[0].rsplit("/", 1)[-1].partition(":")
-            pinned = "@sha256:" in image or (name and tag and tag != "latest")
-            assert pinned, f"{doc['metadata']['name']}: unpinned image {image}"
+            problem = immutable_reference(image)
+            assert problem is None, f"{doc['metadata']['name']}: {problem}"
 
 
 @pytest.mark.parametrize("path", KIND_CONFIGS, ids=lambda p: p.name)
