@@ -121,3 +121,16 @@ def with_prompt_fields(folder, out, **fields):
     manifest["files"]["prompt.json"] = {"sha256": sha, "size": size}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def assert_backbone_as_built(folder: Path, name: str, titles) -> tuple:
+    """``folder``'s saved backbone is bit-identical to ``build_tiny(name, titles)``: a stage that trains a
+    soft prompt or adapters left the LLM's own weights alone. Returns (saved backbone, fresh model)."""
+    from delrec.llm.backbone import build_tiny, load_backbone
+
+    saved = load_backbone(str(folder / "backbone"), device="cpu", autocast=False)
+    fresh, _ = build_tiny(name, titles)
+    saved_state = saved.base_model().state_dict()
+    for key, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, saved_state[key]), key
+    return saved, fresh

@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import checkpoint_workspace
+from conftest import assert_backbone_as_built, checkpoint_workspace
 from safetensors.torch import load_file
 from test_store import moto_endpoint, store  # noqa: F401 (fixtures)
 
 import delrec.distill as distill_module
 from delrec.distill import DistillConfig, distill, gradnorm_weights
 from delrec.errors import DelrecError
-from delrec.llm.backbone import build_tiny, load_backbone
+from delrec.llm.backbone import build_tiny
 from delrec.llm.soft_prompt import SoftPrompt
 from delrec.teachers import TeacherConfig, train_teacher
 
@@ -60,10 +60,7 @@ def test_only_the_soft_prompt_changes(synthetic_dir, synthetic, teacher_dir, tmp
     metrics = distill(synthetic_dir, teacher_dir, tiny_distill_config(backbone=backbone, eval_every=1), out)
     assert {"valid_ta_acc", "valid_rps_acc", "best_valid_acc"} <= set(metrics)
     # The saved backbone is bit-identical to a freshly built one: the LLM did not train.
-    fresh, _ = build_tiny(backbone, synthetic.titles)
-    saved = load_backbone(str(out / "backbone"), device="cpu", autocast=False)
-    for name, tensor in fresh.state_dict().items():
-        assert torch.equal(tensor, saved.base_model().state_dict()[name]), name
+    saved, fresh = assert_backbone_as_built(out, backbone, synthetic.titles)
     # The best soft prompt is kept: the untrained one exactly when step 0 won, a trained one otherwise.
     initial = SoftPrompt.initialised(8, fresh.get_input_embeddings(), "normal", seed=42).weight
     history = json.loads((out / "history.json").read_text())

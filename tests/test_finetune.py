@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import checkpoint_workspace
+from conftest import assert_backbone_as_built, checkpoint_workspace
 from safetensors.torch import load_file
 from test_store import moto_endpoint, store  # noqa: F401 (fixtures)
 
@@ -20,7 +20,7 @@ from delrec.artifacts import check_reusable
 from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
 from delrec.finetune import FinetuneConfig, finetune, orthogonal_regulariser, recorded_inputs
-from delrec.llm.backbone import build_tiny, load_backbone
+from delrec.llm.backbone import load_backbone
 from delrec.teachers import TeacherConfig, train_teacher
 
 
@@ -76,10 +76,7 @@ def test_only_adapter_weights_change(synthetic_dir, synthetic, distill_dir, tmp_
     )
     assert "valid_hr1" in metrics
     # Base weights bit-identical to the distilled-on backbone; soft prompt copied unchanged.
-    saved = load_backbone(str(out / "backbone"), device="cpu", autocast=False)
-    fresh, _ = build_tiny(name, synthetic.titles)
-    for key, tensor in fresh.state_dict().items():
-        assert torch.equal(tensor, saved.base_model().state_dict()[key]), key
+    saved, _ = assert_backbone_as_built(out, name, synthetic.titles)
     assert torch.equal(
         load_file(out / "soft_prompt.safetensors")["weight"],
         load_file(distill_dir / "soft_prompt.safetensors")["weight"],
@@ -139,10 +136,7 @@ def test_ablation_has_no_soft_prompt_and_same_base(synthetic_dir, synthetic, tmp
     prompt = json.loads((out / "prompt.json").read_text())
     assert prompt["soft_tokens"] == 0 and prompt["teacher"] == ""
     # The same base weights DELRec's fine-tuning starts from: the backbone as built, bit for bit.
-    saved = load_backbone(str(out / "backbone"), device="cpu", autocast=False)
-    fresh, _ = build_tiny("tiny-llama", synthetic.titles)
-    for key, tensor in fresh.state_dict().items():
-        assert torch.equal(tensor, saved.base_model().state_dict()[key]), key
+    saved, _ = assert_backbone_as_built(out, "tiny-llama", synthetic.titles)
     assert prompt["backbone_fingerprint"] == saved.fingerprint()
 
 
