@@ -18,6 +18,9 @@ popularity 0.235; over four stage-2 seeds (``--set finetune.seed=N``, compared b
 DELRec 0.309-0.326 and the ablation 0.265-0.312. A CPU with AVX2 only runs the LLM in fp32 and takes about
 twice as long. See docs/results.md.
 
+``--set evaluate.prompt_only=true`` also scores the untuned LLM with the soft prompt, paired against the
+untuned LLM: what stage 1 alone carries into the LLM (one more model to score, about 12 minutes).
+
 Outputs of finished stages in ``--work`` are reused, so a second run only redoes what is missing (delete
 the folder for a fresh run). A stage's output is reused only if it was made with the config and from the
 inputs this run asks for: one made otherwise (say, another ``--set finetune.seed``) stops the run with an
@@ -42,7 +45,7 @@ from delrec.config import load_preset, parse_assignments
 from delrec.data import PreprocessConfig, preprocess
 from delrec.distill import DistillConfig, distill
 from delrec.errors import DelrecError
-from delrec.evaluate import LABELS, REPORTED, EvaluateConfig, evaluate
+from delrec.evaluate import LABELS, REPORTED, EvaluateConfig, comparison_label, evaluate
 from delrec.finetune import FinetuneConfig, finetune, recorded_inputs
 from delrec.teachers import TeacherConfig, train_teacher
 
@@ -174,18 +177,18 @@ def main() -> None:
     total = time.time() - started
     results = json.loads((eval_dir / "metrics.json").read_text())
     print(f"\nML-100K, test split, {results['meta']['examples']} examples, 20 candidates, SmolLM2-135M")
-    print(f"{'model':<22}" + "".join(f"{m:>22}" for m in REPORTED))
+    print(f"{'model':<26}" + "".join(f"{m:>22}" for m in REPORTED))
     for model, res in results["models"].items():
         cells = "".join(
             f"{res['metrics'][m]:>9.4f} [{res['ci95'][m][0]:.3f},{res['ci95'][m][1]:.3f}]" for m in REPORTED
         )
-        print(f"{LABELS.get(model, model):<22}{cells}")
-    print("\nDELRec minus ..., paired bootstrap 95% interval")
+        print(f"{LABELS.get(model, model):<26}{cells}")
+    print("\nPaired differences, bootstrap 95% interval")
     for comparison, cells in results["paired"].items():
         row = "".join(
             f"{c['diff']:>+9.4f} [{c['lo']:+.3f},{c['hi']:+.3f}]" for c in (cells[m] for m in REPORTED)
         )
-        print(f"{comparison.removeprefix('delrec_minus_'):<22}{row}")
+        print(f"{comparison_label(comparison):<38}{row}")
     stage_metrics = {
         name: json.loads((work / name / "metrics.json").read_text())
         for name in ("distill", "delrec", "ablation")

@@ -12,8 +12,8 @@ two-level bootstrap (users and seeds resampled: :func:`delrec.metrics.seed_paire
 Student's t over the per-seed differences (each seed one draw of training, the users held fixed). With few
 seeds the bootstrap narrows the seeds' part and the t interval is wide: a lead is shown only where both
 clear 0. Refuses runs that differ in anything but the seed: the data, teacher and soft prompt (the
-evaluation's inputs), the two finetunes' configs, the evaluation's config (``zero_shot`` aside: it only
-adds a model) and the test rows.
+evaluation's inputs), the two finetunes' configs, the evaluation's config (``zero_shot`` and
+``prompt_only`` aside: each only adds a model) and the test rows.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def load_run(work: Path) -> dict:
     evaluation = read_manifest(eval_dir, producer=layout.EVALUATE)
     must_match = {f"inputs.{name}": (eval_dir, evaluation[layout.M_INPUTS].get(name)) for name in SAME_INPUTS}
     for name, value in evaluation[layout.M_CONFIG].items():
-        if name != "zero_shot":
+        if name not in ("zero_shot", "prompt_only"):  # each only adds a model
             must_match[f"config.{name}"] = (eval_dir, value)
     seeds = set()
     for folder in FINETUNES:

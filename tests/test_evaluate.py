@@ -65,7 +65,11 @@ def test_reports_every_model_on_the_same_candidates(synthetic_dir, tiny_runs, tm
     report = (out / "report.md").read_text()
     for row in ("| DELRec |", "| Untuned LLM |", "| Popularity |", "metrics.png", "curves.png"):
         assert row in report
-    assert "| DELRec minus |" in report and "| LLM w/o soft prompt | " in report.split("| DELRec minus |")[1]
+    assert (
+        "| difference |" in report
+        and "| DELRec - LLM w/o soft prompt | " in report.split("| difference |")[1]
+    )
+    assert "prompt_only_HR@1" not in flat  # off unless asked for: it costs a model's scoring
     assert (out / "metrics.png").stat().st_size > 1000 and (out / "ranks.parquet").is_file()
     # Learning curves of distill's two tasks and both finetunes, as data and drawn.
     curves = json.loads((out / "curves.json").read_text())
@@ -528,6 +532,46 @@ def test_a_models_popularity_prior_moves_its_scores_and_not_the_untuned_llms(
     untuned = target_ranks(llm_scores["zero-shot"], targets)
     assert ranks.column("zero_shot").to_numpy().tolist() == untuned.tolist()
     assert "DELRec weight 3.000; the untuned LLM has none" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_the_soft_prompt_alone_is_scored_on_the_untuned_llm_and_paired_against_it(
+    synthetic_dir, tiny_runs, tmp_path, monkeypatch
+):
+    """prompt_only: DELRec's soft prompt on the backbone with no adapter and no popularity prior (the prior
+    is fitted in stage 2), paired against the untuned LLM: what stage 1 alone carries into the LLM."""
+    weighted = with_prompt_fields(tiny_runs / "delrec", tmp_path / "delrec", popularity_weight=3.0)
+    calls = {}
+    real = evaluate_module.score_all
+
+    def recording(backbone, soft, *args, **kwargs):
+        scores = real(backbone, soft, *args, **kwargs)
+        adapted = any("lora_" in name for name, _ in backbone.model.named_modules())
+        calls[kwargs["desc"]] = (soft is not None, adapted, scores)
+        return scores
+
+    monkeypatch.setattr(evaluate_module, "score_all", recording)
+    config = EvaluateConfig(
+        **{k: TINY[k] for k in ("backbone", "device", "bf16")}, rerank_k=0, prompt_only=True
+    )
+    flat = evaluate(synthetic_dir, tiny_runs / "teacher", config, tmp_path / "eval", weighted)
+    assert calls["DELRec"][:2] == (True, True) and calls["zero-shot"][:2] == (False, False)
+    assert calls["soft prompt only"][:2] == (True, False)
+    assert abs(calls["soft prompt only"][2] - calls["zero-shot"][2]).max() > 1e-4  # the prompt is in use
+    data = load_dataset(synthetic_dir)
+    cands = data.candidates["test"]
+    targets = (cands == data.examples["test"].targets[:, None]).argmax(axis=1)
+    ranks = pq.read_table(tmp_path / "eval" / "ranks.parquet")
+    alone = target_ranks(calls["soft prompt only"][2], targets)  # no prior, though DELRec's weight is 3
+    assert ranks.column("prompt_only").to_numpy().tolist() == alone.tolist()
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for metric in REPORTED:
+        cell = saved["paired"]["prompt_only_minus_zero_shot"][metric]
+        assert cell["diff"] == pytest.approx(flat[f"prompt_only_{metric}"] - flat[f"zero_shot_{metric}"])
+        assert flat[f"prompt_only_minus_zero_shot_{metric}_lo"] == cell["lo"]
+    assert "delrec_minus_prompt_only" in saved["paired"]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| Untuned LLM + soft prompt - Untuned LLM |" in report
+    assert "| DELRec - Untuned LLM + soft prompt |" in report
 
 
 def _tiny_base(tiny_runs):

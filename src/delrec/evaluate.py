@@ -59,10 +59,14 @@ LABELS = {
     "teacher": "Teacher",
     "popularity": "Popularity",
     "ablation": "LLM w/o soft prompt",
+    "prompt_only": "Untuned LLM + soft prompt",
     "zero_shot": "Untuned LLM",
 }
-# DELRec minus each of these, with a paired bootstrap interval (the same resampled users for both).
-COMPARED = ("ablation", "zero_shot", "teacher", "popularity")
+# Paired differences, ``<a>_minus_<b>`` in metrics.json, each with a bootstrap interval over the same
+# resampled users: DELRec minus every other model, and stage 1 alone (the soft prompt on the untuned LLM)
+# minus the untuned LLM, which shows whether the distilled prompt carries anything into the LLM.
+COMPARED = ("ablation", "prompt_only", "zero_shot", "teacher", "popularity")
+PAIRS = (*(("delrec", other) for other in COMPARED), ("prompt_only", "zero_shot"))
 # The whole-catalogue protocol's figures (the target among every item, not among 20 candidates).
 CATALOGUE_REPORTED = ("HR@10", "NDCG@10", "MRR")
 CATALOGUE_LABELS = {"teacher": "Teacher", "delrec": "Teacher + DELRec rerank"}
@@ -98,6 +102,9 @@ class EvaluateConfig(StageConfig):
     """titles scored per forward pass in the catalogue universe"""
     zero_shot: bool = True
     """also score the untuned LLM (no adapter, no soft prompt)"""
+    prompt_only: bool = False
+    """also score the untuned LLM with DELRec's soft prompt and no adapter: what stage 1 alone carries
+    into the LLM (paired against the untuned LLM when ``zero_shot`` is on too)"""
     rerank_k: int = Field(20, ge=0)
     """whole-catalogue protocol: DELRec reranks the teacher's top K of all items (K = 20, the number of
     candidates the LLM learnt to rank); 0: off"""
@@ -424,8 +431,10 @@ def _llm_ranks(
         load_finetuned_adapter(backbone, ablation[0])
         ranks["ablation"] = ranker.ranks(backbone, None, ablation[1], "ablation")
         _unload_adapter(backbone)
+    untuned = {**delrec_config, "popularity_weight": 0.0}  # the prior is fitted in training
+    if config.prompt_only:
+        ranks["prompt_only"] = ranker.ranks(backbone, soft, untuned, "soft prompt only")
     if config.zero_shot:
-        untuned = {**delrec_config, "popularity_weight": 0.0}  # the prior is fitted in training
         ranks["zero_shot"] = ranker.ranks(backbone, None, untuned, "zero-shot")
     ranks = {model: distributed.gather_rows(r) for model, r in ranks.items()}
     if rerank_scores is not None:
@@ -448,15 +457,20 @@ def _model_results(
 
 
 def _paired_results(ranks: dict[str, np.ndarray], config: EvaluateConfig) -> dict:
-    """``delrec_minus_<model>``: {metric: {diff, lo, hi}} for every compared model that was scored."""
+    """``<a>_minus_<b>``: {metric: {diff, lo, hi}} for every pair in ``PAIRS`` whose two models were scored."""
     out = {}
-    for other in COMPARED:
-        if other in ranks:
+    for a, b in PAIRS:
+        if a in ranks and b in ranks:
             paired = paired_bootstrap(
-                ranks["delrec"], ranks[other], KS, samples=config.bootstrap_samples, seed=config.seed
+                ranks[a], ranks[b], KS, samples=config.bootstrap_samples, seed=config.seed
             )
-            out[f"delrec_minus_{other}"] = {m: paired[m] for m in REPORTED}
+            out[f"{a}_minus_{b}"] = {m: paired[m] for m in REPORTED}
     return out
+
+
+def comparison_label(comparison: str) -> str:
+    """``"delrec_minus_zero_shot"`` -> ``"DELRec - Untuned LLM"``."""
+    return " - ".join(_label(model) for model in comparison.split("_minus_"))
 
 
 def _catalogue_results(ranks: dict[str, np.ndarray], k: int, config: EvaluateConfig) -> dict:
@@ -474,7 +488,7 @@ def _catalogue_results(ranks: dict[str, np.ndarray], k: int, config: EvaluateCon
 
 
 def _flat_metrics(results: dict, paired: dict, catalogue: dict | None = None) -> dict[str, float]:
-    """The figures the pipeline logs: ``<model>_<metric>`` and ``delrec_minus_<model>_<metric>[_lo|_hi]``."""
+    """The figures the pipeline logs: ``<model>_<metric>`` and ``<a>_minus_<b>_<metric>[_lo|_hi]``."""
     flat = {
         f"{model}_{name}": float(value)
         for model, res in results.items()
@@ -639,16 +653,16 @@ def _report_lines(
         lines += [
             "## DELRec against each model (paired)",
             "",
-            "DELRec minus the model, on the same examples; 95% interval of a paired bootstrap (each resample "
-            "draws the same users for both). higher / lower: the interval excludes 0; unclear: it does not.",
+            "The first model minus the second, on the same examples; 95% interval of a paired bootstrap (each "
+            "resample draws the same users for both). higher / lower: the interval excludes 0; unclear: it "
+            "does not. Untuned LLM + soft prompt - untuned LLM is what stage 1 alone carries into the LLM.",
             "",
-            "| DELRec minus | " + " | ".join(REPORTED) + " |",
+            "| difference | " + " | ".join(REPORTED) + " |",
             "|---|" + "---|" * len(REPORTED),
         ]
         for comparison, cells in paired.items():
             row = [f"{c['diff']:+.4f} [{c['lo']:+.3f}, {c['hi']:+.3f}] {_verdict(c)}" for c in cells.values()]
-            other = comparison.removeprefix("delrec_minus_")
-            lines.append(f"| {_label(other)} | " + " | ".join(row) + " |")
+            lines.append(f"| {comparison_label(comparison)} | " + " | ".join(row) + " |")
         lines.append("")
     if catalogue:
         lines += _catalogue_lines(catalogue, meta["examples"])

@@ -27,6 +27,7 @@ LABELS = {
     "teacher": "teacher",
     "popularity": "popularity",
     "ablation": "LLM, no soft prompt",
+    "prompt_only": "LLM, untuned + soft prompt",
     "zero_shot": "LLM, untuned",
     "catalogue_teacher": "teacher",
     "catalogue_delrec": "teacher + DELRec rerank",
@@ -138,22 +139,25 @@ def format_metrics_table(models: dict[str, dict[str, float]]) -> str:
 
 
 def format_paired_table(paired: dict[str, dict[str, dict[str, float]]]) -> str:
-    """evaluate's metrics.json ``paired`` section: DELRec minus each model, difference [95% interval].
+    """evaluate's metrics.json ``paired`` section: one model minus another, difference [95% interval].
 
     A ``*`` marks an interval that excludes 0 (the paired bootstrap tells the two models apart).
     """
-    rows = {name.removeprefix("delrec_minus_"): cells for name, cells in paired.items()}
+    # "<a>_minus_<b>" -> "DELRec - LLM, untuned"
+    rows = {
+        " - ".join(LABELS.get(m, m) for m in name.split("_minus_")): cells for name, cells in paired.items()
+    }
     columns = sorted(dict.fromkeys(m for cells in rows.values() for m in cells), key=_metric_order)
-    width = max(len(f"DELRec - {LABELS.get(m, m)}") for m in rows)
+    width = max(len(label) for label in rows)
     lines = [" | ".join([f"{'':<{width}}", *(f"{c:^24}" for c in columns)])]
     lines.append("-" * len(lines[0]))
-    for model, cells in rows.items():
+    for label, cells in rows.items():
         out = []
         for c in columns:
             cell = cells[c]
             mark = "*" if cell["lo"] > 0 or cell["hi"] < 0 else " "
             out.append(f"{cell['diff']:+.3f} [{cell['lo']:+.3f}, {cell['hi']:+.3f}]{mark}")
-        lines.append(" | ".join([f"{'DELRec - ' + LABELS.get(model, model):<{width}}", *out]))
+        lines.append(" | ".join([f"{label:<{width}}", *out]))
     return "\n".join(lines)
 
 
