@@ -5,7 +5,8 @@ the user's history). Each fine-tuned LLM scores a candidate title as it was trai
 ``scoring``: length-normalised log-likelihood by default, or sum, or first token; the untuned LLM as
 DELRec), unless the config names one for all; the teacher ranks by its own scores; popularity by the
 item's number of training interactions. Reported per model: HR@1/5/10, NDCG@5/10 and MRR with 95%
-bootstrap intervals; for DELRec minus each other model, the difference with a paired bootstrap interval;
+bootstrap intervals; for DELRec minus each other model, the difference with a paired bootstrap interval
+(``prompt_only`` adds the untuned LLM with DELRec's soft prompt, paired against the untuned LLM too);
 and the learning curves of distill and both finetunes. Written to ``metrics.json``, ``curves.json``,
 ``report.md`` and two charts.
 

@@ -205,7 +205,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Rank the stored candidates of every test example with DELRec, the teacher, popularity, the "
             "ablation (if given) and the untuned LLM; HR@1/5/10, NDCG@5/10, MRR with 95% bootstrap "
-            "intervals, and DELRec minus each other model with a paired bootstrap interval. Writes "
+            "intervals, and DELRec minus each other model with a paired bootstrap interval "
+            "(--set prompt_only=true adds the untuned LLM with the soft prompt, paired against the untuned "
+            "LLM: what stage 1 alone carries). Writes "
             "metrics.json, report.md (with learning curves), metrics.png, curves.png and ranks.parquet."
         ),
         epilog=(
