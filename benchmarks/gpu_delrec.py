@@ -2,7 +2,8 @@
 
 preprocess -> SASRec -> distill (100 soft tokens, 800 steps of 20 TA + 20 RPS instances) -> finetune
 with the soft prompt (AdaLoRA 320 -> 8, 1,400 steps of 20) and without it (ablation) -> evaluate on
-every test user (DELRec, ablation, untuned LLM, teacher, popularity; paired bootstrap intervals).
+every test user (DELRec, ablation, untuned LLM with and without the soft prompt, teacher, popularity;
+paired bootstrap intervals).
 
 Needs only torch, transformers, peft, safetensors, pyarrow, pydantic (and what they pull in); reads the
 backbone from a local folder (a transformers ``save_pretrained`` folder) so a machine without internet
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": args.device,
             "batch_size": args.batch_size,
             "max_examples": args.eval_examples,
+            "prompt_only": True,  # stage 1 alone, paired against the untuned LLM: cheap on a GPU
             **overrides["evaluate"],
         }
     )

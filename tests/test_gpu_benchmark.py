@@ -25,6 +25,7 @@ def test_gpu_recipe_runs_on_cpu_with_a_tiny_model(tmp_path):
     # the LLM stages ran forwards through the backbone, so their FLOP counts are positive
     assert all(figures["stages"][s]["tflop"] > 0 for s in ("distill", "finetune", "ablation", "evaluate"))
     assert 0 <= figures["metrics"]["delrec_HR@1"] <= 1
+    assert "prompt_only_minus_zero_shot_HR@1_lo" in figures["metrics"]  # stage 1 alone, paired
     assert json.loads((tmp_path / "f.json").read_text())["stages"] == figures["stages"]
     # --set reached the stage's config (the next GPU run tries the CPU preset's stage-2 recipe this way)
     trained = json.loads((tmp_path / "w" / "delrec" / "manifest.json").read_text())["config"]
